@@ -1,0 +1,90 @@
+"""YAML defaults, then a ``--config`` file, then command-line flags; the resolved config is saved
+beside every run's outputs (``config.yaml``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_CONFIG_DIRS = (
+    Path(__file__).parent / "configs",
+    Path(__file__).parent.parent / "training" / "configs",
+)
+
+
+def yaml_defaults(command: str) -> dict[str, Any]:
+    """Defaults of a command from its packaged YAML file (``configs/<command>.yaml``)."""
+    for folder in _CONFIG_DIRS:
+        path = folder / f"{command}.yaml"
+        if path.is_file():
+            return load_yaml(path)
+    return {}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv: Iterable[str]) -> None:
+    """Adds ``--config FILE.yaml`` to ``parser`` and, when given in ``argv``, makes its values the
+    parser's defaults, so flags on the command line still win."""
+    if not any(a.dest == "config" for a in parser._actions):
+        parser.add_argument("--config", default=None, help="YAML file of option values (flags override it)")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(list(argv))
+    if known.config:
+        values = load_yaml(known.config)
+        dests = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - dests - {"command"})
+        if unknown:
+            raise SystemExit(f"{parser.prog}: error: {known.config}: unknown option(s) {', '.join(unknown)}")
+        parser.set_defaults(**values)
+
+
+def to_plain(value: Any) -> Any:
+    """Converts Paths and tuples so that the config dumps as plain YAML."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def resolved(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    items = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    return {k: to_plain(v) for k, v in items.items() if not callable(v)}
+
+
+def save_resolved(args: argparse.Namespace | Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Writes the resolved config to ``out_dir/config.yaml`` (atomically) and returns its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    atomic_write_text(path, yaml.safe_dump(resolved(args), sort_keys=True))
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write-then-rename, so a killed process never leaves a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

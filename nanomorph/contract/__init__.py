@@ -1,0 +1,48 @@
+"""The preprocessing contract: decode, normalise, resize, tile. numpy only (no torch).
+
+Training and the service both import this package, and the service rebuilds its preprocessing
+from the :class:`Contract` stored inside each exported ONNX file, so the two cannot drift apart.
+See docs/architecture.md.
+"""
+
+from nanomorph.contract.io import (
+    DEFAULT_MAX_PIXELS,
+    SUPPORTED_SUFFIXES,
+    CorruptImageError,
+    EmptyImageError,
+    ImageDimensionError,
+    ImageMeta,
+    ImageReadError,
+    ImageTooLargeError,
+    NonFiniteImageError,
+    UnsupportedFormatError,
+    list_images,
+    peek_shape,
+    read_image,
+)
+from nanomorph.contract.tiling import blend_window, tile, tile_positions, untile
+from nanomorph.contract.transform import Contract, normalise, resize, to_model_input
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "SUPPORTED_SUFFIXES",
+    "Contract",
+    "CorruptImageError",
+    "EmptyImageError",
+    "ImageDimensionError",
+    "ImageMeta",
+    "ImageReadError",
+    "ImageTooLargeError",
+    "NonFiniteImageError",
+    "UnsupportedFormatError",
+    "blend_window",
+    "list_images",
+    "normalise",
+    "peek_shape",
+    "read_image",
+    "resize",
+    "tile",
+    "tile_positions",
+    "to_model_input",
+    "untile",
+]

@@ -1,0 +1,123 @@
+"""Normalisation and resizing: the numeric half of the preprocessing contract.
+
+Training and serving both call these functions, with parameters from one :class:`Contract`
+recorded in the run and in the exported ONNX file, so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+CONTRACT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Contract:
+    """Preprocessing parameters, JSON-able.
+
+    Attributes:
+        in_chans: channels the model takes (always 1: TEM is grayscale).
+        image_size: side of the square input of ``embed`` / ``classify`` models.
+        p_low: lower percentile of the robust intensity clip.
+        p_high: upper percentile of the robust intensity clip.
+        tile_size: side of the tiles ``segment`` models run on (multiple of 32).
+        tile_overlap: overlap of neighbouring tiles in pixels.
+    """
+
+    in_chans: int = 1
+    image_size: int = 224
+    p_low: float = 0.5
+    p_high: float = 99.5
+    tile_size: int = 256
+    tile_overlap: int = 64
+    version: int = CONTRACT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.in_chans != 1:
+            raise ValueError("nanomorph models take single-channel images (in_chans=1)")
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        if not 0.0 <= self.p_low < self.p_high <= 100.0:
+            raise ValueError(f"need 0 <= p_low < p_high <= 100, got {self.p_low}, {self.p_high}")
+        if self.tile_size % 32:
+            raise ValueError(f"tile_size must be a multiple of 32, got {self.tile_size}")
+        if not 0 <= self.tile_overlap < self.tile_size:
+            raise ValueError(f"tile_overlap must be in [0, tile_size), got {self.tile_overlap}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Contract:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(
+                f"unknown contract keys {sorted(unknown)}; was the model made by a newer nanomorph?"
+            )
+        if int(data.get("version", CONTRACT_VERSION)) > CONTRACT_VERSION:
+            raise ValueError(f"contract version {data['version']} is newer than this nanomorph understands")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Contract:
+        return cls.from_dict(json.loads(text))
+
+
+def normalise(image: np.ndarray, contract: Contract | None = None) -> np.ndarray:
+    """Robust intensity normalisation to [0, 1].
+
+    Clips to the ``[p_low, p_high]`` percentiles of the image and rescales. A constant image
+    (no contrast at all) maps to 0.5 everywhere, never NaN. Non-finite pixels must have been
+    handled by :func:`nanomorph.contract.read_image`; any left are an error.
+
+    Args:
+        image: 2-D array of any real dtype.
+        contract: parameters; the defaults when None.
+
+    Returns:
+        float32 array of the same shape with values in [0, 1].
+    """
+    contract = contract or Contract()
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim != 2:
+        raise ValueError(f"normalise expects a 2-D image, got shape {img.shape}")
+    if not np.isfinite(img).all():
+        raise ValueError("image has non-finite pixels; read it with nanomorph.contract.read_image")
+    lo, hi = np.percentile(img, [contract.p_low, contract.p_high])
+    if not hi > lo:
+        # Percentiles can coincide on images that are constant but for a few pixels: fall back to min/max.
+        lo, hi = float(img.min()), float(img.max())
+        if not hi > lo:
+            return np.full(img.shape, 0.5, dtype=np.float32)
+    out = (img - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+
+
+def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resizes a 2-D float image to ``size`` (side or ``(height, width)``).
+
+    Pillow's bilinear filter on 32-bit float images (mode ``F``), which antialiases when
+    shrinking. This is the one resize used in training and serving.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    img = np.asarray(image, dtype=np.float32)
+    if img.shape == (height, width):
+        return img.copy()
+    resized = Image.fromarray(img, mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def to_model_input(image: np.ndarray, contract: Contract | None = None) -> np.ndarray:
+    """Normalises a raw 2-D image and resizes it to the model's square input: float32 (1, S, S)."""
+    contract = contract or Contract()
+    normalised = normalise(image, contract)
+    return resize(normalised, contract.image_size)[None, :, :]

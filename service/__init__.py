@@ -1,0 +1,1 @@
+"""The BentoML service (never imports torch or training)."""

@@ -1,0 +1,1 @@
+"""Offline training: self-supervised pretraining, few-label transfer, studies and export (torch)."""

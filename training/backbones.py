@@ -1,0 +1,197 @@
+"""Encoders (timm, single channel) and their safetensors files.
+
+A backbone is ``timm.create_model(architecture, in_chans=1, num_classes=0)``: any timm name works.
+``backbone.safetensors`` holds its state dict plus string metadata (format, architecture, method,
+contract, ...) so that downstream commands rebuild the exact network from the file alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+BACKBONE_FORMAT = "nanomorph-backbone/1"
+
+
+def git_commit() -> str:
+    """The source tree's commit (``unknown`` outside a git checkout), for provenance."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def create_backbone(architecture: str, init: str = "none") -> nn.Module:
+    """Builds a single-channel timm encoder without classifier (``num_classes=0``).
+
+    Args:
+        architecture: any timm model name, e.g. ``resnet18``, ``resnet50``.
+        init: ``none`` (random), ``imagenet`` (timm's pretrained weights; needs a network) or a path
+            to a local checkpoint (see :func:`load_init_checkpoint`).
+    """
+    import timm
+
+    if architecture not in timm.list_models() and not timm.is_model(architecture):
+        raise ValueError(f"unknown backbone {architecture!r}: not a timm model name")
+    if init == "imagenet":
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("NANOMORPH_OFFLINE") == "1":
+            raise ValueError(
+                "--init imagenet needs network access to the model hub (HF_HUB_OFFLINE=1 is set); "
+                "download the weights elsewhere and pass --init PATH"
+            )
+        try:
+            return timm.create_model(architecture, pretrained=True, in_chans=1, num_classes=0)
+        except Exception as exc:  # network errors come in many types
+            raise ValueError(
+                f"could not fetch ImageNet weights for {architecture} ({exc}); "
+                "pass a local checkpoint with --init PATH"
+            ) from exc
+    model = timm.create_model(architecture, pretrained=False, in_chans=1, num_classes=0)
+    if init not in ("none", "", None):
+        load_init_checkpoint(model, init)
+    return model
+
+
+def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "backbone"):
+            if key in obj and isinstance(obj[key], dict):
+                return _extract_state_dict(obj[key])
+        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    raise ValueError("checkpoint holds no state dict")
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
+    """Removes wrapper prefixes (``module.``, ``encoder.``, ``backbone.``, MoCo's ``module.encoder_q.``)."""
+    prefixes = ("module.encoder_q.", "module.", "encoder_q.", "encoder.", "backbone.", "model.")
+    best = state
+    for prefix in prefixes:
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if len(set(stripped) & model_keys) > len(set(best) & model_keys):
+            best = stripped
+    return best
+
+
+def load_init_checkpoint(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Loads a local checkpoint into ``model``: safetensors, or a torch ``.pth``/``.pth.tar``.
+
+    A 3-channel first convolution is adapted to 1 channel by summing over input channels (the
+    response to a gray image is then unchanged). Classifier keys (``fc.*``, ``head.*``) and MoCo
+    projector keys are dropped and reported; every other key must match (strict).
+
+    Returns:
+        ``{"missing": [...], "unexpected": [...], "dropped": [...], "adapted": [...]}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--init checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(
+                f"{path}: not a loadable torch checkpoint with weights_only=True ({exc})"
+            ) from exc
+        state = _extract_state_dict(obj)
+    target = model.state_dict()
+    state = _strip_prefixes(state, set(target))
+    report: dict[str, list[str]] = {"missing": [], "unexpected": [], "dropped": [], "adapted": []}
+    cleaned: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key not in target:
+            if key.split(".")[0] in ("fc", "head", "classifier", "fc_q", "projector"):
+                report["dropped"].append(key)
+            else:
+                report["unexpected"].append(key)
+            continue
+        expected = target[key].shape
+        if value.ndim == 4 and value.shape[1] == 3 and expected[1] == 1 and value.shape[0] == expected[0]:
+            value = value.sum(dim=1, keepdim=True)
+            report["adapted"].append(key)
+        if value.shape != expected:
+            raise ValueError(
+                f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected)}"
+            )
+        cleaned[key] = value
+    report["missing"] = sorted(set(target) - set(cleaned))
+    if report["missing"] or report["unexpected"]:
+        raise ValueError(
+            f"{path} does not fit {type(model).__name__}: missing keys {report['missing'][:10]}"
+            f"{'...' if len(report['missing']) > 10 else ''}, unexpected keys {report['unexpected'][:10]}"
+        )
+    model.load_state_dict(cleaned, strict=True)
+    log.info(
+        "loaded %s: %d tensors, adapted %s, dropped %d classifier/projector keys",
+        path,
+        len(cleaned),
+        report["adapted"] or "none",
+        len(report["dropped"]),
+    )
+    return report
+
+
+def save_backbone(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Saves an encoder's weights with string metadata (non-strings are JSON-encoded), atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": BACKBONE_FORMAT, "git_commit": git_commit()}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    if "architecture" not in meta:
+        raise ValueError("backbone metadata needs 'architecture'")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """String metadata of a safetensors file, without loading tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, str]]:
+    """Rebuilds the encoder saved by :func:`save_backbone` (strict) and returns it with its metadata.
+
+    ``path`` may be the ``backbone.safetensors`` file or the run folder holding it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "backbone.safetensors"
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    if meta.get("format") != BACKBONE_FORMAT:
+        raise ValueError(f"{path}: not a nanomorph backbone (format {meta.get('format')!r})")
+    model = create_backbone(meta["architecture"])
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model, meta
