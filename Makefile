@@ -1,0 +1,44 @@
+# The two set-up commands of the README:
+#   make serve   install everything, build the default model if none is stored, serve it on :3000
+#   make test    install everything, run the default test suite
+# Both create/update the virtual environment themselves (.venv, or VENV=...).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.nanomorph-installed
+HOST ?= 127.0.0.1
+PORT ?= 3000
+
+.PHONY: serve test venv lint bench reliability slow-test clean-demo
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[training,serving,dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+serve: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/nanomorph serve --build-default --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+slow-test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy nanomorph service training
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/pretrain_step.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/onnx_vs_torch.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/serve_overhead.py
+
+reliability: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m reliability
+
+clean-demo:
+	rm -rf demo
