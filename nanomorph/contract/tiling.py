@@ -7,6 +7,8 @@ each tile by a smooth window (highest in the centre), so seams do not show.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 
@@ -34,7 +36,9 @@ def _pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
         return image
     pad = [(0, 0)] * (image.ndim - 2) + [(0, pad_h), (0, pad_w)]
     # Reflection keeps texture statistics at the border; it needs the pad to be smaller than the image.
-    mode = "reflect" if pad_h < image.shape[-2] and pad_w < image.shape[-1] else "symmetric"
+    mode: Literal["reflect", "symmetric"] = (
+        "reflect" if pad_h < image.shape[-2] and pad_w < image.shape[-1] else "symmetric"
+    )
     return np.pad(image, pad, mode=mode)
 
 
@@ -81,13 +85,16 @@ def untile(
         raise ValueError(f"{tile_predictions.shape[0]} tiles but {len(positions)} positions")
     channels = tile_predictions.shape[1]
     height, width = max(out_shape[0], tile_size), max(out_shape[1], tile_size)
-    acc = np.zeros((channels, height, width), dtype=np.float32)
-    weight = np.zeros((height, width), dtype=np.float32)
-    window = blend_window(tile_size)
+    # float64 accumulators: with float32, heavily overlapping tiles drift by several ulp, and
+    # identical predictions would no longer stitch back to exactly themselves.
+    acc = np.zeros((channels, height, width), dtype=np.float64)
+    weight = np.zeros((height, width), dtype=np.float64)
+    window = blend_window(tile_size).astype(np.float64)
     if len(positions) == 1:
         window = np.ones_like(window)  # a single tile needs no blending
     for pred, (y, x) in zip(tile_predictions, positions, strict=True):
-        acc[:, y : y + tile_size, x : x + tile_size] += pred.astype(np.float32) * window
+        acc[:, y : y + tile_size, x : x + tile_size] += pred * window
         weight[y : y + tile_size, x : x + tile_size] += window
-    out = acc / weight
-    return out[:, : out_shape[0], : out_shape[1]]
+    acc = acc[:, : out_shape[0], : out_shape[1]]
+    acc /= weight[: out_shape[0], : out_shape[1]]
+    return acc.astype(np.float32)
