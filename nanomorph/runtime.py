@@ -1,0 +1,284 @@
+"""Running stored ONNX models with onnxruntime: sessions, providers and task-level helpers.
+
+:class:`OnnxModel` wraps one ``onnxruntime.InferenceSession``. :class:`Classifier`,
+:class:`Embedder` and :class:`Segmenter` take raw 2-D images, preprocess them with the
+:class:`~nanomorph.contract.Contract` read from the model's own metadata (the only preprocessing
+there is: :mod:`nanomorph.contract`), batch them and postprocess the outputs. Used by the service,
+``nanomorph predict`` and the index/map commands. Never imports torch or bentoml; onnxruntime is
+imported when a session is made.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nanomorph.contract import normalise, tile, to_model_input, untile
+from nanomorph.store import StoredModel, load_model_dir
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def default_providers() -> list[str]:
+    """Execution providers to use: ``NANOMORPH_PROVIDERS`` (comma list) if set, else CUDA then CPU
+    when the GPU build of onnxruntime is installed, else CPU.
+
+    Raises:
+        ValueError: ``NANOMORPH_PROVIDERS`` names a provider this onnxruntime does not have.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    requested = [p.strip() for p in os.environ.get("NANOMORPH_PROVIDERS", "").split(",") if p.strip()]
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise ValueError(
+                f"NANOMORPH_PROVIDERS names {', '.join(missing)}, not available in this onnxruntime "
+                f"(available: {', '.join(available)})"
+            )
+        return requested
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+class OnnxModel:
+    """One stored model in an onnxruntime session.
+
+    Args:
+        stored: a :class:`~nanomorph.store.StoredModel` or the path of a stored model folder
+            (verified on load).
+        providers: execution providers; :func:`default_providers` when None.
+        threads: intra-op threads (0 = onnxruntime's default, all cores).
+
+    Attributes:
+        stored: the stored model (task, classes, contract, metadata).
+        session: the ``onnxruntime.InferenceSession``.
+        providers: the providers the session actually uses (``session.get_providers()``).
+    """
+
+    def __init__(
+        self,
+        stored: StoredModel | str | Path,
+        providers: Sequence[str] | None = None,
+        threads: int = 0,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.stored = stored if isinstance(stored, StoredModel) else load_model_dir(stored)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # onnxruntime's own warnings are noise for users
+        chosen = list(providers) if providers else default_providers()
+        self.session = ort.InferenceSession(str(self.stored.onnx_path), options, providers=chosen)
+        self.providers: list[str] = list(self.session.get_providers())
+        self.input_name: str = self.session.get_inputs()[0].name
+        self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
+        log.info("loaded %s (%s) on %s", self.stored.tag, self.stored.task, ", ".join(self.providers))
+
+    @property
+    def task(self) -> str:
+        return self.stored.task
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Runs a preprocessed batch ``float32 (N, 1, H, W)``; returns ``{output name: array}``."""
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"model input must be (N, 1, H, W), got shape {x.shape}")
+        outputs = self.session.run(self.output_names, {self.input_name: x})
+        return {name: np.asarray(out) for name, out in zip(self.output_names, outputs, strict=True)}
+
+
+def _as_model(model: OnnxModel | StoredModel | str | Path, providers: Sequence[str] | None) -> OnnxModel:
+    return model if isinstance(model, OnnxModel) else OnnxModel(model, providers)
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, max(1, size))]
+
+
+class Embedder:
+    """L2-normalised embeddings of whole images, from an ``embed`` or ``classify`` model.
+
+    Args:
+        model: an :class:`OnnxModel`, a stored model or its folder.
+        providers: execution providers when ``model`` is not a session yet.
+        batch_size: images per onnxruntime call.
+    """
+
+    def __init__(
+        self,
+        model: OnnxModel | StoredModel | str | Path,
+        providers: Sequence[str] | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        self.model = _as_model(model, providers)
+        if "embedding" not in self.model.output_names:
+            raise ValueError(f"{self.model.stored.tag} has no 'embedding' output (task {self.model.task})")
+        self.contract = self.model.stored.contract
+        self.batch_size = batch_size
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """Raw 2-D image -> float32 (1, S, S) with the model's contract."""
+        return to_model_input(image, self.contract)
+
+    def embed_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed batch (N, 1, S, S) -> embeddings (N, D)."""
+        return self.model.run(batch)["embedding"].astype(np.float32, copy=False)
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Raw 2-D images -> embeddings float32 (N, D)."""
+        if len(images) == 0:
+            return np.zeros((0, 0), dtype=np.float32)
+        inputs = np.stack([self.preprocess(im) for im in images])
+        return np.concatenate([self.embed_batch(inputs[s]) for s in _batches(len(inputs), self.batch_size)])
+
+    __call__ = embed
+
+
+class Classifier:
+    """Class probabilities, embedding and out-of-distribution score per image.
+
+    The OOD score follows the ``nanomorph.ood`` metadata: ``1 - max cosine similarity`` of the
+    image's embedding to the class centroids of the training embeddings; ``ood_flag`` is
+    ``score > threshold`` (a nearest-class-mean detector, cf. Lee et al. 2018, "A simple unified
+    framework for detecting out-of-distribution samples", in its cosine form).
+    """
+
+    def __init__(
+        self,
+        model: OnnxModel | StoredModel | str | Path,
+        providers: Sequence[str] | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        self.model = _as_model(model, providers)
+        if self.model.task != "classify":
+            raise ValueError(f"{self.model.stored.tag} is a {self.model.task} model, not classify")
+        stored = self.model.stored
+        self.contract = stored.contract
+        self.classes = list(stored.classes)
+        self.batch_size = batch_size
+        ood = stored.ood or {}
+        self.centroids: np.ndarray | None = None
+        self.threshold: float = float(ood.get("threshold", math.inf))
+        if ood.get("centroids"):
+            c = np.asarray(ood["centroids"], dtype=np.float32)
+            self.centroids = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """Raw 2-D image -> float32 (1, S, S) with the model's contract."""
+        return to_model_input(image, self.contract)
+
+    def ood_scores(self, embeddings: np.ndarray) -> np.ndarray | None:
+        """``1 - max cosine similarity`` to the class centroids, or None without OOD metadata."""
+        if self.centroids is None:
+            return None
+        e = embeddings.astype(np.float64)
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        # Row by row in float64, not one BLAS matmul: a matmul's summation order depends on the
+        # batch size, and 1 - cos loses most digits near 1, so a served (batched) request and an
+        # in-process one would otherwise differ in the 5th digit.
+        cos = (e[:, None, :] * self.centroids.astype(np.float64)[None, :, :]).sum(axis=2)
+        return np.clip(1.0 - cos.max(axis=1), 0.0, 2.0).astype(np.float32)
+
+    def predict_batch(self, batch: np.ndarray) -> list[dict[str, Any]]:
+        """Preprocessed batch (N, 1, S, S) -> one result dict per image (see :meth:`predict`)."""
+        out = self.model.run(batch)
+        probs = out["probabilities"].astype(np.float32, copy=False)
+        emb = out.get("embedding")
+        scores = self.ood_scores(emb) if emb is not None else None
+        results = []
+        for i, p in enumerate(probs):
+            k = int(np.argmax(p))
+            score = None if scores is None else float(scores[i])
+            results.append(
+                {
+                    "label": self.classes[k] if k < len(self.classes) else str(k),
+                    "confidence": float(p[k]),
+                    "probabilities": {c: float(v) for c, v in zip(self.classes, p, strict=False)},
+                    "embedding": None if emb is None else emb[i],
+                    "ood_score": score,
+                    "ood_flag": bool(score is not None and score > self.threshold),
+                }
+            )
+        return results
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        """Classifies raw 2-D images.
+
+        Returns:
+            Per image: ``label``, ``confidence`` (its probability), ``probabilities`` (class ->
+            probability), ``embedding`` (float32 (D,), L2-normalised), ``ood_score`` (float or None)
+            and ``ood_flag``.
+        """
+        if len(images) == 0:
+            return []
+        inputs = np.stack([self.preprocess(im) for im in images])
+        results: list[dict[str, Any]] = []
+        for s in _batches(len(inputs), self.batch_size):
+            results.extend(self.predict_batch(inputs[s]))
+        return results
+
+    __call__ = predict
+
+
+class Segmenter:
+    """Per-pixel class probabilities of one raw image of any size (sliding window).
+
+    The image is normalised with the model's contract, cut into overlapping tiles of
+    ``contract.tile_size`` (an image smaller than a tile runs as one tile padded only up to a
+    multiple of 32), the tiles run in batches and are stitched back with smooth blending
+    (:func:`nanomorph.contract.untile`).
+    """
+
+    def __init__(
+        self,
+        model: OnnxModel | StoredModel | str | Path,
+        providers: Sequence[str] | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        self.model = _as_model(model, providers)
+        if self.model.task != "segment":
+            raise ValueError(f"{self.model.stored.tag} is a {self.model.task} model, not segment")
+        self.contract = self.model.stored.contract
+        self.classes = list(self.model.stored.classes)
+        self.batch_size = batch_size
+
+    def tile_geometry(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """``(tile side, overlap)`` for an image of ``shape``."""
+        t = self.contract.tile_size
+        longest = max(shape)
+        if longest <= t:
+            return max(32, 32 * math.ceil(longest / 32)), 0
+        return t, self.contract.tile_overlap
+
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """Raw 2-D image -> float32 (C, H, W) class probabilities."""
+        img = np.asarray(image)
+        if img.ndim != 2:
+            raise ValueError(f"segmentation takes one 2-D image, got shape {img.shape}")
+        norm = normalise(img, self.contract)
+        side, overlap = self.tile_geometry(norm.shape)
+        tiles, positions, _ = tile(norm, side, overlap)
+        batch = tiles[:, None, :, :].astype(np.float32, copy=False)
+        preds = np.concatenate(
+            [self.model.run(batch[s])["probabilities"] for s in _batches(len(batch), self.batch_size)]
+        )
+        return untile(preds, positions, (norm.shape[0], norm.shape[1]), side)
+
+    def predict(self, image: np.ndarray) -> dict[str, Any]:
+        """Raw 2-D image -> ``{"mask": uint8 (H, W) class index, "probabilities": float32 (C, H, W)}``."""
+        probs = self.probabilities(image)
+        mask = np.argmax(probs, axis=0).astype(np.uint8 if probs.shape[0] <= 256 else np.int32)
+        return {"mask": mask, "probabilities": probs}
+
+    __call__ = predict

@@ -1,0 +1,101 @@
+"""onnxruntime sessions and the task helpers on the tiny stored models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanomorph.contract import to_model_input
+from nanomorph.runtime import Classifier, Embedder, OnnxModel, Segmenter, default_providers
+from nanomorph.store import resolve
+from tests.fixtures.tiny_models import build_tiny_store, expected_class
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("store")
+    return root, build_tiny_store(root)
+
+
+def _speck(bright_background: bool, shape: tuple[int, int] = (48, 40)) -> np.ndarray:
+    img = np.zeros(shape, dtype=np.float32)
+    img[10:16, 10:16] = 200.0
+    return 200.0 - img if bright_background else img
+
+
+def test_providers(monkeypatch: pytest.MonkeyPatch, store: tuple[Path, dict[str, str]]) -> None:
+    root, tags = store
+    monkeypatch.delenv("NANOMORPH_PROVIDERS", raising=False)
+    assert default_providers()[-1] == "CPUExecutionProvider"
+    monkeypatch.setenv("NANOMORPH_PROVIDERS", "CPUExecutionProvider")
+    model = OnnxModel(resolve(tags["embed"], root))
+    assert model.providers == ["CPUExecutionProvider"]
+    monkeypatch.setenv("NANOMORPH_PROVIDERS", "NoSuchExecutionProvider")
+    with pytest.raises(ValueError, match="NoSuchExecutionProvider"):
+        default_providers()
+
+
+def test_onnx_model_run_dynamic_batch(store: tuple[Path, dict[str, str]]) -> None:
+    root, tags = store
+    model = OnnxModel(root / "nanomorph-classify" / "1")  # a folder path works too
+    for n in (1, 7):
+        out = model.run(np.random.default_rng(n).random((n, 1, 32, 32), dtype=np.float32))
+        assert out["probabilities"].shape == (n, 4) and out["embedding"].shape == (n, 4)
+        np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        model.run(np.zeros((2, 32, 32), dtype=np.float32))
+
+
+def test_classifier_labels_and_ood(store: tuple[Path, dict[str, str]]) -> None:
+    root, tags = store
+    clf = Classifier(resolve(tags["classify"], root), batch_size=2)
+    dark, bright = _speck(False), _speck(True)
+    flat = np.full((30, 30), 7.0, dtype=np.float32)  # no contrast: normalises to 0.5 everywhere
+    results = clf.predict([dark, bright, flat, dark])
+    assert [r["label"] for r in results] == ["singular", "network", "dispersed", "singular"]
+    assert expected_class(float(to_model_input(dark, clf.contract).mean())) == 0
+    for r in results:
+        assert set(r["probabilities"]) == {"singular", "dispersed", "bundle", "network"}
+        assert r["confidence"] == pytest.approx(max(r["probabilities"].values()))
+        assert r["embedding"].shape == (4,)
+    assert results[0]["confidence"] > 0.9
+    # A flat image is far from every class centroid: flagged out-of-distribution.
+    assert [r["ood_flag"] for r in results] == [False, False, True, False]
+    assert results[2]["ood_score"] > 0.1 > results[0]["ood_score"]
+    assert clf.predict([]) == []
+
+
+def test_embedder(store: tuple[Path, dict[str, str]]) -> None:
+    root, tags = store
+    emb = Embedder(resolve(tags["embed"], root)).embed([_speck(False), _speck(True), _speck(False)])
+    assert emb.shape == (3, 4) and emb.dtype == np.float32
+    np.testing.assert_allclose(emb[0], emb[2])
+    assert float(emb[0] @ emb[1]) < 0.99
+    # The classify model's embedding output is the same features.
+    emb2 = Embedder(resolve(tags["classify"], root)).embed([_speck(False)])
+    np.testing.assert_allclose(emb2[0], emb[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(40, 50), (150, 130)])
+def test_segmenter_any_size(store: tuple[Path, dict[str, str]], shape: tuple[int, int]) -> None:
+    root, tags = store
+    seg = Segmenter(resolve(tags["segment"], root), batch_size=3)
+    img = np.zeros(shape, dtype=np.float32)
+    img[:, 20:26] = 5.0  # a vertical bright "wire"
+    out = seg.predict(img)
+    assert out["mask"].shape == shape and out["mask"].dtype == np.uint8
+    assert out["probabilities"].shape == (2, *shape)
+    expected = (img > 2.5).astype(np.uint8)
+    assert (out["mask"] == expected).mean() == 1.0
+    np.testing.assert_allclose(out["probabilities"].sum(axis=0), 1.0, atol=1e-4)
+
+
+def test_task_mismatch(store: tuple[Path, dict[str, str]]) -> None:
+    root, tags = store
+    with pytest.raises(ValueError, match="not segment"):
+        Segmenter(resolve(tags["classify"], root))
+    with pytest.raises(ValueError, match="not classify"):
+        Classifier(resolve(tags["embed"], root))

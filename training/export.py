@@ -1,0 +1,884 @@
+"""``nanomorph export``: run folders -> self-contained ONNX models in the model store.
+
+For an encoder run (``backbone.safetensors``), a classifier run (``classifier.safetensors``) and a
+segmenter run (``segmenter.safetensors``) this writes up to three ONNX graphs (opset 17, one file
+each, dynamic batch axis; docs/architecture.md §4):
+
+* ``embed``: ``image`` (N,1,S,S) -> ``embedding`` (N,D), L2-normalised;
+* ``classify``: ``image`` (N,1,S,S) -> ``probabilities`` (N,C) (softmax in the graph) and ``embedding``;
+* ``segment``: ``image`` (N,1,H,W), H and W multiples of 32 -> ``probabilities`` (N,C,H,W).
+
+The preprocessing contract, classes, metrics, OOD reference, encoder and provenance travel inside
+each file (``metadata_props``). Before anything is stored, onnxruntime is checked against PyTorch on
+random inputs and on real training images at batch 1 and 7 (two input sizes for ``segment``); a
+max abs difference above the tolerance (1e-4) fails the export with the numbers. ``--quantize int8``
+adds static int8 quantisation (QDQ, per-channel weights, calibrated on training images) of the
+``classify`` model, kept only if its accuracy on the validation split drops by at most
+``--max-accuracy-drop``. Each stored model gets a model card (``README.md``) and a manifest with the
+sha256 of its files. Exporting the same runs again into the same store is skipped (``--force``
+exports anew).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanomorph import __version__
+from nanomorph.config import load_yaml, yaml_defaults
+from nanomorph.contract import Contract, list_images, normalise, read_image, tile, to_model_input
+from nanomorph.store import (
+    META_PREFIX,
+    StoredModel,
+    default_store,
+    list_models,
+    make_tag,
+    metadata_props,
+    new_version,
+    save_model,
+)
+from training.models import Classifier
+
+log = logging.getLogger("nanomorph.export")
+
+COMMAND = "export"
+OPSET = 17
+TOLERANCE = 1e-4
+PARITY_BATCHES = (1, 7)
+# Ops quantised to int8. The tail (L2 norm, softmax) stays float so probabilities are not coarsened.
+QUANT_OPS = ["Conv", "Gemm", "MatMul", "Relu", "MaxPool"]
+_SKIP_METRICS = {"seed", "seconds"}
+
+
+# ---------------------------------------------------------------------------------------- networks
+
+
+class EmbedNet(nn.Module):
+    """``image`` -> L2-normalised backbone features."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.backbone(x), dim=1)
+
+
+class ClassifyNet(nn.Module):
+    """``image`` -> (softmax probabilities, L2-normalised features), both from one backbone pass."""
+
+    def __init__(self, classifier: Classifier) -> None:
+        super().__init__()
+        self.backbone: nn.Module = classifier.backbone
+        self.head: nn.Linear = classifier.head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone(x)
+        return F.softmax(self.head(features), dim=1), F.normalize(features, dim=1)
+
+
+class SegmentNet(nn.Module):
+    """``image`` -> per-pixel class probabilities (softmax over channels)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.unet(x), dim=1)
+
+
+# ------------------------------------------------------------------------------------- run folders
+
+
+@dataclass
+class ExportJob:
+    """One model to export: the network, what goes into its metadata, and where it came from."""
+
+    task: str
+    net: nn.Module
+    outputs: list[str]
+    contract: Contract
+    run_dir: Path
+    weights: Path
+    classes: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    ood: dict[str, Any] | None = None
+    encoder: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    images: list[Path] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dynamic_hw(self) -> bool:
+        return self.task == "segment"
+
+
+def _weights_file(path: str | Path, name: str, flag: str) -> tuple[Path, Path]:
+    """``(run folder, weights file)`` from a run folder or the weights file itself."""
+    path = Path(path)
+    weights = path / name if path.is_dir() else path
+    if not weights.is_file():
+        hint = " (is the run unfinished?)" if path.is_dir() else ""
+        raise FileNotFoundError(f"{flag} {path}: {weights} does not exist{hint}")
+    return weights.parent, weights
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+        return load_file(str(path)), meta
+    except Exception as exc:  # safetensors raises its own error types on a damaged file
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _json_file(path: Path, default: Any = None) -> Any:
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+
+
+def _scalar_metrics(metrics: Any) -> dict[str, Any]:
+    """The top-level numbers of a run's metrics (what goes into the model's metadata)."""
+    if not isinstance(metrics, dict):
+        return {}
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _SKIP_METRICS
+    }
+
+
+def _last_jsonl(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        return json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _contract(meta: dict[str, str], where: Path) -> Contract:
+    try:
+        if meta.get("contract"):
+            return Contract.from_json(meta["contract"])
+        return Contract(image_size=int(meta.get("image_size", 224)))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: bad contract in its metadata ({exc})") from exc
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.yaml"
+    return load_yaml(path) if path.is_file() else {}
+
+
+def _training_images(run_dir: Path, data: str | Path | None, limit: int = 7) -> list[Path]:
+    """Up to ``limit`` images the run trained on (its config's ``data``), evenly spread; masks excluded."""
+    folder = Path(data) if data else None
+    if folder is None:
+        recorded = _run_config(run_dir).get("data")
+        folder = Path(recorded) if recorded else None
+    if folder is None or not folder.is_dir():
+        return []
+    paths = [
+        p
+        for p in list_images(folder, recursive=True)
+        if not {"masks", "instances"} & {part.lower() for part in p.relative_to(folder).parts[:-1]}
+    ]
+    if len(paths) > limit:
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
+    return paths
+
+
+def _encoder_info(meta: dict[str, str]) -> dict[str, Any]:
+    return {
+        "architecture": meta.get("architecture", "unknown"),
+        "method": meta.get("method", "unknown"),
+        "source": meta.get("encoder_source", ""),
+    }
+
+
+def load_encoder_job(path: str | Path, data: str | Path | None = None) -> ExportJob:
+    """The ``embed`` job of a pretraining run (``backbone.safetensors``)."""
+    from training.backbones import BACKBONE_FORMAT, create_backbone
+
+    run_dir, weights = _weights_file(path, "backbone.safetensors", "--encoder")
+    state, meta = _read_safetensors(weights)
+    if meta.get("format") != BACKBONE_FORMAT or "architecture" not in meta:
+        raise ValueError(f"{weights}: not a nanomorph backbone (format {meta.get('format')!r})")
+    backbone = create_backbone(meta["architecture"])
+    backbone.load_state_dict(state, strict=True)
+    metrics = _scalar_metrics(_last_jsonl(run_dir / "metrics.jsonl")) or _scalar_metrics(
+        _json_file(run_dir / "metrics.json", {})
+    )
+    config = _run_config(run_dir)
+    return ExportJob(
+        task="embed",
+        net=EmbedNet(backbone),
+        outputs=["embedding"],
+        contract=_contract(meta, weights),
+        run_dir=run_dir,
+        weights=weights,
+        metrics=metrics,
+        encoder={**_encoder_info(meta), "source": str(weights), "epochs": meta.get("epochs", "")},
+        data={"folder": str(config.get("data", "")), "labels": "none (self-supervised)"},
+        images=_training_images(run_dir, data),
+        config=config,
+    )
+
+
+def load_classifier_job(path: str | Path, data: str | Path | None = None) -> ExportJob:
+    """The ``classify`` job of a classifier run (``classifier.safetensors`` + classes/ood/metrics)."""
+    from training.backbones import create_backbone
+
+    run_dir, weights = _weights_file(path, "classifier.safetensors", "--classifier")
+    state, meta = _read_safetensors(weights)
+    if "architecture" not in meta or not any(k.startswith("head.") for k in state):
+        raise ValueError(
+            f"{weights}: not a nanomorph classifier (needs 'architecture' metadata and head.* weights)"
+        )
+    classes = _json_file(run_dir / "classes.json") or json.loads(meta.get("classes", "[]"))
+    if not classes:
+        raise ValueError(f"{run_dir}: no classes.json and no 'classes' metadata")
+    model = Classifier(create_backbone(meta["architecture"]), len(classes))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{weights} does not fit a {meta['architecture']} classifier with {len(classes)} classes ({exc})"
+        ) from exc
+    metrics_all = _json_file(run_dir / "metrics.json", {}) or {}
+    ood = _json_file(run_dir / "ood.json")
+    config = _run_config(run_dir)
+    counts = {
+        k: metrics_all[k]
+        for k in ("n_train", "n_val", "n_test", "label_counts", "labels_per_class")
+        if k in metrics_all
+    }
+    return ExportJob(
+        task="classify",
+        net=ClassifyNet(model),
+        outputs=["probabilities", "embedding"],
+        contract=_contract(meta, weights),
+        run_dir=run_dir,
+        weights=weights,
+        classes=[str(c) for c in classes],
+        metrics=_scalar_metrics(metrics_all),
+        ood=ood,
+        encoder={**_encoder_info(meta), "mode": meta.get("mode", "")},
+        data={"folder": str(config.get("data", "")), **counts},
+        images=_training_images(run_dir, data),
+        config=config,
+    )
+
+
+def load_segmenter_job(path: str | Path, data: str | Path | None = None) -> ExportJob:
+    """The ``segment`` job of a segmenter run (``segmenter.safetensors``: an smp U-Net)."""
+    from training.models import build_unet
+
+    run_dir, weights = _weights_file(path, "segmenter.safetensors", "--segmenter")
+    state, meta = _read_safetensors(weights)
+    classes = _json_file(run_dir / "classes.json") or json.loads(meta.get("classes", "[]"))
+    if "architecture" not in meta or not classes:
+        raise ValueError(f"{weights}: not a nanomorph segmenter (needs 'architecture' and classes)")
+    unet = build_unet(meta["architecture"], len(classes))
+    try:
+        unet.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{weights} does not fit a {meta['architecture']} U-Net with {len(classes)} classes ({exc})"
+        ) from exc
+    metrics_all = _json_file(run_dir / "metrics.json", {}) or {}
+    config = _run_config(run_dir)
+    split = metrics_all.get("split")
+    split = split if isinstance(split, dict) else {}
+    counts = {f"n_{k}": len(v) for k, v in split.items() if isinstance(v, list)}
+    return ExportJob(
+        task="segment",
+        net=SegmentNet(unet),
+        outputs=["probabilities"],
+        contract=_contract(meta, weights),
+        run_dir=run_dir,
+        weights=weights,
+        classes=[str(c) for c in classes],
+        metrics=_scalar_metrics(metrics_all),
+        encoder=_encoder_info(meta),
+        data={"folder": str(config.get("data", "")), **counts},
+        images=_training_images(run_dir, data),
+        config=config,
+    )
+
+
+# ------------------------------------------------------------------------------------------- ONNX
+
+
+def export_onnx(job: ExportJob, path: Path, opset: int = OPSET) -> Path:
+    """Traces ``job.net`` to one self-contained ONNX file (no ``.onnx.data`` beside it)."""
+    import onnx
+
+    net = job.net.eval()
+    side = job.contract.tile_size if job.dynamic_hw else job.contract.image_size
+    example = torch.rand(2, 1, side, side)
+    axes: dict[str, dict[int, str]] = {"image": {0: "batch"}}
+    if job.dynamic_hw:
+        axes["image"].update({2: "height", 3: "width"})
+    for name in job.outputs:
+        axes[name] = {0: "batch", 2: "height", 3: "width"} if job.dynamic_hw else {0: "batch"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter
+        torch.onnx.export(
+            net,
+            (example,),
+            str(path),
+            input_names=["image"],
+            output_names=job.outputs,
+            dynamic_axes=axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    net.eval()  # the exporter restores the module's previous mode; keep eval for the parity check
+    model = onnx.load(str(path))
+    onnx.save_model(model, str(path), save_as_external_data=False)
+    for stray in path.parent.glob(path.name + ".data"):
+        stray.unlink()
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def set_metadata(path: Path, props: dict[str, str]) -> None:
+    """Replaces the ``nanomorph.*`` ``metadata_props`` of an ONNX file (in place)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    keep = {p.key: p.value for p in model.metadata_props if not p.key.startswith(META_PREFIX)}
+    del model.metadata_props[:]
+    helper.set_model_props(model, {**keep, **props})
+    onnx.save_model(model, str(path), save_as_external_data=False)
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def parity_inputs(job: ExportJob, seed: int = 0) -> dict[tuple[int, int], dict[str, np.ndarray]]:
+    """Per input size, named batches of 7: random inputs and real training images (their tiles for
+    ``segment``, which gets two sizes). :func:`check_parity` runs each at batch 1 and 7."""
+    rng = np.random.default_rng(seed)
+    c = job.contract
+    if job.dynamic_hw:
+        sizes = [(c.tile_size, c.tile_size), (max(32, c.tile_size // 2), c.tile_size + 32)]
+    else:
+        sizes = [(c.image_size, c.image_size)]
+    n = max(PARITY_BATCHES)
+    real: list[np.ndarray] = []
+    for path in job.images:
+        image, _ = read_image(path)
+        if job.dynamic_hw:
+            norm = normalise(image, c)
+            # Pad (reflect) so that every size can be cropped from real content.
+            big = max(s for hw in sizes for s in hw)
+            tiles, _, _ = tile(norm, big, 0)
+            real.append(tiles[len(tiles) // 2][None])
+        else:
+            real.append(to_model_input(image, c))
+    out: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+    for h, w in sizes:
+        out[(h, w)] = {"random": rng.random((n, 1, h, w), dtype=np.float32)}
+        if real:
+            batch = np.stack([real[i % len(real)] for i in range(n)]).astype(np.float32)
+            out[(h, w)]["real"] = np.ascontiguousarray(batch[:, :, :h, :w])
+    return out
+
+
+def check_parity(job: ExportJob, onnx_path: Path, tolerance: float = TOLERANCE) -> dict[str, Any]:
+    """Max abs difference of every output, onnxruntime vs PyTorch, on random and real inputs at
+    batch 1 and 7; raises ValueError (with the numbers) above ``tolerance``.
+
+    PyTorch runs once per input size on all batches together (eval mode: samples are independent);
+    onnxruntime runs every batch size separately, which also exercises the dynamic batch axis.
+    """
+    session = _session(onnx_path)
+    report: dict[str, float] = {}
+    for (h, w), batches in parity_inputs(job).items():
+        names = list(batches)
+        stacked = np.concatenate([batches[k] for k in names])
+        with torch.no_grad():
+            ref = job.net(torch.from_numpy(stacked))
+        refs = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+        for i, kind in enumerate(names):
+            offset = i * len(batches[kind])
+            for n in PARITY_BATCHES:
+                got = session.run(job.outputs, {"image": batches[kind][:n]})
+                for out_name, r, g in zip(job.outputs, refs, got, strict=True):
+                    diff = float(np.abs(r[offset : offset + n] - g).max())
+                    report[f"{kind} {n}x{h}x{w} {out_name}"] = diff
+    worst = max(report.values())
+    if worst > tolerance:
+        bad = ", ".join(f"{k}: {v:.2e}" for k, v in report.items() if v > tolerance)
+        raise ValueError(
+            f"{job.task}: onnxruntime and PyTorch disagree by up to {worst:.2e} (> {tolerance:g}): {bad}; "
+            "nothing was stored"
+        )
+    n_real = len(job.images)
+    if not n_real:
+        log.warning(
+            "%s: no training images found (run config 'data'); parity checked on random inputs only", job.task
+        )
+    log.info(
+        "%s: parity ok, max abs diff %.2e over %d checks (%d real images)",
+        job.task,
+        worst,
+        len(report),
+        n_real,
+    )
+    return {"max_abs_diff": worst, "tolerance": tolerance, "checks": report, "real_images": n_real}
+
+
+# ---------------------------------------------------------------------------------- quantisation
+
+
+def _labeled_split(job: ExportJob, data: str | Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """``(calibration inputs, validation inputs, validation labels, split name)`` of a classifier run,
+    rebuilt from its ``config.yaml`` exactly as ``finetune-cls`` drew it (the test split is never used)."""
+    from training.finetune_cls import load_images
+    from training.splits import make_split, parse_labels_per_class
+
+    cfg = job.config
+    folder = data or cfg.get("data")
+    if not folder or not Path(folder).is_dir():
+        raise ValueError(
+            f"--quantize int8 needs the classifier's labeled images to measure accuracy: {job.run_dir / 'config.yaml'} "
+            f"names data {folder!r}, which does not exist; pass --data DIR"
+        )
+    images = load_images(folder, job.contract, cfg.get("group_column"), show_progress=False)
+    if list(images.class_names) != job.classes:
+        raise ValueError(f"{folder}: classes {images.class_names} differ from the run's {job.classes}")
+    split = make_split(
+        images.labels,
+        parse_labels_per_class(cfg.get("labels_per_class", "all")),
+        float(cfg.get("val_fraction", 0.2)),
+        float(cfg.get("test_fraction", 0.3)),
+        int(cfg.get("seed", 0)),
+        groups=None if images.groups is None else list(images.groups),
+        class_names=images.class_names,
+    )
+    evaluate, name = (
+        (split.val, "validation") if split.val.size else (split.train, "training (no validation split)")
+    )
+    return images.x[split.train[:64]], images.x[evaluate], images.labels[evaluate], name
+
+
+class _Calibration:
+    """Feeds calibration batches to onnxruntime's quantiser."""
+
+    def __init__(self, x: np.ndarray, batch: int = 8) -> None:
+        self.batches = [x[i : i + batch] for i in range(0, len(x), batch)]
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return {"image": self.batches.pop(0)} if self.batches else None
+
+    def rewind(self) -> None:  # pragma: no cover - not used by MinMax calibration
+        pass
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
+    """Static int8 quantisation (QDQ, per-channel weights, MinMax calibration on ``calibration``)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out.with_name(out.stem + ".pre.onnx")
+    try:
+        quant_pre_process(str(fp32), str(pre))
+    except Exception as exc:  # the optional optimisation pass; quantise the plain graph instead
+        log.warning("quantisation pre-processing failed (%s); quantising without it", exc)
+        pre = fp32
+
+    class Reader(_Calibration, CalibrationDataReader):  # type: ignore[misc]
+        pass
+
+    quantize_static(
+        str(pre),
+        str(out),
+        Reader(calibration),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=QUANT_OPS,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return out
+
+
+def _accuracy(path: Path, x: np.ndarray, y: np.ndarray, batch: int = 32) -> float:
+    session = _session(path)
+    preds = np.concatenate(
+        [
+            session.run(["probabilities"], {"image": x[i : i + batch]})[0].argmax(1)
+            for i in range(0, len(x), batch)
+        ]
+    )
+    return float((preds == y).mean()) if len(y) else float("nan")
+
+
+def images_per_second(path: Path, x: np.ndarray, seconds: float = 1.0, warmup: int = 2) -> float:
+    """onnxruntime throughput on batch ``x`` (repeated for about ``seconds``)."""
+    session = _session(path)
+    for _ in range(warmup):
+        session.run(None, {"image": x})
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or n < 3:
+        session.run(None, {"image": x})
+        n += 1
+    return n * len(x) / (time.perf_counter() - start)
+
+
+def try_quantize(
+    job: ExportJob, fp32: Path, max_drop: float, data: str | Path | None
+) -> tuple[Path, dict[str, Any]]:
+    """Quantises a classify model; returns the file to store (int8 if kept) and the report."""
+    calib, x_val, y_val, split_name = _labeled_split(job, data)
+    int8 = quantize_int8(fp32, fp32.with_name("classify.int8.onnx"), calib)
+    acc_fp32, acc_int8 = _accuracy(fp32, x_val, y_val), _accuracy(int8, x_val, y_val)
+    bench = np.ascontiguousarray(np.resize(x_val if len(x_val) else calib, (8, *calib.shape[1:])))
+    speed_fp32, speed_int8 = images_per_second(fp32, bench), images_per_second(int8, bench)
+    drop = acc_fp32 - acc_int8
+    report = {
+        "mode": "int8 static (QDQ, per-channel)",
+        "split": split_name,
+        "n_eval": int(len(y_val)),
+        "accuracy_fp32": acc_fp32,
+        "accuracy_int8": acc_int8,
+        "accuracy_drop": drop,
+        "max_accuracy_drop": max_drop,
+        "speedup": speed_int8 / speed_fp32,
+        "images_per_s_fp32": speed_fp32,
+        "images_per_s_int8": speed_int8,
+        "kept": bool(drop <= max_drop),
+    }
+    log.info(
+        "classify int8: %s accuracy %.4f -> %.4f (drop %.4f, bound %.4f, n=%d), speed-up %.2fx (batch 8)",
+        split_name,
+        acc_fp32,
+        acc_int8,
+        drop,
+        max_drop,
+        len(y_val),
+        report["speedup"],
+    )
+    if not report["kept"]:
+        log.warning(
+            "int8 model refused: accuracy drops by %.4f > %.4f; storing the fp32 model", drop, max_drop
+        )
+        return fp32, report
+    return int8, report
+
+
+# ------------------------------------------------------------------------------------ model cards
+
+
+def model_card(job: ExportJob, tag: str, parity: dict[str, Any], quant: dict[str, Any] | None) -> str:
+    """The model card (README.md) of one stored model."""
+    c = job.contract
+    size = (
+        f"{c.tile_size} px tiles (overlap {c.tile_overlap})"
+        if job.dynamic_hw
+        else f"{c.image_size} x {c.image_size} px"
+    )
+    lines = [
+        f"# {tag}",
+        "",
+        f"nanomorph `{job.task}` model exported from `{job.run_dir}` ({job.weights.name}).",
+        "",
+    ]
+    lines += ["## Data", ""]
+    lines += [
+        f"- {k.replace('_', ' ')}: {json.dumps(v) if isinstance(v, (dict, list)) else v}"
+        for k, v in job.data.items()
+    ]
+    lines += ["", "## Classes", "", ", ".join(job.classes) or "(none: embedding model)", ""]
+    lines += ["## Metrics (held-out test split of the training run)", ""]
+    lines += [
+        f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in job.metrics.items()
+    ] or ["- none recorded"]
+    lines += [
+        "",
+        "## Export",
+        "",
+        f"- ONNX opset {OPSET}, dynamic batch{', dynamic height/width (multiples of 32)' if job.dynamic_hw else ''}",
+        f"- parity onnxruntime vs PyTorch: max abs diff {parity['max_abs_diff']:.2e} "
+        f"(tolerance {parity['tolerance']:g}; {parity['real_images']} real training images + random inputs)",
+    ]
+    if quant:
+        lines.append(
+            f"- int8 quantisation {'kept' if quant['kept'] else 'refused'}: {quant['split']} accuracy "
+            f"{quant['accuracy_fp32']:.4f} -> {quant['accuracy_int8']:.4f}, speed-up {quant['speedup']:.2f}x"
+        )
+    lines += [
+        f"- encoder: {job.encoder.get('architecture')} ({job.encoder.get('method')} pretraining)",
+        "",
+        "## Intended use",
+        "",
+        {
+            "classify": "Morphology class of a TEM image like those in the training data, with an "
+            "out-of-distribution flag for images unlike them.",
+            "embed": "Embeddings of TEM images for similarity search, maps and label suggestions.",
+            "segment": "Per-pixel classes of TEM frames like those in the training data, at native resolution.",
+        }[job.task],
+        "",
+        "## Limitations",
+        "",
+        f"- Trained on single-channel images preprocessed with the contract below ({size}); images of "
+        "another modality, magnification or contrast may be wrong without warning.",
+        f"- Few labels: metrics come from {job.data.get('n_test', 'a small number of')} test images; "
+        "treat them as estimates with wide uncertainty.",
+        "- Check predictions on your own data before relying on them.",
+        "",
+        "## Preprocessing contract",
+        "",
+        f"`{c.to_json()}` (also inside model.onnx as `nanomorph.contract`).",
+        "",
+        "## How to call it",
+        "",
+        "```python",
+        "from nanomorph.store import resolve",
+        "from nanomorph.runtime import "
+        + {"classify": "Classifier", "embed": "Embedder", "segment": "Segmenter"}[job.task],
+        "from nanomorph.contract import read_image",
+        f"model = resolve({tag!r}, STORE)  # 'bentoml' or the store folder",
+        "image, _ = read_image('frame.dm4')",
+        {
+            "classify": "print(Classifier(model).predict([image])[0]['label'])",
+            "embed": "vector = Embedder(model).embed([image])[0]",
+            "segment": "mask = Segmenter(model).predict(image)['mask']",
+        }[job.task],
+        "```",
+        "",
+        "or `nanomorph predict` / `nanomorph serve`. Raw ONNX: input `image` float32 (N, 1, H, W) in [0, 1] "
+        f"after the contract; outputs {', '.join(f'`{o}`' for o in job.outputs)}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _already_exported(
+    store: str | Path, name: str, source_sha: str, quantize: str | None
+) -> StoredModel | None:
+    try:
+        models = list_models(store)
+    except FileNotFoundError:
+        return None
+    for model in models:
+        prov = model.metadata.get("provenance") or {}
+        if (
+            model.name == name
+            and prov.get("source_sha256") == source_sha
+            and prov.get("quantize") == quantize
+        ):
+            return model
+    return None
+
+
+def export_runs(
+    encoder: str | Path | None = None,
+    classifier: str | Path | None = None,
+    segmenter: str | Path | None = None,
+    *,
+    name: str = "nanomorph",
+    version: str | None = None,
+    store: str | Path | None = None,
+    quantize: str | None = None,
+    max_accuracy_drop: float = 0.01,
+    tolerance: float = TOLERANCE,
+    data: str | Path | None = None,
+    force: bool = False,
+) -> dict[str, str]:
+    """Exports runs to ONNX, checks parity, optionally quantises, and stores them.
+
+    Every model is exported and checked before any is stored. Returns ``{task: tag}``.
+    """
+    if not (encoder or classifier or segmenter):
+        raise ValueError("nothing to export: give --encoder, --classifier and/or --segmenter")
+    if quantize not in (None, "none", "int8"):
+        raise ValueError(f"--quantize {quantize!r}: only int8 is supported")
+    quantize = None if quantize in (None, "none") else quantize
+    store = store or default_store()
+    version = version or new_version()
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    tags: dict[str, str] = {}
+    jobs: list[tuple[ExportJob, str]] = []
+    requested = [
+        ("embed", encoder, "backbone.safetensors", "--encoder", load_encoder_job),
+        ("classify", classifier, "classifier.safetensors", "--classifier", load_classifier_job),
+        ("segment", segmenter, "segmenter.safetensors", "--segmenter", load_segmenter_job),
+    ]
+    for task, source, weights_name, flag, loader in requested:
+        if not source:
+            continue
+        _, weights = _weights_file(source, weights_name, flag)
+        source_sha = _sha256(weights)
+        # Skip finished work: the same weights already stored under this name (before building anything).
+        task_quant = quantize if task == "classify" else None
+        done = None if force else _already_exported(store, f"{name}-{task}".lower(), source_sha, task_quant)
+        if done is not None:
+            log.info("%s: %s is already stored as %s (--force exports it again)", task, weights, done.tag)
+            tags[task] = done.tag
+            continue
+        jobs.append((loader(source, data), source_sha))  # type: ignore[operator]
+    staged: list[tuple[ExportJob, str, Path, dict[str, Any]]] = []
+    from training.backbones import git_commit
+
+    commit = git_commit()
+    with tempfile.TemporaryDirectory(prefix="nanomorph-export-") as tmp:
+        for job, source_sha in jobs:
+            tag = make_tag(name, job.task, version)
+            job_quant = quantize if job.task == "classify" else None
+            log.info("%s: exporting %s", job.task, job.weights)
+            fp32 = export_onnx(job, Path(tmp) / f"{job.task}.onnx")
+            parity = check_parity(job, fp32, tolerance)
+            provenance = {
+                "runs": {job.task: job.run_dir.name},
+                "run_path": str(job.run_dir.resolve()),
+                "source": job.weights.name,
+                "source_sha256": source_sha,
+                "git_commit": commit,
+                "created_at": created,
+                "nanomorph_version": __version__,
+                "torch_version": torch.__version__,
+                "quantize": job_quant,
+            }
+            props = metadata_props(
+                job.task, job.contract, job.classes, job.metrics, job.ood, job.encoder, provenance
+            )
+            set_metadata(fp32, props)
+            chosen, quant = fp32, None
+            if job_quant == "int8":
+                chosen, quant = try_quantize(job, fp32, max_accuracy_drop, data)
+                provenance["quantization"] = {k: quant[k] for k in ("kept", "accuracy_drop", "speedup")}
+                set_metadata(
+                    chosen,
+                    metadata_props(
+                        job.task, job.contract, job.classes, job.metrics, job.ood, job.encoder, provenance
+                    ),
+                )
+            extra = {
+                "readme": model_card(job, tag, parity, quant),
+                "parity": {k: parity[k] for k in ("max_abs_diff", "tolerance", "real_images")},
+                "data": job.data,
+                "quantization": quant,
+            }
+            staged.append((job, tag, chosen, extra))
+        for job, tag, path, extra in staged:
+            stored = save_model(path, store, tag, job.task, extra)
+            log.info("%s: stored %s (%s)", job.task, stored.tag, stored.path)
+            tags[job.task] = stored.tag
+    return tags
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = yaml_defaults(COMMAND)
+    parser.add_argument(
+        "--encoder",
+        default=d.get("encoder"),
+        help="pretraining run RUNS/X (backbone.safetensors): the embed model",
+    )
+    parser.add_argument(
+        "--classifier", default=d.get("classifier"), help="classifier run RUNS/Y: the classify model"
+    )
+    parser.add_argument(
+        "--segmenter", default=d.get("segmenter"), help="segmenter run RUNS/Z: the segment model"
+    )
+    parser.add_argument(
+        "--name", default=d.get("name", "nanomorph"), help="tag prefix: <name>-<task>:<version>"
+    )
+    parser.add_argument(
+        "--version", default=d.get("version"), help="version of the tags (default: UTC time + random)"
+    )
+    parser.add_argument(
+        "--store", default=d.get("store"), help="'bentoml' or a folder (default $NANOMORPH_STORE or bentoml)"
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default=d.get("quantize", "none"),
+        help="int8: static quantisation of classify for CPU",
+    )
+    parser.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=d.get("max_accuracy_drop", 0.01),
+        help="refuse int8 above this drop (0.01 = 1 point)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=d.get("tolerance", TOLERANCE),
+        help="max abs diff onnxruntime vs PyTorch",
+    )
+    parser.add_argument(
+        "--data",
+        default=d.get("data"),
+        help="images for the parity check / int8 accuracy (default: the runs' data)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="export again even if these runs are already stored"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    tags = export_runs(
+        args.encoder,
+        args.classifier,
+        args.segmenter,
+        name=args.name,
+        version=args.version,
+        store=args.store,
+        quantize=args.quantize,
+        max_accuracy_drop=args.max_accuracy_drop,
+        tolerance=args.tolerance,
+        data=args.data,
+        force=args.force,
+    )
+    print(json.dumps({"store": str(args.store or default_store()), "tags": tags}))
+    return 0
