@@ -1,0 +1,1001 @@
+"""Batch and watched-folder pipelines: ``nanomorph predict``, ``nanomorph client``, ``nanomorph watch``.
+
+All three write the same outputs through one :class:`ResultWriter`, so running a folder in-process
+(``predict``, onnxruntime via :mod:`nanomorph.runtime`, no server) or through a server
+(``client``, :class:`~nanomorph.client.NanomorphClient`) gives identical files:
+
+``OUT/results.jsonl``
+    one JSON object per image, appended as each image finishes (the source of truth; a rerun
+    skips every path already in it). ``path`` is relative to INPUT_DIR (``/`` separators).
+``OUT/results.csv``
+    the same rows flattened (``probabilities.<class>``, ``<class>.area_fraction`` ...), sorted by
+    path, rewritten from ``results.jsonl`` at the end of each run.
+``OUT/errors.csv``
+    ``path, reason, message, size, mtime_ns`` of every image that failed. Files refused for their
+    content (corrupt, unsupported, too large...) are not retried unless they change (or
+    ``--retry-errors``); failures of the server (unreachable, 503, 5xx) are retried by the next run.
+``OUT/embeddings/<path>.npy`` (embed), ``OUT/masks/<path>.png`` and ``OUT/overlays/<path>.png``
+(segment), ``OUT/config.yaml`` (resolved options, never the token), and for ``watch``
+``OUT/watch_state.json`` (files done, with size and mtime; written atomically).
+
+Floats in the rows are rounded to 6 significant digits, so that the last bits of a batched
+onnxruntime call cannot make the in-process and the served results differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nanomorph.config import atomic_write_text, save_resolved, yaml_defaults
+from nanomorph.contract import Contract, ImageReadError, list_images, normalise, read_image
+
+log = logging.getLogger(__name__)
+
+MULTI_COMMAND = True
+TASKS = ("classify", "segment", "embed")
+RESULTS_JSONL = "results.jsonl"
+RESULTS_CSV = "results.csv"
+ERRORS_CSV = "errors.csv"
+STATE_FILE = "watch_state.json"
+ERROR_COLUMNS = ("path", "reason", "message", "size", "mtime_ns")
+#: Error reasons that another attempt may cure: never recorded as final.
+#: (A wrong token is not the file's fault either: fixed, the files go through.)
+TRANSIENT_REASONS = ("connection", "model_unavailable", "overloaded", "interrupted", "unauthorized")
+SIGNIFICANT_DIGITS = 6
+
+
+# ---------------------------------------------------------------------------------------- records
+
+
+@dataclass
+class Item:
+    """One input file: its path and its path relative to the input folder (the row key)."""
+
+    path: Path
+    rel: str
+
+
+@dataclass
+class Outcome:
+    """What processing one image produced: a row and its files, or an error."""
+
+    rel: str
+    row: dict[str, Any] | None = None
+    files: dict[str, bytes] = field(default_factory=dict)  # path relative to OUT -> bytes
+    reason: str = ""
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.row is not None
+
+    @property
+    def transient(self) -> bool:
+        return not self.ok and (self.reason in TRANSIENT_REASONS or self.reason.startswith("http_5"))
+
+
+def failure(rel: str, exc: BaseException) -> Outcome:
+    """An :class:`Outcome` for an exception: the reader's / server's reason, or a generic one."""
+    reason = getattr(exc, "reason", "") or ""
+    if not reason:
+        reason = "unreadable" if isinstance(exc, OSError) else type(exc).__name__
+    message = getattr(exc, "message", "") or str(exc)
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and status >= 500 and reason not in TRANSIENT_REASONS:
+        reason = f"http_{status}"
+    return Outcome(rel, reason=reason, message=" ".join(message.split()))
+
+
+def clean(value: Any) -> Any:
+    """JSON-able copy of ``value``: numpy scalars/arrays to Python, tuples to lists, floats rounded
+    to :data:`SIGNIFICANT_DIGITS` significant digits and non-finite floats to None."""
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [clean(v) for v in value.tolist()]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        f = float(value)
+        return float(f"{f:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(f) else None
+    return value
+
+
+def embedding_file(rel: str) -> str:
+    return f"embeddings/{rel}.npy"
+
+
+def mask_file(rel: str) -> str:
+    return f"masks/{rel}.png"
+
+
+def overlay_file(rel: str) -> str:
+    return f"overlays/{rel}.png"
+
+
+def classify_row(rel: str, model: str, shape: Sequence[int], result: dict[str, Any]) -> dict[str, Any]:
+    """The row of one classified image (``result`` as from ``Classifier.predict`` or the server)."""
+    return clean(
+        {
+            "path": rel,
+            "task": "classify",
+            "model": model,
+            "shape": list(shape),
+            "label": result["label"],
+            "confidence": result["confidence"],
+            "ood_score": result.get("ood_score"),
+            "ood_flag": bool(result.get("ood_flag", False)),
+            "probabilities": result["probabilities"],
+        }
+    )
+
+
+def embed_outcome(rel: str, model: str, shape: Sequence[int], embedding: np.ndarray) -> Outcome:
+    vector = np.ascontiguousarray(embedding, dtype=np.float32).reshape(-1)
+    buf = io.BytesIO()
+    np.save(buf, vector, allow_pickle=False)
+    row = clean(
+        {
+            "path": rel,
+            "task": "embed",
+            "model": model,
+            "shape": list(shape),
+            "dim": int(vector.shape[0]),
+            "embedding_file": embedding_file(rel),
+        }
+    )
+    return Outcome(rel, row, {embedding_file(rel): buf.getvalue()})
+
+
+def overlay_png(image: np.ndarray, contract: Contract, mask: np.ndarray, n_classes: int) -> bytes:
+    """PNG of the class colours over the normalised image (same in every pipeline)."""
+    from PIL import Image
+
+    from nanomorph.morphology import overlay
+
+    rgb = overlay(normalise(image, contract), mask, max(n_classes, int(mask.max()) + 1))
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def segment_outcome(
+    rel: str,
+    model: str,
+    classes: Sequence[str],
+    mask: np.ndarray,
+    png: bytes,
+    pixel_size: float | None,
+    pixel_unit: str | None,
+    morphology: dict[str, Any],
+    overlay: bytes | None,
+) -> Outcome:
+    row = {
+        "path": rel,
+        "task": "segment",
+        "model": model,
+        "shape": [int(mask.shape[0]), int(mask.shape[1])],
+        "pixel_size": pixel_size,
+        "pixel_unit": pixel_unit if pixel_size is not None else None,
+        "classes": list(classes),
+        "mask_file": mask_file(rel),
+        "overlay_file": overlay_file(rel) if overlay is not None else None,
+        "morphology": morphology,
+    }
+    files = {mask_file(rel): png}
+    if overlay is not None:
+        files[overlay_file(rel)] = overlay
+    return Outcome(rel, clean(row), files)
+
+
+def resolve_pixel_size(
+    given: float | None, given_unit: str | None, meta_size: float | None, meta_unit: str | None
+) -> tuple[float | None, str]:
+    """The service's rule: a given size wins (with its unit, default nm), else the file's own."""
+    size = given if given is not None else meta_size
+    unit = given_unit or (meta_unit if given is None else None) or "nm"
+    return size, unit
+
+
+# --------------------------------------------------------------------------------------- backends
+
+
+class LocalBackend:
+    """Runs a stored model in this process (onnxruntime through :mod:`nanomorph.runtime`)."""
+
+    def __init__(
+        self,
+        task: str,
+        store: str,
+        tag: str | None = None,
+        providers: Sequence[str] | None = None,
+        pixel_size: float | None = None,
+        pixel_unit: str | None = None,
+        overlays: bool = True,
+    ) -> None:
+        from nanomorph.runtime import Classifier, Embedder, OnnxModel, Segmenter
+        from nanomorph.store import resolve
+
+        self.task = task
+        stored = resolve(tag or f"nanomorph-{task}:latest", store)
+        onnx = OnnxModel(stored, providers=providers or None)
+        self.model = stored.tag
+        self.contract = stored.contract
+        self.classes = list(stored.classes)
+        self.helper: Any = {"classify": Classifier, "embed": Embedder, "segment": Segmenter}[task](onnx)
+        self.pixel_size, self.pixel_unit, self.overlays = pixel_size, pixel_unit, overlays
+        self.describe = f"{self.model} in-process on {', '.join(onnx.providers)}"
+
+    def process(self, items: Sequence[Item]) -> list[Outcome]:
+        """Processes a chunk of files; read errors become error outcomes, the rest run as one batch."""
+        outcomes: list[Outcome | None] = [None] * len(items)
+        decoded: list[tuple[int, np.ndarray, Any]] = []
+        for i, item in enumerate(items):
+            try:
+                image, meta = read_image(item.path, name=item.rel)
+                decoded.append((i, image, meta))
+            except (ImageReadError, OSError) as exc:
+                outcomes[i] = failure(item.rel, exc)
+        if decoded and self.task == "classify":
+            results = self.helper.predict([im for _, im, _ in decoded])
+            for (i, _, meta), r in zip(decoded, results, strict=True):
+                outcomes[i] = Outcome(items[i].rel, classify_row(items[i].rel, self.model, meta.shape[:2], r))
+        elif decoded and self.task == "embed":
+            vectors = self.helper.embed([im for _, im, _ in decoded])
+            for (i, _, meta), v in zip(decoded, vectors, strict=True):
+                outcomes[i] = embed_outcome(items[i].rel, self.model, meta.shape[:2], v)
+        else:
+            for i, image, meta in decoded:
+                outcomes[i] = self._segment(items[i].rel, image, meta)
+        return [o for o in outcomes if o is not None]
+
+    def _segment(self, rel: str, image: np.ndarray, meta: Any) -> Outcome:
+        from nanomorph.morphology import mask_to_png_bytes, measure
+
+        mask = self.helper.predict(image)["mask"]
+        size, unit = resolve_pixel_size(self.pixel_size, self.pixel_unit, meta.pixel_size, meta.pixel_unit)
+        numbers = measure(mask, self.classes, size, unit)
+        over = overlay_png(image, self.contract, mask, len(self.classes)) if self.overlays else None
+        return segment_outcome(
+            rel, self.model, self.classes, mask, mask_to_png_bytes(mask), size, unit, numbers, over
+        )
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteBackend:
+    """Sends files to a running service, ``concurrency`` requests at a time (threads; the server
+    batches concurrent requests into one onnxruntime call)."""
+
+    def __init__(
+        self,
+        task: str,
+        url: str,
+        token: str | None = None,
+        concurrency: int = 4,
+        timeout: float = 60.0,
+        retries: int = 3,
+        pixel_size: float | None = None,
+        pixel_unit: str | None = None,
+        overlays: bool = True,
+        wait_ready: float = 0.0,
+    ) -> None:
+        from nanomorph.client import NanomorphClient, NanomorphError
+
+        if concurrency < 1:
+            raise ValueError(f"--concurrency must be >= 1, got {concurrency}")
+        self.task = task
+        self.concurrency = concurrency
+        if not log.isEnabledFor(logging.DEBUG):
+            logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request is noise
+        self.client = NanomorphClient(
+            url, token=token, timeout=timeout, retries=retries, max_connections=concurrency
+        )
+        self.pixel_size, self.pixel_unit, self.overlays = pixel_size, pixel_unit, overlays
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="nanomorph-client")
+        self._info: dict[str, Any] | None = None
+        if wait_ready > 0:
+            # Fail fast, before any file is tried: unreachable server, wrong token, no such model.
+            try:
+                self.client.wait_ready(timeout=wait_ready, interval=0.5)
+                self.info()
+            except NanomorphError as exc:
+                self.close()
+                hint = " (is `nanomorph serve` running there?)" if exc.status is None else ""
+                raise ValueError(f"{url}: {exc.message or exc}{hint}") from exc
+        self.describe = f"server {url}"
+
+    def info(self) -> dict[str, Any]:
+        """This task's ``/models`` entry (tag, classes, contract), fetched once."""
+        if self._info is None:
+            from nanomorph.client import NanomorphError
+
+            info = self.client.model_info(self.task)
+            if not info.get("available"):
+                raise NanomorphError(
+                    f"the server has no {self.task} model loaded: {info.get('error')}",
+                    reason="model_unavailable",
+                )
+            self._info = info
+        return self._info
+
+    def process(self, items: Sequence[Item]) -> list[Outcome]:
+        """Processes a chunk of files concurrently; results come back in input order."""
+        return list(self._pool.map(self._one, items))
+
+    def _one(self, item: Item) -> Outcome:
+        from nanomorph.client import NanomorphError
+
+        try:
+            data = item.path.read_bytes()
+            upload = (item.rel, data)  # the server names it in its error messages
+            info = self.info()
+            if self.task == "classify":
+                r = self.client.classify([upload])[0]
+                return Outcome(item.rel, classify_row(item.rel, r.get("model") or info["tag"], r["shape"], r))
+            if self.task == "embed":
+                r = self.client.embed([upload])[0]
+                return embed_outcome(item.rel, info["tag"], r["shape"], r["embedding"])
+            body = self.client.segment(upload, pixel_size=self.pixel_size, pixel_unit=self.pixel_unit or "nm")
+        except (NanomorphError, OSError) as exc:
+            return failure(item.rel, exc)
+        import base64
+
+        mask = body["mask"]
+        classes = [e["name"] for e in sorted(body["legend"], key=lambda e: e["index"])]
+        over = None
+        if self.overlays:
+            try:  # the overlay needs the pixels here too: decoded with the same contract reader
+                image, _ = read_image(data, name=item.rel)
+                over = overlay_png(image, Contract.from_dict(info["contract"]), mask, len(classes))
+            except (ImageReadError, ValueError) as exc:
+                log.warning("%s: no overlay (%s)", item.rel, exc)
+        return segment_outcome(
+            item.rel,
+            body["model"],
+            classes,
+            mask,
+            base64.b64decode(body["mask_png"]),
+            body.get("pixel_size"),
+            body.get("pixel_unit"),
+            body.get("morphology") or {},
+            over,
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.client.close()
+
+
+Backend = LocalBackend | RemoteBackend
+
+
+# ----------------------------------------------------------------------------------------- writer
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def file_signature(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def flatten(row: dict[str, Any]) -> dict[str, Any]:
+    """One CSV row: nested dicts become dotted columns (morphology without its ``summary.``/
+    ``classes.`` level, e.g. ``wire.area_fraction``), lists become JSON, None an empty cell."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+            return
+        for strip in ("morphology.summary.", "morphology.classes."):
+            if prefix.startswith(strip):
+                prefix = prefix[len(strip) :]
+                break
+        if isinstance(value, list):
+            value = json.dumps(value)
+        out[prefix] = "" if value is None else value
+
+    walk("", row)
+    return out
+
+
+class ResultWriter:
+    """Appends results to ``OUT/results.jsonl`` (each row flushed when its files are in place),
+    keeps ``errors.csv`` current and rewrites ``results.csv`` on :meth:`close`.
+
+    Args:
+        out_dir: the output folder (created).
+        task: the task; a folder holding results of another task is refused.
+
+    Raises:
+        ValueError: ``out_dir`` holds results of another task.
+    """
+
+    def __init__(self, out_dir: str | Path, task: str) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.task = task
+        self.jsonl = self.out / RESULTS_JSONL
+        self._lock = threading.Lock()
+        self.done: set[str] = set()
+        for row in self._read_rows(repair=True):
+            if row.get("task", task) != task:
+                raise ValueError(
+                    f"{self.jsonl} holds {row.get('task')} results; use another --out for --task {task}"
+                )
+            self.done.add(str(row["path"]))
+        self.errors: dict[str, dict[str, str]] = self._read_errors()
+        self._fh = open(self.jsonl, "a", encoding="utf-8")  # noqa: SIM115 - open for the writer's life
+
+    def _read_rows(self, repair: bool = False) -> list[dict[str, Any]]:
+        if not self.jsonl.is_file():
+            return []
+        data = self.jsonl.read_bytes()
+        if repair and data and not data.endswith(b"\n"):
+            # A run killed mid-line: drop the partial line so appended rows stay valid JSON lines.
+            keep = data.rfind(b"\n") + 1
+            log.warning("%s: dropping an incomplete last line (interrupted run)", self.jsonl)
+            with open(self.jsonl, "r+b") as fh:
+                fh.truncate(keep)
+            data = data[:keep]
+        rows = []
+        for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{self.jsonl}: line {n} is not JSON ({exc.msg})") from None
+        return rows
+
+    def _read_errors(self) -> dict[str, dict[str, str]]:
+        path = self.out / ERRORS_CSV
+        if not path.is_file():
+            return {}
+        with open(path, newline="", encoding="utf-8") as fh:
+            return {r["path"]: dict(r) for r in csv.DictReader(fh) if r.get("path")}
+
+    def _write_errors(self) -> None:
+        path = self.out / ERRORS_CSV
+        if not self.errors and not path.exists():
+            return
+        buf = io.StringIO()
+        writer = csv.DictWriter(
+            buf, fieldnames=list(ERROR_COLUMNS), extrasaction="ignore", lineterminator="\n"
+        )
+        writer.writeheader()
+        for rel in sorted(self.errors):
+            writer.writerow(self.errors[rel])
+        atomic_write_text(path, buf.getvalue())
+
+    def known_failure(self, item: Item) -> bool:
+        """True when ``item`` failed for its content before and has not changed since."""
+        err = self.errors.get(item.rel)
+        if (
+            err is None
+            or err.get("reason") in TRANSIENT_REASONS
+            or str(err.get("reason", "")).startswith("http_5")
+        ):
+            return False
+        try:
+            size, mtime = file_signature(item.path)
+        except OSError:
+            return False
+        return err.get("size") == str(size) and err.get("mtime_ns") == str(mtime)
+
+    def add(self, outcome: Outcome, item: Item) -> None:
+        """Records one outcome: files first, then the row (so a row never points at a missing file)."""
+        with self._lock:
+            if outcome.ok:
+                for rel_file, data in outcome.files.items():
+                    _atomic_bytes(self.out / rel_file, data)
+                self._fh.write(json.dumps(outcome.row, ensure_ascii=False) + "\n")
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self.done.add(outcome.rel)
+                if self.errors.pop(outcome.rel, None) is not None:
+                    self._write_errors()
+                return
+            try:
+                size, mtime = file_signature(item.path)
+            except OSError:
+                size, mtime = -1, -1
+            self.errors[outcome.rel] = {
+                "path": outcome.rel,
+                "reason": outcome.reason,
+                "message": outcome.message,
+                "size": str(size),
+                "mtime_ns": str(mtime),
+            }
+            self._write_errors()
+
+    def write_csv(self) -> Path:
+        """Rewrites ``results.csv`` from ``results.jsonl`` (sorted by path, union of columns)."""
+        rows = sorted((flatten(r) for r in self._read_rows()), key=lambda r: str(r.get("path", "")))
+        columns: dict[str, None] = {}
+        for r in rows:
+            columns.update(dict.fromkeys(r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(columns), restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        path = self.out / RESULTS_CSV
+        atomic_write_text(path, buf.getvalue())
+        return path
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._fh.closed:
+                self._fh.close()
+            self.write_csv()
+
+
+# --------------------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """tqdm on a terminal; otherwise a log line every 10 s and at the end."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.n = total, desc, 0
+        self._last = time.monotonic()
+        self._bar: Any = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="img")
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif time.monotonic() - self._last >= 10.0:
+            self._last = time.monotonic()
+            log.info("%s: %d/%d images", self.desc, self.n, self.total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# ----------------------------------------------------------------------------------------- running
+
+
+def _chunks(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
+    for start in range(0, len(items), max(1, size)):
+        yield items[start : start + size]
+
+
+def list_items(input_dir: Path, out_dir: Path, recursive: bool = True) -> list[Item]:
+    """Supported images under ``input_dir`` (never the pipeline's own outputs, should OUT lie inside)."""
+    out = out_dir.resolve()
+    items = []
+    for path in list_images(input_dir, recursive=recursive):
+        resolved = path.resolve()
+        if out in resolved.parents:
+            continue
+        items.append(Item(path, path.relative_to(input_dir).as_posix()))
+    return items
+
+
+@dataclass
+class Tally:
+    ok: int = 0
+    failed: int = 0
+    transient: int = 0
+
+
+def process_items(
+    items: Sequence[Item],
+    backend: Backend,
+    writer: ResultWriter,
+    chunk: int,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    on_outcome: Callable[[Item, Outcome], None] | None = None,
+) -> Tally:
+    """Runs ``items`` through ``backend`` in chunks, recording every outcome."""
+    tally = Tally()
+    by_rel = {it.rel: it for it in items}
+    for group in _chunks(items, chunk):
+        if stop is not None and stop.is_set():
+            break
+        for outcome in backend.process(group):
+            item = by_rel[outcome.rel]
+            if outcome.ok:
+                tally.ok += 1
+            elif outcome.transient:
+                tally.transient += 1
+                log.warning("%s: %s (%s); will be retried", outcome.rel, outcome.message, outcome.reason)
+            else:
+                tally.failed += 1
+                log.warning("%s: %s (%s)", outcome.rel, outcome.message, outcome.reason)
+            writer.add(outcome, item)
+            if on_outcome is not None:
+                on_outcome(item, outcome)
+            if progress is not None:
+                progress.update()
+    return tally
+
+
+def make_backend(args: argparse.Namespace, remote: bool) -> Backend:
+    if remote:
+        return RemoteBackend(
+            args.task,
+            args.url,
+            token=args.token,
+            concurrency=args.concurrency,
+            timeout=args.timeout,
+            retries=args.retries,
+            pixel_size=args.pixel_size,
+            pixel_unit=args.pixel_unit,
+            overlays=not args.no_overlays,
+            wait_ready=getattr(args, "wait", 0.0) or 0.0,
+        )
+    from nanomorph.store import default_store
+
+    providers = [p.strip() for p in (args.providers or "").split(",") if p.strip()]
+    return LocalBackend(
+        args.task,
+        args.models or default_store(),
+        tag=args.tag,
+        providers=providers or None,
+        pixel_size=args.pixel_size,
+        pixel_unit=args.pixel_unit,
+        overlays=not args.no_overlays,
+    )
+
+
+def _save_config(args: argparse.Namespace, out: Path) -> None:
+    # The token is a secret: never written to disk.
+    save_resolved({k: v for k, v in vars(args).items() if k != "token"}, out)
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """``predict`` and ``client``: every image under INPUT_DIR not done yet, then exit.
+
+    Returns:
+        0 when something was processed or nothing was left to do; 1 when images were tried and
+        none could be processed.
+    """
+    input_dir, out = Path(args.input_dir), Path(args.out)
+    items = list_items(input_dir, out, recursive=not args.no_recursive)
+    if not items:
+        log.error("no supported images under %s", input_dir)
+        return 1
+    writer = ResultWriter(out, args.task)
+    todo = [
+        it
+        for it in items
+        if it.rel not in writer.done and (args.retry_errors or not writer.known_failure(it))
+    ]
+    skipped = len(items) - len(todo)
+    _save_config(args, out)
+    if not todo:
+        writer.close()
+        log.info("nothing new: all %d images under %s are done (results in %s)", len(items), input_dir, out)
+        return 0
+    backend = make_backend(args, remote=args.command == "client")
+    log.info(
+        "%s: %d images to do, %d already done; using %s", args.task, len(todo), skipped, backend.describe
+    )
+    progress = Progress(len(todo), args.task)
+    t0 = time.perf_counter()
+    try:
+        tally = process_items(
+            todo,
+            backend,
+            writer,
+            chunk=max(args.batch_size, 2 * getattr(args, "concurrency", 1)),
+            progress=progress,
+        )
+    finally:
+        progress.close()
+        backend.close()
+        writer.close()
+    seconds = time.perf_counter() - t0
+    log.info(
+        "done: %d processed, %d failed, %d to retry in %.1f s (%.1f img/s); results in %s",
+        tally.ok,
+        tally.failed,
+        tally.transient,
+        seconds,
+        tally.ok / max(seconds, 1e-9),
+        out,
+    )
+    if tally.failed or tally.transient:
+        log.warning("failures are listed in %s", out / ERRORS_CSV)
+    return 0 if tally.ok else 1
+
+
+# ------------------------------------------------------------------------------------------- watch
+
+
+class WatchState:
+    """``OUT/watch_state.json``: files handled, with the size and mtime they had (atomic writes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.files: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                self.files = dict(data.get("files", {}))
+            except (ValueError, AttributeError) as exc:
+                raise ValueError(f"{path}: not a nanomorph watch state file ({exc})") from None
+
+    def mark(self, item: Item, outcome: Outcome, signature: tuple[int, int]) -> None:
+        self.files[item.rel] = {
+            "size": signature[0],
+            "mtime_ns": signature[1],
+            "status": "ok" if outcome.ok else "error",
+        }
+
+    def handled(self, rel: str, signature: tuple[int, int]) -> bool:
+        entry = self.files.get(rel)
+        if entry is None:
+            return False
+        # An error is retried once the file changes (e.g. it was still being copied).
+        return entry.get("status") == "ok" or (entry.get("size"), entry.get("mtime_ns")) == signature
+
+    def save(self) -> None:
+        atomic_write_text(
+            self.path, json.dumps({"version": 1, "files": self.files}, indent=1, sort_keys=True)
+        )
+
+
+class StabilityTracker:
+    """A file is complete once its size and mtime are unchanged across two scans and either
+    ``stable_seconds`` passed since they last changed or its mtime is that old already."""
+
+    def __init__(self, stable_seconds: float) -> None:
+        self.stable_seconds = stable_seconds
+        self.seen: dict[str, tuple[tuple[int, int], float]] = {}
+
+    def ready(self, rel: str, signature: tuple[int, int], now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        previous = self.seen.get(rel)
+        if previous is None or previous[0] != signature:
+            self.seen[rel] = (signature, now)
+            return False
+        age = time.time() - signature[1] / 1e9
+        return now - previous[1] >= self.stable_seconds or age >= self.stable_seconds
+
+    def forget(self, rel: str) -> None:
+        self.seen.pop(rel, None)
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    """``watch``: processes each new file once it is completely written, until Ctrl-C / SIGTERM
+    (or, with ``--once``, until every file present is done)."""
+    if bool(args.url) == bool(args.models):
+        raise ValueError("give exactly one of --url (through a server) or --models (in-process)")
+    input_dir, out = Path(args.input_dir), Path(args.out)
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"{input_dir}: no such folder")
+    if args.interval <= 0 or args.stable_seconds < 0:
+        raise ValueError("--interval must be > 0 and --stable-seconds >= 0")
+    writer = ResultWriter(out, args.task)
+    state = WatchState(out / STATE_FILE)
+    _save_config(args, out)
+    backend = make_backend(args, remote=bool(args.url))
+    tracker = StabilityTracker(args.stable_seconds)
+    stop = threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("stopping after the current file (signal %d)", signum)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    log.info("watching %s for %s with %s; results in %s", input_dir, args.task, backend.describe, out)
+    total = Tally()
+    retry = 0
+
+    def record(item: Item, outcome: Outcome) -> None:
+        tracker.forget(item.rel)
+        if outcome.transient:
+            return  # not handled: tried again on a later scan
+        try:
+            state.mark(item, outcome, file_signature(item.path))
+        except OSError:
+            state.mark(item, outcome, (-1, -1))
+        state.save()
+        if outcome.ok:
+            log.info("%s: done", item.rel)
+
+    try:
+        while not stop.is_set():
+            pending = 0
+            ready: list[Item] = []
+            for item in list_items(input_dir, out, recursive=not args.no_recursive):
+                if item.rel in writer.done:
+                    continue
+                try:
+                    signature = file_signature(item.path)
+                except OSError:
+                    continue  # removed meanwhile
+                if state.handled(item.rel, signature) or writer.known_failure(item):
+                    continue
+                if tracker.ready(item.rel, signature):
+                    ready.append(item)
+                else:
+                    pending += 1
+            if ready:
+                tally = process_items(
+                    ready, backend, writer, chunk=args.batch_size, stop=stop, on_outcome=record
+                )
+                total.ok += tally.ok
+                total.failed += tally.failed
+                total.transient += tally.transient
+                writer.write_csv()
+                retry = tally.transient
+                if not args.once:
+                    pending += tally.transient
+            if args.once and not pending:
+                break
+            stop.wait(args.interval)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        backend.close()
+        writer.close()
+        state.save()
+    log.info("watch stopped: %d processed, %d failed", total.ok, total.failed)
+    if args.once and retry:
+        log.error("%d file(s) could not be processed for now (server unavailable?); run again", retry)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- the CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """Options of ``predict``, ``client`` and ``watch`` (defaults from ``configs/<name>.yaml``)."""
+    d = yaml_defaults(name)
+    parser.add_argument("input_dir", help="folder of images (searched recursively)")
+    parser.add_argument("--out", required="out" not in d, default=d.get("out"), help="output folder")
+    parser.add_argument(
+        "--task", choices=TASKS, default=d.get("task", "classify"), help="default %(default)s"
+    )
+    if name in ("predict", "watch"):
+        parser.add_argument(
+            "--models",
+            default=d.get("models"),
+            help="model store: a folder store or 'bentoml' (default $NANOMORPH_STORE, else bentoml)"
+            + ("" if name == "predict" else "; in-process, instead of --url"),
+        )
+        parser.add_argument("--tag", default=d.get("tag"), help="model tag (default nanomorph-<task>:latest)")
+        parser.add_argument(
+            "--providers", default=d.get("providers"), help="onnxruntime providers, comma list"
+        )
+    if name in ("client", "watch"):
+        parser.add_argument(
+            "--url",
+            required=name == "client" and "url" not in d,
+            default=d.get("url"),
+            help="server URL, e.g. http://localhost:3000"
+            + ("" if name == "client" else " (instead of --models)"),
+        )
+        parser.add_argument(
+            "--token", default=d.get("token"), help="bearer token (default $NANOMORPH_TOKEN; never saved)"
+        )
+        parser.add_argument(
+            "--concurrency",
+            type=int,
+            default=d.get("concurrency", 4),
+            help="requests in flight (default %(default)s)",
+        )
+        parser.add_argument(
+            "--timeout", type=float, default=d.get("timeout", 60.0), help="seconds per request"
+        )
+        parser.add_argument(
+            "--retries", type=int, default=d.get("retries", 3), help="retries on connection errors / 503"
+        )
+    if name == "client":
+        parser.add_argument(
+            "--wait",
+            type=float,
+            default=d.get("wait", 60.0),
+            help="seconds to wait for the server to be ready",
+        )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.get("batch_size", 16),
+        help="images per in-process onnxruntime call",
+    )
+    parser.add_argument(
+        "--pixel-size",
+        type=float,
+        default=d.get("pixel_size"),
+        help="segment: pixel size (default: from each file)",
+    )
+    parser.add_argument(
+        "--pixel-unit", default=d.get("pixel_unit"), help="segment: unit of --pixel-size (default nm)"
+    )
+    parser.add_argument(
+        "--no-overlays",
+        action="store_true",
+        default=d.get("no_overlays", False),
+        help="segment: skip overlay PNGs",
+    )
+    parser.add_argument(
+        "--no-recursive",
+        action="store_true",
+        default=d.get("no_recursive", False),
+        help="only the top folder",
+    )
+    if name == "watch":
+        parser.add_argument(
+            "--interval", type=float, default=d.get("interval", 1.0), help="seconds between scans"
+        )
+        parser.add_argument(
+            "--stable-seconds",
+            type=float,
+            default=d.get("stable_seconds", 2.0),
+            help="a file counts as written once its size and mtime are unchanged this long",
+        )
+        parser.add_argument(
+            "--once", action="store_true", help="process what is there (once complete), then exit"
+        )
+    else:
+        parser.add_argument(
+            "--retry-errors",
+            action="store_true",
+            help="also retry files that failed before and have not changed",
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.task not in TASKS:
+        raise ValueError(f"--task must be one of {', '.join(TASKS)}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.pixel_size is not None and not args.pixel_size > 0:
+        raise ValueError(f"--pixel-size must be > 0, got {args.pixel_size}")
+    for attr in ("concurrency",):
+        if getattr(args, attr, 1) < 1:
+            raise ValueError(f"--{attr} must be >= 1")
+    if args.command == "watch":
+        return run_watch(args)
+    return run_batch(args)
