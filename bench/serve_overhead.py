@@ -1,0 +1,276 @@
+"""Serving overhead: ``/classify`` of a real server vs onnxruntime in-process, same model, one run.
+
+Default model: a ResNet-18 classifier (1 channel, 4 classes, random weights: speed does not depend
+on them) at 224 px, exported with ``training.export`` into a temporary folder store. Images are
+synthetic 224x224 8-bit PNGs (smooth blobs plus noise, ~50 KB each), decoded in both arms.
+
+* in-process: ``read_image`` + the model's contract + ``Classifier.predict_batch`` on batches of
+  1, 8, 16 and 32 images (PNG decode included);
+* served: ``nanomorph serve`` with the default configuration on 127.0.0.1, 1, 8, 16 and 32
+  concurrent clients each posting one image per request (multipart, as curl would), a bounded
+  number of requests per level after a warm-up.
+
+Prints throughput (images/s), p50/p99 latency, rejected requests and the ratio served/in-process
+at equal batch size / concurrency; ``--record`` writes the table into docs/benchmarks.md under
+"## Serving overhead". Not a test: run it by hand (~1-2 minutes on 2 CPU cores)::
+
+    .venv/bin/python bench/serve_overhead.py --record
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nanomorph.contract import Contract, read_image  # noqa: E402
+from nanomorph.runtime import Classifier, OnnxModel  # noqa: E402
+from nanomorph.store import make_tag, metadata_props, resolve, save_model  # noqa: E402
+
+CLASSES = ["singular", "dispersed", "bundle", "network"]
+SECTION = "## Serving overhead"
+
+
+def build_model(store: Path, image_size: int = 224, arch: str = "resnet18") -> str:
+    """Exports a ResNet-18 classifier into a folder store with ``training.export``; returns its tag."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import timm
+    import torch
+
+    from training.export import ClassifyNet, ExportJob, export_onnx, set_metadata
+    from training.models import Classifier as TorchClassifier
+
+    torch.manual_seed(0)
+    backbone = timm.create_model(arch, in_chans=1, num_classes=0, pretrained=False)
+    net = ClassifyNet(TorchClassifier(backbone, len(CLASSES)))
+    contract = Contract(image_size=image_size)
+    job = ExportJob(
+        task="classify",
+        net=net,
+        outputs=["probabilities", "embedding"],
+        contract=contract,
+        run_dir=store,
+        weights=store / "none",
+        classes=CLASSES,
+    )
+    onnx_path = store / "bench-classify.onnx"
+    export_onnx(job, onnx_path)
+    d = int(getattr(backbone, "num_features"))  # noqa: B009
+    centroids = np.eye(len(CLASSES), d, dtype=np.float32).tolist()
+    props = metadata_props(
+        "classify",
+        contract,
+        classes=CLASSES,
+        metrics={},
+        ood={"centroids": centroids, "threshold": 0.5, "metric": "cosine"},
+        encoder={"method": "none", "architecture": arch},
+        provenance={"runs": {"bench": "bench/serve_overhead.py"}},
+    )
+    set_metadata(onnx_path, props)
+    tag = make_tag("nanomorph", "classify", "bench")
+    save_model(onnx_path, store, tag, "classify")
+    onnx_path.unlink()
+    return tag
+
+
+def make_images(n: int, size: int = 224, seed: int = 0) -> list[bytes]:
+    """Synthetic TEM-like 8-bit PNGs: smoothed random blobs plus shot noise."""
+    from PIL import Image
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        field = ndi.gaussian_filter(rng.random((size, size)), 4)
+        field = (field - field.min()) / (np.ptp(field) + 1e-9)
+        img = np.clip(field * 200 + rng.normal(0, 12, field.shape) + 20, 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def in_process(store: Path, tag: str, images: list[bytes], batch: int, n_images: int) -> float:
+    """Images/s of decode + preprocess + onnxruntime at ``batch`` images per call."""
+    clf = Classifier(OnnxModel(resolve(tag, store)))
+    clf.predict_batch(np.stack([clf.preprocess(read_image(images[0])[0])] * batch))  # warm-up
+    done = 0
+    start = time.perf_counter()
+    while done < n_images:
+        chunk = [images[(done + i) % len(images)] for i in range(batch)]
+        x = np.stack([clf.preprocess(read_image(b)[0]) for b in chunk])
+        clf.predict_batch(x)
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def load(url: str, images: list[bytes], clients: int, n_requests: int) -> dict[str, Any]:
+    """``clients`` threads post one image per request until ``n_requests`` are done."""
+    latencies: list[float] = []
+    statuses: list[int] = []
+    lock = threading.Lock()
+    counter = iter(range(n_requests))
+
+    def worker(client: httpx.Client) -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            t0 = time.perf_counter()
+            r = client.post(
+                url + "/classify", files={"images": (f"{i}.png", images[i % len(images)], "image/png")}
+            )
+            dt = time.perf_counter() - t0
+            with lock:
+                latencies.append(dt)
+                statuses.append(r.status_code)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    with httpx.Client(timeout=120, limits=limits) as client, ThreadPoolExecutor(clients) as pool:
+        start = time.perf_counter()
+        for f in [pool.submit(worker, client) for _ in range(clients)]:
+            f.result()
+        wall = time.perf_counter() - start
+    ok = [lat for lat, s in zip(latencies, statuses, strict=True) if s == 200]
+    q = statistics.quantiles(ok, n=100, method="inclusive") if len(ok) > 1 else [float("nan")] * 99
+    return {
+        "throughput": len(ok) / wall,
+        "p50_ms": 1000 * statistics.median(ok) if ok else float("nan"),
+        "p99_ms": 1000 * q[98],
+        "rejected": sum(1 for s in statuses if s != 200),
+        "requests": len(statuses),
+    }
+
+
+def machine() -> str:
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{cpu}, {cores} cores available, onnxruntime {ort.__version__} (CPUExecutionProvider), "
+        f"Python {platform.python_version()}; load average at the end {load} (other jobs share these cores)"
+    )
+
+
+def record(table: str, path: Path) -> None:
+    """Replaces (or appends) the "## Serving overhead" section of docs/benchmarks.md."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + table
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + table + (text[end + 1 :] if end >= 0 else "")
+    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--levels", default="1,8,16,32", help="concurrency levels = in-process batch sizes")
+    p.add_argument(
+        "--requests", type=int, default=240, help="requests per concurrency level (level 1: a third)"
+    )
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--record", action="store_true", help="write the result into docs/benchmarks.md")
+    args = p.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+
+    from tests.fixtures.server import start_server
+
+    with tempfile.TemporaryDirectory(prefix="nanomorph-bench-") as tmp:
+        work = Path(tmp)
+        store = work / "store"
+        store.mkdir()
+        t0 = time.perf_counter()
+        tag = build_model(store, args.image_size)
+        print(f"exported {tag} in {time.perf_counter() - t0:.1f} s", flush=True)
+        images = make_images(64, args.image_size)
+
+        local: dict[int, float] = {}
+        for b in levels:
+            n = max(b * 4, args.requests // 3 if b == 1 else args.requests // 2)
+            local[b] = in_process(store, tag, images, b, n)
+            print(f"in-process batch {b:>2}: {local[b]:7.1f} images/s", flush=True)
+
+        served: dict[int, dict[str, Any]] = {}
+        with start_server(work / "server", store=store, env={"NANOMORPH_CLASSIFY_MODEL": tag}) as server:
+            for c in levels:
+                load(server.url, images, c, 2 * c)  # warm-up: connections, thread pools
+                n = args.requests // 3 if c == 1 else args.requests
+                served[c] = load(server.url, images, c, n)
+                s = served[c]
+                print(
+                    f"served {c:>2} clients: {s['throughput']:7.1f} images/s  p50 {s['p50_ms']:6.0f} ms  "
+                    f"p99 {s['p99_ms']:6.0f} ms  rejected {s['rejected']}/{s['requests']}  "
+                    f"ratio {s['throughput'] / local[c]:.2f}",
+                    flush=True,
+                )
+            batch_metrics = [
+                line
+                for line in httpx.get(server.url + "/metrics").text.splitlines()
+                if line.startswith("nanomorph_batch_images_")
+            ]
+        calls = sum(
+            float(x.split()[-1]) for x in batch_metrics if x.startswith("nanomorph_batch_images_count")
+        )
+        imgs = sum(float(x.split()[-1]) for x in batch_metrics if x.startswith("nanomorph_batch_images_sum"))
+
+    rows = [
+        "| clients = batch | in-process images/s | served images/s | ratio | p50 ms | p99 ms | rejected |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in levels:
+        s = served[c]
+        rows.append(
+            f"| {c} | {local[c]:.1f} | {s['throughput']:.1f} | {s['throughput'] / local[c]:.2f} | "
+            f"{s['p50_ms']:.0f} | {s['p99_ms']:.0f} | {s['rejected']}/{s['requests']} |"
+        )
+    table = (
+        f"{SECTION}\n\n`bench/serve_overhead.py` ({time.strftime('%Y-%m-%d')}): ResNet-18 classifier, 1 channel, "
+        f"{args.image_size} px, `/classify` with one PNG per request vs in-process onnxruntime (PNG decode included) "
+        f"at the same batch size. Server: `nanomorph serve` defaults (1 worker, max batch 32, no batch wait, "
+        f"max latency 60 s), clients on the same machine over loopback.\n\n"
+        f"Machine: {machine()}.\n\n" + "\n".join(rows) + "\n\n"
+        f"Mean images per onnxruntime call over the served run: {imgs / max(calls, 1):.1f}.\n"
+    )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if os.getloadavg()[0] > 1.5 * cores:
+        table += (
+            "\n**Oversubscribed machine**: the load average was well above the core count (other jobs ran), "
+            "so absolute numbers are several times too low and the ratios are noise-dominated; rerun on a quiet machine.\n"
+        )
+    print()
+    print(table)
+    if args.record:
+        record(table, ROOT / "docs" / "benchmarks.md")
+        print(f"recorded in {ROOT / 'docs' / 'benchmarks.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

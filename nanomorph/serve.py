@@ -1,0 +1,132 @@
+"""``nanomorph serve``: serve stored models over HTTP with BentoML.
+
+Runs ``bentoml serve service.service:Nanomorph`` in a child process with the options turned into
+the service's environment variables (``NANOMORPH_*``, docs/service.md "Configuration"). Options
+left unset keep the environment's values, so the variables and the flags can be mixed. This module
+never imports bentoml (the child does), so ``nanomorph --help`` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from nanomorph.config import yaml_defaults
+
+log = logging.getLogger(__name__)
+
+SERVICE_IMPORT = "service.service:Nanomorph"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# option dest -> environment variable of the service
+_ENV_OPTIONS = {
+    "store": "NANOMORPH_STORE",
+    "classify_model": "NANOMORPH_CLASSIFY_MODEL",
+    "embed_model": "NANOMORPH_EMBED_MODEL",
+    "segment_model": "NANOMORPH_SEGMENT_MODEL",
+    "require": "NANOMORPH_REQUIRE_MODELS",
+    "providers": "NANOMORPH_PROVIDERS",
+    "workers": "NANOMORPH_WORKERS",
+    "max_batch_size": "NANOMORPH_MAX_BATCH_SIZE",
+    "max_latency_ms": "NANOMORPH_MAX_LATENCY_MS",
+    "max_upload_mb": "NANOMORPH_MAX_UPLOAD_MB",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = yaml_defaults("serve")
+    parser.add_argument(
+        "--host", default=d.get("host", "127.0.0.1"), help="interface to listen on (default %(default)s)"
+    )
+    parser.add_argument("--port", type=int, default=d.get("port", 3000), help="port (default %(default)s)")
+    parser.add_argument(
+        "--store",
+        default=d.get("store"),
+        help="'bentoml' or a folder store (default $NANOMORPH_STORE, else bentoml)",
+    )
+    for task in ("classify", "embed", "segment"):
+        parser.add_argument(
+            f"--{task}-model",
+            default=d.get(f"{task}_model"),
+            help=f"tag of the {task} model (default nanomorph-{task}:latest)",
+        )
+    parser.add_argument(
+        "--require",
+        default=d.get("require"),
+        help="tasks that must load before the server is ready ('all' or a comma list)",
+    )
+    parser.add_argument("--providers", default=d.get("providers"), help="onnxruntime providers, comma list")
+    parser.add_argument("--workers", type=int, default=d.get("workers"), help="worker processes (default 1)")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=d.get("max_batch_size"), help="images per onnxruntime call"
+    )
+    parser.add_argument(
+        "--max-latency-ms", type=int, default=d.get("max_latency_ms"), help="queue time before 503"
+    )
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=d.get("max_upload_mb"), help="largest upload (MiB)"
+    )
+
+
+def env_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """The ``NANOMORPH_*`` variables the given options set (unset options are left out)."""
+    env: dict[str, str] = {}
+    for dest, var in _ENV_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if value is not None and value != "":
+            env[var] = str(value)
+    return env
+
+
+def command(host: str, port: int) -> list[str]:
+    """The ``bentoml serve`` command line (same Python, so the same virtualenv)."""
+    return [sys.executable, "-m", "bentoml", "serve", SERVICE_IMPORT, "--host", host, "--port", str(port)]
+
+
+def serve(host: str = "127.0.0.1", port: int = 3000, env_overrides: Mapping[str, str] | None = None) -> int:
+    """Serves the stored models until interrupted; returns the server's exit code.
+
+    Args:
+        host: interface to listen on.
+        port: TCP port.
+        env_overrides: ``NANOMORPH_*`` (or any) variables set for the server on top of ``os.environ``.
+
+    Raises:
+        ValueError: bad port, or the serving extra is not installed.
+    """
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"--port {port} is not a TCP port (1-65535)")
+    if importlib.util.find_spec("bentoml") is None or importlib.util.find_spec("onnxruntime") is None:
+        raise ValueError("serving needs bentoml and onnxruntime: pip install 'nanomorph[serving]'")
+    env = {**os.environ, **dict(env_overrides or {})}
+    # The service package lives at the repository root; make it importable without installing.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    shown = {k: v for k, v in (env_overrides or {}).items() if "TOKEN" not in k}
+    log.info(
+        "serving on http://%s:%d (%s)",
+        host,
+        port,
+        ", ".join(f"{k}={v}" for k, v in shown.items()) or "defaults",
+    )
+    proc = subprocess.Popen(command(host, int(port)), env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the child too (same process group); give it time to shut down cleanly.
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    return serve(args.host, args.port, env_from_args(args))

@@ -1,0 +1,149 @@
+"""Adaptive batching: concurrent requests share one onnxruntime call.
+
+A :class:`Batcher` owns one batch function (an internal API taking exactly one array, batch axis
+first) and one thread to run it on. Requests queue their arrays; whenever the function is idle it
+takes everything queued, up to ``max_batch_size`` images, concatenates it, runs it once and hands
+each request its slice of the result. With one client that is a batch of 1 and no added wait;
+under load the batch grows by itself to what the model can absorb ("continuous batching").
+
+Why not BentoML's own batchable-API dispatch? Reaching a batchable ``@bentoml.api`` from another
+endpoint of the same service goes through ``self.to_async``, an in-process HTTP client that
+serialises numpy arrays as JSON lists: measured here at ~46 ms per 224x224 float32 image, three
+times the ResNet-18 inference itself. The batcher keeps the arrays in memory. Like BentoML's
+dispatcher it sheds load by latency: a request still queued after ``max_latency_ms`` gets a 503
+(:class:`Overloaded`); unlike it, it never sheds on a *predicted* latency, so the default (60 s)
+never rejects a request a client is still waiting for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class Overloaded(RuntimeError):
+    """A request waited longer than ``max_latency_ms`` in the queue."""
+
+
+@dataclass
+class _Job:
+    data: np.ndarray
+    future: asyncio.Future[Any]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Runs ``fn`` on batches gathered from concurrent :meth:`submit` calls.
+
+    Args:
+        fn: batch function ``array (N, ...) -> sequence of N results`` (an ndarray or a list);
+            runs on this batcher's own thread, one call at a time.
+        max_batch_size: most items per call; a single submission larger than this is cut into
+            chunks by :meth:`submit`.
+        max_latency_ms: queued longer than this -> :class:`Overloaded`.
+        batch_wait_ms: after the first request of an idle spell, wait this long for others to join
+            its batch (0: run at once; batches still form while a call is running).
+        name: thread name (for logs).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[np.ndarray], Sequence[Any] | np.ndarray],
+        max_batch_size: int = 32,
+        max_latency_ms: int = 60000,
+        batch_wait_ms: float = 0.0,
+        name: str = "batcher",
+    ) -> None:
+        self.fn = fn
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.max_latency = max_latency_ms / 1000.0
+        self.batch_wait = max(0.0, batch_wait_ms / 1000.0)
+        self._queue: deque[_Job] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, data: np.ndarray) -> list[Any]:
+        """Runs ``fn`` on ``data`` (batch axis first) batched with other callers; returns its N results."""
+        if len(data) == 0:
+            return []
+        if len(data) > self.max_batch_size:
+            parts = [data[i : i + self.max_batch_size] for i in range(0, len(data), self.max_batch_size)]
+            chunks = await asyncio.gather(*(self.submit(p) for p in parts))
+            return [r for chunk in chunks for r in chunk]
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run())
+        job = _Job(data, loop.create_future())
+        self._queue.append(job)
+        assert self._wake is not None
+        self._wake.set()
+        result: list[Any] = await job.future
+        return result
+
+    def _take(self) -> list[_Job]:
+        now = time.monotonic()
+        jobs: list[_Job] = []
+        size = 0
+        while self._queue:
+            job = self._queue[0]
+            if job.future.done():  # the client went away
+                self._queue.popleft()
+                continue
+            if now - job.enqueued > self.max_latency:
+                self._queue.popleft()
+                job.future.set_exception(
+                    Overloaded(
+                        f"request waited over {self.max_latency * 1000:.0f} ms for the model (overloaded)"
+                    )
+                )
+                continue
+            if jobs and size + len(job.data) > self.max_batch_size:
+                break
+            self._queue.popleft()
+            jobs.append(job)
+            size += len(job.data)
+        return jobs
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.batch_wait and self._queue and len(self._queue) < self.max_batch_size:
+                waited = time.monotonic() - self._queue[0].enqueued
+                if waited < self.batch_wait:
+                    await asyncio.sleep(self.batch_wait - waited)
+            while jobs := self._take():
+                batch = jobs[0].data if len(jobs) == 1 else np.concatenate([j.data for j in jobs])
+                try:
+                    out = await loop.run_in_executor(self._executor, self.fn, batch)
+                    if len(out) != len(batch):
+                        raise RuntimeError(
+                            f"batch function returned {len(out)} results for {len(batch)} inputs"
+                        )
+                except Exception as exc:  # every caller of this batch gets the error
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+                    continue
+                start = 0
+                for job in jobs:
+                    n = len(job.data)
+                    if not job.future.done():
+                        job.future.set_result(list(out[start : start + n]))
+                    start += n
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,155 @@
+"""Service configuration, in one place: environment variables read once at start-up.
+
+Every knob of the service is an environment variable (``bentoml serve`` passes the environment on
+to its workers; a bentofile's ``envs`` section or a container's ``-e`` flags set them too). The
+table in docs/service.md ("Configuration") lists them all with their defaults; :data:`ENV_VARS` is
+that table in code, so the docs and the code can be checked against each other.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+TASKS = ("classify", "embed", "segment")
+MIB = 1 << 20
+#: Largest image the service decodes: 8192 x 8192. Segmenting one needs about (classes + 4) x 4 bytes
+#: per pixel at peak (~1.6 GB for 2 classes), which a worker must survive.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+# name -> (default shown in the docs, one-line description)
+ENV_VARS: dict[str, tuple[str, str]] = {
+    "NANOMORPH_STORE": ("bentoml", "model store: 'bentoml' (at $BENTOML_HOME) or a folder store"),
+    "NANOMORPH_CLASSIFY_MODEL": ("nanomorph-classify:latest", "tag of the classify model"),
+    "NANOMORPH_EMBED_MODEL": ("nanomorph-embed:latest", "tag of the embed model"),
+    "NANOMORPH_SEGMENT_MODEL": ("nanomorph-segment:latest", "tag of the segment model"),
+    "NANOMORPH_REQUIRE_MODELS": (
+        "(none)",
+        "tasks that must load before /readyz is ready (comma list or 'all'); missing ones are polled for",
+    ),
+    "NANOMORPH_MODEL_POLL_S": ("2", "seconds between store polls for required models"),
+    "NANOMORPH_PROVIDERS": ("CUDA then CPU if available", "onnxruntime execution providers (comma list)"),
+    "NANOMORPH_ORT_THREADS": ("0 (all cores)", "onnxruntime intra-op threads per session"),
+    "NANOMORPH_WARMUP": ("1", "run every model once on a dummy batch before reporting ready"),
+    "NANOMORPH_MAX_BATCH_SIZE": ("32", "most images (or tiles) per onnxruntime call"),
+    "NANOMORPH_BATCH_WAIT_MS": ("0", "extra wait for a batch to fill when the model is idle (ms)"),
+    "NANOMORPH_MAX_LATENCY_MS": ("60000", "a request queued longer than this gets 503 (load shedding)"),
+    "NANOMORPH_MAX_UPLOAD_MB": ("64", "largest single uploaded file (MiB)"),
+    "NANOMORPH_MAX_REQUEST_MB": ("256", "largest request body (MiB), checked from Content-Length"),
+    "NANOMORPH_MAX_FILES": ("64", "most files per /classify or /embed request"),
+    "NANOMORPH_MAX_PIXELS": ("67108864 (8192^2)", "largest image (height x width), read from the header"),
+    "NANOMORPH_API_TOKENS": ("(unset: no auth)", "comma-separated bearer tokens for inference and /models"),
+    "NANOMORPH_PROTECT_METRICS": ("0", "1: /metrics needs a token too"),
+    "NANOMORPH_WORKERS": ("1", "BentoML worker processes (each loads every model)"),
+    "NANOMORPH_TIMEOUT_S": ("300", "BentoML request timeout (s)"),
+}
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be >= {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be >= {minimum}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={raw!r}: use 1/0, true/false, yes/no or on/off")
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in env.get(name, "").split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's configuration (see :data:`ENV_VARS` and docs/service.md)."""
+
+    store: str = "bentoml"
+    models: dict[str, str] = field(default_factory=lambda: {t: f"nanomorph-{t}:latest" for t in TASKS})
+    required: tuple[str, ...] = ()
+    poll_s: float = 2.0
+    providers: tuple[str, ...] = ()
+    ort_threads: int = 0
+    warmup: bool = True
+    max_batch_size: int = 32
+    max_latency_ms: int = 60000
+    batch_wait_ms: float = 0.0
+    max_upload_bytes: int = 64 * MIB
+    max_request_bytes: int = 256 * MIB
+    max_files: int = 64
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    api_tokens: tuple[str, ...] = ()
+    protect_metrics: bool = False
+    workers: int = 1
+    timeout_s: int = 300
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_tokens)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Reads the settings from ``env`` (default ``os.environ``).
+
+        Raises:
+            ValueError: a variable has a bad value (the message names it).
+        """
+        env = os.environ if env is None else env
+        models = {
+            t: env.get(f"NANOMORPH_{t.upper()}_MODEL", "").strip() or f"nanomorph-{t}:latest" for t in TASKS
+        }
+        required = _list(env, "NANOMORPH_REQUIRE_MODELS")
+        if any(r.lower() == "all" for r in required):
+            required = TASKS
+        unknown = [r for r in required if r not in TASKS]
+        if unknown:
+            raise ValueError(
+                f"NANOMORPH_REQUIRE_MODELS names {', '.join(unknown)}; tasks are {', '.join(TASKS)}"
+            )
+        return cls(
+            store=env.get("NANOMORPH_STORE", "").strip() or "bentoml",
+            models=models,
+            required=tuple(required),
+            poll_s=_float(env, "NANOMORPH_MODEL_POLL_S", 2.0, minimum=0.05),
+            providers=_list(env, "NANOMORPH_PROVIDERS"),
+            ort_threads=_int(env, "NANOMORPH_ORT_THREADS", 0),
+            warmup=_bool(env, "NANOMORPH_WARMUP", True),
+            max_batch_size=_int(env, "NANOMORPH_MAX_BATCH_SIZE", 32, minimum=1),
+            max_latency_ms=_int(env, "NANOMORPH_MAX_LATENCY_MS", 60000, minimum=1),
+            batch_wait_ms=_float(env, "NANOMORPH_BATCH_WAIT_MS", 0.0),
+            max_upload_bytes=int(_float(env, "NANOMORPH_MAX_UPLOAD_MB", 64.0, minimum=0.0) * MIB),
+            max_request_bytes=int(_float(env, "NANOMORPH_MAX_REQUEST_MB", 256.0, minimum=0.0) * MIB),
+            max_files=_int(env, "NANOMORPH_MAX_FILES", 64, minimum=1),
+            max_pixels=_int(env, "NANOMORPH_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),
+            api_tokens=_list(env, "NANOMORPH_API_TOKENS"),
+            protect_metrics=_bool(env, "NANOMORPH_PROTECT_METRICS", False),
+            workers=_int(env, "NANOMORPH_WORKERS", 1, minimum=1),
+            timeout_s=_int(env, "NANOMORPH_TIMEOUT_S", 300, minimum=1),
+        )

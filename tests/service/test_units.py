@@ -1,0 +1,237 @@
+"""In-process tests of the service's parts: settings, guard, batcher, the service class itself, the
+serve command, and the import rules."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanomorph import serve as serve_cmd
+from service.batching import Batcher, Overloaded
+from service.guard import GuardError, check_token, decode_upload
+from service.settings import ENV_VARS, MIB, TASKS, Settings
+from tests.fixtures.server import REPO_ROOT
+from tests.service.conftest import png_bytes, speck_image
+
+# ------------------------------------------------------------------------------------- settings
+
+
+def test_settings_defaults_and_overrides() -> None:
+    s = Settings.from_env({})
+    assert s.store == "bentoml"
+    assert s.models == {t: f"nanomorph-{t}:latest" for t in TASKS}
+    assert (s.max_batch_size, s.max_latency_ms, s.max_upload_bytes) == (32, 60000, 64 * MIB)
+    assert not s.auth_enabled and not s.protect_metrics and s.required == ()
+    s = Settings.from_env(
+        {
+            "NANOMORPH_STORE": "/models",
+            "NANOMORPH_CLASSIFY_MODEL": "mine-classify:v2",
+            "NANOMORPH_API_TOKENS": " a , b ,",
+            "NANOMORPH_REQUIRE_MODELS": "all",
+            "NANOMORPH_MAX_UPLOAD_MB": "0.5",
+            "NANOMORPH_PROTECT_METRICS": "yes",
+        }
+    )
+    assert s.store == "/models" and s.models["classify"] == "mine-classify:v2"
+    assert s.api_tokens == ("a", "b") and s.required == TASKS and s.protect_metrics
+    assert s.max_upload_bytes == MIB // 2
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("NANOMORPH_MAX_BATCH_SIZE", "zero"),
+        ("NANOMORPH_MAX_BATCH_SIZE", "0"),
+        ("NANOMORPH_PROTECT_METRICS", "maybe"),
+        ("NANOMORPH_REQUIRE_MODELS", "detect"),
+    ],
+)
+def test_settings_bad_values_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_every_setting_is_documented() -> None:
+    doc = (REPO_ROOT / "docs" / "service.md").read_text(encoding="utf-8")
+    for var in ENV_VARS:
+        assert f"`{var}`" in doc, var
+
+
+# ---------------------------------------------------------------------------------------- guard
+
+
+def test_check_token() -> None:
+    tokens = ("alpha", "beta")
+    assert check_token("Bearer alpha", tokens) and check_token("bearer  beta", tokens)
+    for header in (None, "", "Bearer", "Bearer gamma", "Basic alpha", "alpha", "Bearer alph"):
+        assert not check_token(header, tokens), header
+    assert check_token(None, ())  # no tokens configured: open
+
+
+def test_decode_upload_limits_and_errors() -> None:
+    settings = Settings(max_upload_bytes=10_000, max_pixels=64 * 64)
+    image, meta = decode_upload(png_bytes(speck_image(False, size=40)), "ok.png", settings)
+    assert image.shape == (40, 48) and image.dtype == np.float32 and meta.shape[:2] == (40, 48)
+    big = png_bytes((np.random.default_rng(0).random((120, 120)) * 255).astype(np.uint8))
+    cases = [
+        (b"", 400, "empty"),
+        (big, 413, "too_large"),
+        (png_bytes(np.zeros((80, 80), np.uint8)), 413, "too_many_pixels"),
+        (b"plain text " * 10, 415, "unsupported_format"),
+    ]
+    for data, status, reason in cases:
+        with pytest.raises(GuardError) as info:
+            decode_upload(data, "f.bin", settings)
+        assert (info.value.status, info.value.reason) == (status, reason)
+        assert "f.bin" in info.value.message
+        assert info.value.body() == {"error": info.value.message, "reason": reason}
+
+
+# -------------------------------------------------------------------------------------- batcher
+
+
+def test_batcher_gathers_concurrent_requests_and_chunks() -> None:
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        gate.wait(2)  # hold the first call so that the others queue up behind it
+        return batch * 2
+
+    async def main() -> list[list[np.ndarray]]:
+        b = Batcher(fn, max_batch_size=4)
+        first = asyncio.ensure_future(b.submit(np.array([[0.0]])))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(b.submit(np.array([[float(i)]]))) for i in range(1, 6)]
+        big = asyncio.ensure_future(b.submit(np.arange(9, dtype=float)[:, None]))  # > max: chunked
+        await asyncio.sleep(0.05)
+        gate.set()
+        out = await asyncio.gather(first, *rest, big)
+        b.close()
+        return out
+
+    out = asyncio.run(main())
+    assert [float(r[0][0]) for r in out[:6]] == [0, 2, 4, 6, 8, 10]
+    assert [float(x[0]) for x in out[6]] == [2.0 * i for i in range(9)]
+    assert calls[0] == 1 and max(calls) == 4 and sum(calls) == 15
+
+
+def test_batcher_errors_and_overload() -> None:
+    def boom(batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("model failed")
+
+    def slow(batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.2)
+        return batch
+
+    async def main() -> None:
+        b = Batcher(boom)
+        with pytest.raises(RuntimeError, match="model failed"):
+            await b.submit(np.zeros((2, 1)))
+        b.close()
+        s = Batcher(slow, max_batch_size=1, max_latency_ms=50)
+        results = await asyncio.gather(
+            *(s.submit(np.zeros((1, 1))) for _ in range(3)), return_exceptions=True
+        )
+        s.close()
+        assert isinstance(results[0], list)
+        assert any(isinstance(r, Overloaded) for r in results[1:])
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------- the service class
+
+
+def test_service_class_in_process(tiny_store: tuple[Path, dict[str, str]]) -> None:
+    from starlette.datastructures import Headers, UploadFile
+
+    from service.service import Nanomorph
+
+    store, tags = tiny_store
+    svc = Nanomorph.inner(  # type: ignore[attr-defined]
+        settings=Settings(store=str(store), models={**Settings().models, "segment": "nope-segment:1"})
+    )
+    assert svc._ready.wait(30)
+    assert svc.__is_ready__()
+    out = svc.classify_batch(np.zeros((3, 1, 32, 32), np.float32))
+    assert len(out) == 3 and all(r["label"] == "singular" for r in out)
+    assert svc.embed_batch(np.ones((2, 1, 32, 32), np.float32)).shape == (2, 4)
+
+    def upload(data: bytes, name: str) -> UploadFile:
+        return UploadFile(
+            io.BytesIO(data), size=len(data), filename=name, headers=Headers({"content-type": "image/png"})
+        )
+
+    async def call() -> object:
+        return await svc.classify(images=[upload(png_bytes(speck_image(True)), "b.png")])
+
+    resp = asyncio.run(call())
+    assert resp.model == tags["classify"] and resp.results[0].label == "network"  # type: ignore[attr-defined]
+    with pytest.raises(GuardError) as info:
+        svc._slot("segment")
+    assert info.value.status == 503 and "nope-segment" in info.value.message
+    models = svc.models()
+    assert {m.task: m.available for m in models.models} == {"classify": True, "embed": True, "segment": False}
+    svc._shutdown()
+
+
+def test_service_import_never_imports_torch_or_training() -> None:
+    code = (
+        "import sys, service.service; "
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'training'))]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "BENTOML_DO_NOT_TRACK": "True"}
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------------------------ the serve CLI
+
+
+def test_serve_options_become_environment() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    serve_cmd.add_arguments(parser)
+    args = parser.parse_args(
+        ["--port", "4000", "--store", "/s", "--classify-model", "x-classify:1", "--max-batch-size", "8"]
+    )
+    assert (args.host, args.port) == ("127.0.0.1", 4000)
+    assert serve_cmd.env_from_args(args) == {
+        "NANOMORPH_STORE": "/s",
+        "NANOMORPH_CLASSIFY_MODEL": "x-classify:1",
+        "NANOMORPH_MAX_BATCH_SIZE": "8",
+    }
+    assert serve_cmd.command("0.0.0.0", 4000)[-5:] == [
+        "service.service:Nanomorph",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "4000",
+    ]
+
+
+def test_serve_bad_port_is_a_clear_cli_error() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "nanomorph.cli", "serve", "--port", "70000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "70000" in r.stderr and "Traceback" not in r.stderr
+    assert json.dumps(r.stderr)  # one readable line
