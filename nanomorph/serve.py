@@ -73,6 +73,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-upload-mb", type=float, default=d.get("max_upload_mb"), help="largest upload (MiB)"
     )
+    parser.add_argument(
+        "--build-default",
+        action="store_true",
+        help="if the store holds no default models (nanomorph-{classify,embed,segment}:latest), build them "
+        "first from the bundled synthetic data (`nanomorph demo`; needs the training extra)",
+    )
+    parser.add_argument(
+        "--demo-dir",
+        default=d.get("demo_dir", "demo"),
+        help="working folder of --build-default (%(default)s)",
+    )
 
 
 def env_from_args(args: argparse.Namespace) -> dict[str, str]:
@@ -128,5 +139,45 @@ def serve(host: str = "127.0.0.1", port: int = 3000, env_overrides: Mapping[str,
         raise
 
 
+DEFAULT_TASKS = ("classify", "embed", "segment")
+
+
+def missing_default_models(store: str | None) -> list[str]:
+    """Tags of the default models that ``store`` does not hold (an unverifiable model counts as missing)."""
+    from nanomorph.store import resolve
+
+    missing = []
+    for task in DEFAULT_TASKS:
+        tag = f"nanomorph-{task}:latest"
+        try:
+            resolve(tag, store, verify=False)
+        except (FileNotFoundError, ValueError):
+            missing.append(tag)
+    return missing
+
+
+def build_default(store: str | None, demo_dir: str) -> None:
+    """Builds the default models with ``nanomorph demo`` (in-process), forcing a fresh export."""
+    from nanomorph.cli import main as cli_main
+
+    marker = Path(demo_dir) / "exported.json"
+    marker.unlink(missing_ok=True)  # the store lacks the models, so the export must run again
+    argv = ["demo", "--out", demo_dir, "--store", store or "bentoml"]
+    if cli_main(argv) != 0:
+        raise ValueError(f"building the default model failed; see the log above (working folder {demo_dir})")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.build_default:
+        store = args.store or os.environ.get("NANOMORPH_STORE") or "bentoml"
+        missing = missing_default_models(store)
+        if missing:
+            log.info(
+                "no default model in store %s (%s): building it from synthetic data",
+                store,
+                ", ".join(missing),
+            )
+            build_default(store, args.demo_dir)
+        else:
+            log.info("default models found in store %s", store)
     return serve(args.host, args.port, env_from_args(args))

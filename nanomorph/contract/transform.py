@@ -98,7 +98,12 @@ def normalise(image: np.ndarray, contract: Contract | None = None) -> np.ndarray
         lo, hi = float(img.min()), float(img.max())
         if not hi > lo:
             return np.full(img.shape, 0.5, dtype=np.float32)
-    out = (img - np.float32(lo)) / np.float32(hi - lo)
+    span = float(hi) - float(lo)
+    if span > float(np.finfo(np.float32).max):
+        # Values near +-3.4e38: hi - lo overflows float32 (inf / inf = NaN), so rescale in float64.
+        out = ((img.astype(np.float64) - float(lo)) / span).astype(np.float32)
+    else:
+        out = (img - np.float32(lo)) / np.float32(span)
     return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
 
 
