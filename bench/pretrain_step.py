@@ -1,0 +1,122 @@
+"""Images/s of one nanomorph pretraining step vs a plain reference loop (not a timed test).
+
+nanomorph: images on disk -> ``UnlabeledFolder`` (decoded once, cached) -> DataLoader ->
+``BatchAugment`` (two views) -> timm backbone + lightly projector -> lightly loss -> SGD, i.e. the
+code ``nanomorph pretrain`` runs (``training.pretrain.forward_step``).
+Reference: timm resnet18 + lightly SimCLRProjectionHead + NTXentLoss + SGD on PRE-MADE view
+tensors (no data loading, no augmentation), two forward passes as in lightly's examples.
+Both in the same process, same batch, size and head. Prints the ratio (target >= 1.0).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/pretrain_step.py --image-size 96 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, RandomSampler
+
+
+def _write_images(folder: Path, n: int, size: int) -> None:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        img = rng.normal(90, 12, (size, size))
+        for _ in range(8):
+            cy, cx, r = rng.uniform(0, size, 2).tolist() + [rng.uniform(4, size / 8)]
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += 100
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+
+
+def bench_nanomorph(data: Path, args: argparse.Namespace) -> float:
+    from nanomorph.contract import Contract
+    from training.augment import AugmentConfig, BatchAugment
+    from training.backbones import create_backbone
+    from training.data import UnlabeledFolder
+    from training.pretrain import build_optimizer, forward_step
+    from training.ssl import SSLLoss, SSLModel, build_projector, resolve_config
+
+    torch.manual_seed(0)
+    ds = UnlabeledFolder(data, args.image_size, Contract(image_size=args.image_size))
+    ds.preload()
+    loader = DataLoader(ds, args.batch_size, sampler=RandomSampler(ds), drop_last=True, num_workers=0)
+    cfg = resolve_config("simclr", projector="512-128")
+    backbone = create_backbone(args.backbone)
+    model = SSLModel(backbone, build_projector(cfg, int(backbone.num_features)))  # type: ignore[arg-type]
+    criterion = SSLLoss(cfg)
+    augment = BatchAugment(AugmentConfig(image_size=args.image_size))
+    opt = build_optimizer(model, "sgd", 0.03, 5e-4, 0.9)
+    batches = itertools.cycle(loader)
+    times = []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        x = next(batches)
+        _, loss = forward_step(model, criterion, augment, x, use_cuda=False)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    return args.batch_size / float(np.median(times))
+
+
+def bench_reference(args: argparse.Namespace) -> float:
+    import timm
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules.heads import SimCLRProjectionHead
+
+    torch.manual_seed(0)
+    backbone = timm.create_model(args.backbone, in_chans=1, num_classes=0)
+    head = SimCLRProjectionHead(backbone.num_features, 512, 128)
+    criterion = NTXentLoss()
+    params = list(backbone.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=0.03, momentum=0.9, weight_decay=5e-4)
+    v0 = torch.rand(args.batch_size, 1, args.image_size, args.image_size)
+    v1 = torch.rand(args.batch_size, 1, args.image_size, args.image_size)
+    times = []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        loss = criterion(head(backbone(v0)), head(backbone(v1)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    return args.batch_size / float(np.median(times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--source-size", type=int, default=256, help="side of the images on disk")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="alternate ours/reference this many times")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        _write_images(data, max(2 * args.batch_size, 64), args.source_size)
+        ours, ref = [], []
+        for _ in range(args.rounds):  # alternate, so load from other processes hits both alike
+            ours.append(bench_nanomorph(data, args))
+            ref.append(bench_reference(args))
+    o, r = max(ours), max(ref)
+    print(
+        f"{args.backbone} image {args.image_size} batch {args.batch_size} threads {torch.get_num_threads()}: "
+        f"nanomorph {o:.1f} images/s, reference {r:.1f} images/s, ratio {o / r:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

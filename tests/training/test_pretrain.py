@@ -1,0 +1,174 @@
+"""`nanomorph pretrain` as users run it: real folders, the CLI, a killed and resumed subprocess, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from nanomorph.cli import main
+from nanomorph.contract import Contract
+from training.backbones import load_backbone
+from training.runio import load_checkpoint, read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+ARCH = "test_resnet"  # timm's tiny test network: same code path as resnet18, a fraction of the cost
+TINY = ["--backbone", ARCH, "--image-size", "32", "--batch-size", "8", "--workers", "0", "--log-every", "2"]
+
+
+def _dataset(root: Path, n: int = 16, seed: int = 0) -> Path:
+    """Gray frames with bright discs (particles) on noise, 48x64 px."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:48, :64]
+    for i in range(n):
+        img = rng.normal(90, 12, (48, 64))
+        for _ in range(4):
+            cy, cx, r = rng.uniform(0, 48), rng.uniform(0, 64), rng.uniform(3, 9)
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += 100
+        path = root / f"sub{i % 2}" / f"frame{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
+    return root
+
+
+def _labels(root: Path) -> Path:
+    rng = np.random.default_rng(1)
+    for cls, value in (("dark", 40), ("bright", 200)):
+        for i in range(4):
+            path = root / cls / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(rng.normal(value, 30, (40, 40)), 0, 255).astype(np.uint8)).save(path)
+    return root
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_run_folder_contents_and_rerun(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _dataset(tmp_path / "unlabeled")
+    out = tmp_path / "runs" / "bt"
+    argv = ["pretrain", "--data", str(data), "--out", str(out), "--method", "barlowtwins", *TINY]
+    argv += ["--projector", "64-64-128", "--epochs", "2", "--monitor-labels", str(_labels(tmp_path / "cls"))]
+    assert main(argv) == 0
+
+    assert {p.name for p in out.iterdir()} >= {
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "backbone.safetensors",
+        "README.md",
+    }
+    records = read_metrics(out / "metrics.jsonl")
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert all(
+        np.isfinite(r["loss"]) and r["embedding_std"] > 0 and 0 <= r["knn_accuracy"] <= 1 for r in epochs
+    )
+    steps = [r for r in records if "kind" not in r]
+    assert steps and all({"loss", "lr", "images_per_s"} <= set(r) for r in steps)
+
+    ckpt = load_checkpoint(out / "checkpoint.pt")  # weights_only=True
+    assert ckpt["epoch"] == 2 and isinstance(ckpt["rng"][0]["torch"], torch.Tensor)
+    assert {"model", "optimizer", "scheduler"} <= set(ckpt)
+
+    model, meta = load_backbone(out / "backbone.safetensors")
+    assert meta["architecture"] == ARCH and meta["method"] == "barlowtwins" and meta["epochs"] == "2"
+    assert meta["in_chans"] == "1" and meta["image_size"] == "32" and meta["git_commit"]
+    assert Contract.from_json(meta["contract"]).image_size == 32
+    assert int(meta["embedding_dim"]) == model.eval()(torch.rand(1, 1, 32, 32)).shape[1]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["method"] == "barlowtwins" and config["resolved"]["ssl"]["projector"] == [64, 64, 128]
+    assert "barlowtwins" in (out / "README.md").read_text()
+
+    # Re-running the finished run skips it, leaving the files alone.
+    mtime = (out / "backbone.safetensors").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (out / "backbone.safetensors").stat().st_mtime_ns == mtime
+    # Other settings into the same folder are refused with a clear message.
+    capsys.readouterr()
+    assert main([*argv[:-2], "--epochs", "3"]) == 2
+    assert "epochs" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pretrain", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r"), *TINY]) == 2
+    assert "nothing" in capsys.readouterr().err
+    data = _dataset(tmp_path / "few", n=3)
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "r"), *TINY]) == 2
+    assert "--batch-size" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_a_clear_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import training.ssl
+
+    monkeypatch.setattr(training.ssl.SSLLoss, "forward", lambda self, a, b: (a * float("nan")).sum())
+    data = _dataset(tmp_path / "d", n=8)
+    out = tmp_path / "nan"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), *TINY, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "loss became nan" in err and "--resume" in err
+    assert not (out / "backbone.safetensors").exists()
+
+
+def test_killed_run_resumes_to_the_same_end(tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "unlabeled")
+    out = tmp_path / "run"
+    cmd = [str(ROOT / ".venv" / "bin" / "nanomorph"), "pretrain", "--data", str(data), "--out", str(out)]
+    cmd += [*TINY, "--epochs", "4", "--crops-per-image", "4", "--method", "simclr"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint.pt").exists():
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # no chance to clean up: like a power cut or OOM kill
+    finally:
+        proc.wait(timeout=30)
+    interrupted_at = load_checkpoint(out / "checkpoint.pt")["epoch"]
+    assert 1 <= interrupted_at < 4 and not (out / "backbone.safetensors").exists()
+
+    # Without --resume the unfinished run is protected.
+    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+    resumed = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {out} after epoch {interrupted_at}/4" in resumed.stderr
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records if r.get("kind") == "epoch"] == [1, 2, 3, 4]
+    steps = [r["step"] for r in records if "kind" not in r]
+    assert steps == sorted(set(steps)), "an interrupted epoch's step records must not stay behind"
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 4
+    _, meta = load_backbone(out)
+    assert meta["epochs"] == "4"
+
+
+def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "unlabeled")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "nanomorph.cli", "pretrain", "--data", str(data), "--out", str(out), *TINY]
+    cmd += ["--epochs", "1", "--steps-per-epoch", "2", "--device", "cpu", "--batch-size", "4"]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["world_size"] == 2 and config["resolved"]["global_batch"] == 8
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["global_step"] == 2 and len(ckpt["rng"]) == 2  # both ranks' RNG states
+    epochs = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "epoch"]
+    assert len(epochs) == 1 and np.isfinite(epochs[0]["loss"])  # only rank 0 wrote
+    assert json.loads(ckpt["run"])["global_batch"] == 8

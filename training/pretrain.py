@@ -1,0 +1,582 @@
+"""``nanomorph pretrain``: self-supervised pretraining (SimCLR / Barlow Twins) on an unlabeled folder.
+
+Leaves ``OUT/``: ``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt`` (atomic, every epoch,
+``weights_only=True``), ``backbone.safetensors`` and a ``README.md`` model card
+(docs/architecture.md §3).
+
+Learning rate: ``lr = base_lr * global_batch / 256`` (linear scaling, Goyal et al. 2017, as in
+SimCLR and Barlow Twins), linear warm-up then cosine decay to 0, stepped every optimiser step.
+Runs unchanged under ``torchrun --nproc_per_node=N`` (DDP; the losses gather across processes;
+only rank 0 writes).
+
+Re-running: a finished run folder is skipped (exit 0, nothing rewritten) when its settings match;
+an unfinished one needs ``--resume`` (which continues from the last completed epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data.distributed import DistributedSampler
+
+from nanomorph.config import save_resolved, yaml_defaults
+from nanomorph.contract import Contract
+from training import distributed as dist_utils
+from training.augment import AugmentConfig, BatchAugment
+from training.backbones import create_backbone, save_backbone
+from training.data import ArrayCache, LabeledFolder, UnlabeledFolder
+from training.runio import (
+    MetricsLogger,
+    load_checkpoint,
+    progress,
+    read_metrics,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_model_card,
+)
+from training.ssl import PRESETS, SSLConfig, SSLLoss, SSLModel, build_projector, param_groups, resolve_config
+
+log = logging.getLogger("nanomorph.pretrain")
+
+CHECKPOINT_FORMAT = "nanomorph-pretrain-checkpoint/1"
+OPTIMIZER_DEFAULTS = {"sgd": (0.3, 5e-4), "lars": (0.3, 1e-6), "adamw": (2e-3, 0.05)}
+# Settings that define a run: resuming (or skipping) with different values is refused.
+RUN_KEYS = (
+    "data",
+    "method",
+    "backbone",
+    "init",
+    "image_size",
+    "crop_size",
+    "crops_per_image",
+    "batch_size",
+    "global_batch",
+    "epochs",
+    "steps_per_epoch",
+    "ssl",
+    "optimizer",
+    "base_lr",
+    "weight_decay",
+    "momentum",
+    "warmup_epochs",
+    "scale_min",
+    "scale_max",
+    "seed",
+)
+
+
+class NonFiniteLossError(ValueError):
+    """The loss became NaN/inf: training stops, the last good checkpoint is kept."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``nanomorph pretrain``; defaults come from ``training/configs/pretrain.yaml``."""
+    p = parser
+    p.add_argument("--data", type=Path, help="folder of unlabeled images (read recursively)")
+    p.add_argument("--out", type=Path, help="run folder to write (RUNS/NAME)")
+    p.add_argument("--method", choices=["simclr", "barlowtwins"])
+    p.add_argument("--backbone", help="timm model name, e.g. resnet18, resnet50")
+    p.add_argument("--init", help="none | imagenet | PATH (safetensors or .pth/.pth.tar with a state_dict)")
+    p.add_argument("--image-size", type=int, help="model input side")
+    p.add_argument("--crop-size", type=int, help="native-resolution crop side before augmentation")
+    p.add_argument("--crops-per-image", type=int, help="crops per image per epoch")
+    p.add_argument("--batch-size", type=int, help="images per process and step")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="projector/loss settings preset")
+    p.add_argument("--projector", help="projector layer sizes, e.g. 2048-128 (hidden...-output)")
+    p.add_argument("--temperature", type=float, help="NT-Xent temperature (SimCLR)")
+    p.add_argument("--lambda", dest="lambda_param", type=float, help="off-diagonal weight (Barlow Twins)")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZER_DEFAULTS))
+    p.add_argument("--base-lr", type=float, help="lr = base_lr * global_batch / 256")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--scale-min", type=float, help="random resized crop: smallest area fraction")
+    p.add_argument("--scale-max", type=float, help="random resized crop: largest area fraction")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--workers", type=int, help="DataLoader workers (-1 = auto)")
+    p.add_argument("--cache-mb", type=int, help="memory budget for decoded images (MiB)")
+    p.add_argument("--cache-dir", type=Path, help="folder for .npy copies of decoded images")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--log-every", type=int, help="steps between step records")
+    p.add_argument("--knn-k", type=int, help="neighbours of the k-NN monitor")
+    p.add_argument("--monitor-labels", type=Path, help="classification folder for a k-NN accuracy monitor")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.set_defaults(**yaml_defaults("pretrain"))
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
+    """The run's effective settings (what defines it; saved in config.yaml and the checkpoint)."""
+    if args.data is None:
+        raise ValueError("--data is required (a folder of unlabeled images)")
+    if args.out is None:
+        raise ValueError("--out is required (the run folder to write)")
+    for name in ("image_size", "batch_size", "epochs"):
+        if getattr(args, name) is None or int(getattr(args, name)) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
+    if int(args.batch_size) < 2:
+        raise ValueError("--batch-size must be >= 2 (the losses compare samples within a batch)")
+    ssl_cfg = resolve_config(args.method, args.preset, args.projector, args.temperature, args.lambda_param)
+    base_lr, wd = OPTIMIZER_DEFAULTS[args.optimizer]
+    base_lr = float(args.base_lr if args.base_lr is not None else base_lr)
+    wd = float(args.weight_decay if args.weight_decay is not None else wd)
+    global_batch = int(args.batch_size) * world_size
+    return {
+        "data": str(Path(args.data).resolve()),
+        "method": args.method,
+        "backbone": args.backbone,
+        "init": str(args.init or "none"),
+        "image_size": int(args.image_size),
+        "crop_size": int(args.crop_size or args.image_size),
+        "crops_per_image": int(args.crops_per_image or 1),
+        "batch_size": int(args.batch_size),
+        "global_batch": global_batch,
+        "epochs": int(args.epochs),
+        "steps_per_epoch": int(args.steps_per_epoch) if args.steps_per_epoch else None,
+        "ssl": ssl_cfg.to_dict(),
+        "optimizer": args.optimizer,
+        "base_lr": base_lr,
+        "lr": base_lr * global_batch / 256,
+        "weight_decay": wd,
+        "momentum": float(args.momentum),
+        "warmup_epochs": float(args.warmup_epochs),
+        "scale_min": float(args.scale_min),
+        "scale_max": float(args.scale_max),
+        "seed": int(args.seed),
+    }
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [
+        f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+        for k in RUN_KEYS
+        if json.dumps(saved.get(k), sort_keys=True) != json.dumps(current.get(k), sort_keys=True)
+    ]
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> Any:
+    """SGD / LARS (lightly) / AdamW over :func:`training.ssl.param_groups` (no decay on biases, norms)."""
+    groups = param_groups(model, weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == "lars":
+        from lightly.utils.lars import LARS
+
+        return LARS(groups, lr=lr, momentum=momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+class WarmupCosine:
+    """Multiplier of the base lr at optimiser step ``t``: linear warm-up, then cosine to 0.
+
+    A callable object (not a lambda) so that ``LambdaLR.state_dict`` records it.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int) -> None:
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = max(1, int(total_steps))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress_ = min(1.0, (step - self.warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress_))
+
+
+@torch.no_grad()
+def knn_accuracy(
+    backbone: nn.Module, images: torch.Tensor, labels: torch.Tensor, k: int, device: torch.device
+) -> float:
+    """Leave-one-out k-NN accuracy (cosine similarity, similarity-weighted vote) of the embeddings."""
+    was_training = backbone.training
+    backbone.eval()
+    feats = torch.cat(
+        [backbone(images[i : i + 64].to(device)).float().cpu() for i in range(0, len(images), 64)]
+    )
+    backbone.train(was_training)
+    feats = F.normalize(feats.flatten(1), dim=1)
+    n = len(feats)
+    if n < 2:
+        return float("nan")
+    sims = feats @ feats.T
+    sims.fill_diagonal_(-float("inf"))
+    k = max(1, min(k, n - 1))
+    top_sims, top_idx = sims.topk(k, dim=1)
+    n_classes = int(labels.max()) + 1
+    votes = torch.zeros(n, n_classes)
+    votes.scatter_add_(1, labels[top_idx], top_sims.clamp(min=0) + 1e-6)
+    return float((votes.argmax(1) == labels).float().mean())
+
+
+def _embedding_std(features: torch.Tensor) -> float:
+    """Mean over dimensions of the batch std of L2-normalised features: about 1/sqrt(D) when
+    healthy, near 0 when the representation collapses (Barlow Twins / SimSiam papers' alarm)."""
+    z = F.normalize(features.detach().float().flatten(1), dim=1)
+    return float(z.std(dim=0).mean())
+
+
+def forward_step(
+    model: nn.Module, criterion: nn.Module, augment: nn.Module, x: torch.Tensor, use_cuda: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two augmented views of the batch ``x`` through backbone + projector in ONE forward pass
+    (bf16 autocast and channels_last on CUDA), then the loss in fp32. Returns (features, loss)."""
+    views = torch.cat([augment(x), augment(x)])
+    if use_cuda:
+        views = views.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda" if use_cuda else "cpu", dtype=torch.bfloat16, enabled=use_cuda):
+        h, z = model(views)
+    z0, z1 = z.chunk(2)
+    return h, criterion(z0, z1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def run(args: argparse.Namespace) -> int:
+    info = dist_utils.init_distributed(args.device or "auto")
+    try:
+        return _run(args, info)
+    finally:
+        dist_utils.cleanup()
+
+
+def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
+    cfg = _resolve(args, info.world_size)
+    out = Path(args.out)
+    data_dir = Path(args.data)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"--data {data_dir} is not a folder")
+
+    # --- what is already in the run folder: skip / refuse / resume --------------------------
+    ckpt_path = out / "checkpoint.pt"
+    checkpoint: dict[str, Any] | None = None
+    if ckpt_path.exists():
+        checkpoint = load_checkpoint(ckpt_path)
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{ckpt_path}: not a nanomorph pretraining checkpoint")
+        saved = json.loads(checkpoint["run"])
+        diffs = _differences(saved, cfg)
+        done = int(checkpoint["epoch"])
+        if done >= cfg["epochs"] and (out / "backbone.safetensors").exists() and not diffs:
+            log.info("%s is already complete (%d epochs); nothing to do", out, done)
+            return 0
+        if diffs:
+            raise ValueError(
+                f"{out} holds a run with other settings ({'; '.join(diffs)}); "
+                "choose a new --out or repeat the original settings"
+            )
+        if not args.resume:
+            raise ValueError(
+                f"{out} holds an unfinished run (epoch {done}/{cfg['epochs']}); "
+                "pass --resume to continue it or choose a new --out"
+            )
+    elif (out / "metrics.jsonl").exists() and not args.resume:
+        raise ValueError(
+            f"{out} holds a run that stopped before its first checkpoint; "
+            "pass --resume to restart it or choose a new --out"
+        )
+
+    # --- seeds, device ----------------------------------------------------------------------
+    device = info.device
+    seed = cfg["seed"] + info.rank
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- data -------------------------------------------------------------------------------
+    contract = Contract(image_size=cfg["image_size"])
+    cache = ArrayCache(max_bytes=int(args.cache_mb) << 20, cache_dir=args.cache_dir)
+    dataset = UnlabeledFolder(data_dir, cfg["crop_size"], contract, cfg["crops_per_image"], cache)
+    n_files = dataset.preload(
+        lambda it, desc: progress(it, total=len(dataset.files), desc=desc, enabled=info.is_main)
+    )
+    if len(dataset) < cfg["batch_size"] * info.world_size:
+        raise ValueError(
+            f"{data_dir}: {len(dataset)} crops per epoch ({n_files} readable images x "
+            f"{cfg['crops_per_image']}) are fewer than one batch of {cfg['batch_size']} per process; "
+            "lower --batch-size or raise --crops-per-image"
+        )
+    workers = int(args.workers if args.workers is not None else -1)
+    if workers < 0:
+        # Cached arrays are just sliced: worker processes would only add IPC on 2 cores.
+        fits = cache.nbytes > 0 and len(dataset.files) == n_files and cache.max_bytes >= cache.nbytes
+        workers = 0 if fits else min(4, max(1, (os.cpu_count() or 2) // 2))
+    sampler: DistributedSampler | RandomSampler
+    sampler_gen = torch.Generator()
+    if info.distributed:
+        sampler = DistributedSampler(dataset, shuffle=True, seed=cfg["seed"], drop_last=True)
+    else:
+        sampler = RandomSampler(dataset, generator=sampler_gen)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg["batch_size"],
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=use_cuda,
+        persistent_workers=workers > 0,
+    )
+    steps_per_epoch = len(loader)
+    if cfg["steps_per_epoch"]:
+        steps_per_epoch = min(steps_per_epoch, cfg["steps_per_epoch"])
+    augment = BatchAugment(
+        AugmentConfig(image_size=cfg["image_size"], scale=(cfg["scale_min"], cfg["scale_max"]))
+    )
+
+    # --- model, loss, optimiser, schedule ---------------------------------------------------
+    backbone = create_backbone(cfg["backbone"], cfg["init"] if not checkpoint else "none")
+    embedding_dim = int(getattr(backbone, "num_features", 0) or 0)
+    if not embedding_dim:
+        with torch.no_grad():
+            embedding_dim = int(backbone(torch.zeros(2, 1, 64, 64)).flatten(1).shape[1])
+    ssl_cfg = SSLConfig(**cfg["ssl"])
+    model = SSLModel(backbone, build_projector(ssl_cfg, embedding_dim)).to(device)
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    criterion = SSLLoss(ssl_cfg, gather_distributed=info.distributed)
+    optimizer = build_optimizer(model, cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
+    total_steps = cfg["epochs"] * steps_per_epoch
+    warmup_epochs = min(cfg["warmup_epochs"], 0.1 * cfg["epochs"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(round(warmup_epochs * steps_per_epoch), total_steps)
+    )
+    start_epoch, global_step = 0, 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_epoch, global_step = int(checkpoint["epoch"]), int(checkpoint["global_step"])
+        rng = checkpoint["rng"][min(info.rank, len(checkpoint["rng"]) - 1)]
+        set_rng_state(rng)
+        log.info("resuming %s after epoch %d/%d", out, start_epoch, cfg["epochs"])
+    train_model: nn.Module = model
+    if info.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if use_cuda else None
+        )
+
+    # --- run folder -------------------------------------------------------------------------
+    metrics = MetricsLogger(out / "metrics.jsonl", enabled=info.is_main)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        # Drop what an interrupted epoch logged, so the log matches an uninterrupted run.
+        metrics.truncate(lambda r: int(r.get("epoch", 0)) <= start_epoch)
+        args.resolved = cfg
+        args.contract = contract.to_dict()
+        args.world_size = info.world_size
+        args.device_used = str(device)
+        args.workers_used = workers
+        save_resolved(args, out)
+    monitor: tuple[torch.Tensor, torch.Tensor] | None = None
+    if args.monitor_labels and info.is_main:
+        monitor = LabeledFolder(
+            args.monitor_labels, image_size=cfg["image_size"], contract=contract
+        ).tensors()
+
+    (log.info if info.is_main else log.debug)(
+        "pretraining %s/%s on %d images (%d steps/epoch, global batch %d, lr %.4g, %s, workers %d)",
+        cfg["method"],
+        cfg["backbone"],
+        n_files,
+        steps_per_epoch,
+        cfg["global_batch"],
+        cfg["lr"],
+        device,
+        workers,
+    )
+    last: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg["epochs"]):
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        else:
+            sampler_gen.manual_seed(cfg["seed"] * 100003 + epoch)  # same order after a resume
+        train_model.train()
+        losses: list[float] = []
+        feats: torch.Tensor | None = None
+        epoch_start = t0 = time.perf_counter()
+        bar = progress(
+            loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}", enabled=info.is_main
+        )
+        for step, batch in enumerate(bar):
+            if step >= steps_per_epoch:
+                break
+            x = batch.to(device, non_blocking=True)
+            h, loss = forward_step(train_model, criterion, augment, x, use_cuda)
+            finite = torch.isfinite(loss.detach()).float()
+            if info.distributed:
+                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            if finite.item() < 1:
+                raise NonFiniteLossError(
+                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping. "
+                    f"{out} keeps the last good checkpoint ({epoch} "
+                    "epochs); lower --base-lr or use --optimizer lars/adamw, then --resume"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            global_step += 1
+            loss_value = float(loss.detach())
+            losses.append(loss_value)
+            feats = h[: x.shape[0]]
+            if (step + 1) % max(1, int(args.log_every)) == 0 or step + 1 == steps_per_epoch:
+                now = time.perf_counter()
+                n_steps = (step % max(1, int(args.log_every))) + 1
+                ips = n_steps * cfg["global_batch"] / max(now - t0, 1e-9)
+                t0 = now
+                lr = optimizer.param_groups[0]["lr"]
+                metrics.log(epoch=epoch + 1, step=global_step, loss=loss_value, lr=lr, images_per_s=ips)
+                bar.set_postfix(loss=loss_value, lr=lr, ips=ips)
+        bar.close()
+        epoch_loss = dist_utils.all_reduce_mean(sum(losses) / max(1, len(losses)), device)
+        epoch_s = time.perf_counter() - epoch_start
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": global_step,
+            "kind": "epoch",
+            "loss": epoch_loss,
+            "embedding_std": _embedding_std(feats) if feats is not None else float("nan"),
+            "embedding_std_healthy": 1 / math.sqrt(embedding_dim),
+            "images_per_s": len(losses) * cfg["global_batch"] / max(epoch_s, 1e-9),
+            "epoch_s": epoch_s,
+        }
+        if monitor is not None:
+            record["knn_accuracy"] = knn_accuracy(model.backbone, *monitor, int(args.knn_k), device)
+        if record["embedding_std"] < 0.2 * record["embedding_std_healthy"] and info.is_main:
+            log.warning(
+                "embedding std %.4g is far below %.4g: the representation may be collapsing",
+                record["embedding_std"],
+                record["embedding_std_healthy"],
+            )
+        last = {k: v for k, v in record.items() if isinstance(v, float)}
+        if info.is_main:
+            metrics.log(record)
+            log.info(
+                "epoch %d/%d loss %.4f emb_std %.4f%s (%.1f images/s)",
+                epoch + 1,
+                cfg["epochs"],
+                epoch_loss,
+                record["embedding_std"],
+                f" knn {record['knn_accuracy']:.3f}" if "knn_accuracy" in record else "",
+                record["images_per_s"],
+            )
+        # Every rank saves its RNG state into the checkpoint rank 0 writes.
+        states = [rng_state()]
+        if info.distributed:
+            gathered: list[Any] = [None] * info.world_size
+            torch.distributed.all_gather_object(gathered, states[0])
+            states = gathered
+        if info.is_main:
+            save_checkpoint(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "run": json.dumps(cfg, sort_keys=True),
+                    "epoch": epoch + 1,
+                    "global_step": global_step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": states,
+                    "metrics": last,
+                },
+                ckpt_path,
+            )
+        dist_utils.barrier()
+
+    if info.is_main:
+        _finish(out, model, cfg, contract, embedding_dim, last)
+    dist_utils.barrier()
+    return 0
+
+
+def _finish(
+    out: Path,
+    model: SSLModel,
+    cfg: dict[str, Any],
+    contract: Contract,
+    embedding_dim: int,
+    last: dict[str, float],
+) -> None:
+    """Writes ``backbone.safetensors`` and the ``README.md`` model card."""
+    if not last:  # resumed a run whose last epoch was already done: take the numbers from the log
+        epochs = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "epoch"]
+        last = {k: v for k, v in (epochs[-1] if epochs else {}).items() if isinstance(v, float)}
+    meta = {
+        "architecture": cfg["backbone"],
+        "in_chans": "1",
+        "method": cfg["method"],
+        "image_size": str(cfg["image_size"]),
+        "contract": contract.to_json(),
+        "epochs": str(cfg["epochs"]),
+        "embedding_dim": str(embedding_dim),
+        "init": cfg["init"],
+        "ssl": json.dumps(cfg["ssl"], sort_keys=True),
+    }
+    save_backbone(model.backbone, out / "backbone.safetensors", meta)
+    write_model_card(
+        out / "README.md",
+        f"nanomorph encoder: {cfg['backbone']} pretrained with {cfg['method']}",
+        {
+            "Summary": (
+                f"A single-channel `{cfg['backbone']}` encoder (timm, `in_chans=1`, `num_classes=0`, "
+                f"{embedding_dim}-d embedding) pretrained self-supervised with {cfg['method']} on the "
+                f"unlabeled images in `{cfg['data']}` for {cfg['epochs']} epochs. No labels were used."
+            ),
+            "Training": {
+                "method": cfg["method"],
+                "projector": "-".join(str(d) for d in cfg["ssl"]["projector"]),
+                "temperature" if cfg["method"] == "simclr" else "lambda": (
+                    cfg["ssl"]["temperature"] if cfg["method"] == "simclr" else cfg["ssl"]["lambda_param"]
+                ),
+                "init": cfg["init"],
+                "image size": cfg["image_size"],
+                "global batch": cfg["global_batch"],
+                "optimizer": cfg["optimizer"],
+                "lr (base_lr * batch / 256)": cfg["lr"],
+                "weight decay": cfg["weight_decay"],
+                "epochs": cfg["epochs"],
+            },
+            "Last epoch": last or "no metrics",
+            "Preprocessing contract": f"```json\n{contract.to_json()}\n```",
+            "Use": (
+                "`training.backbones.load_backbone(path)` rebuilds the encoder; `nanomorph finetune-cls "
+                "--encoder RUN` / `finetune-seg` transfer it with few labels; `nanomorph export` writes "
+                "an ONNX `embed` model."
+            ),
+            "Limits": [
+                "The self-supervised loss says nothing about downstream accuracy: check k-NN accuracy "
+                "(--monitor-labels) or a linear probe on held-out labels.",
+                "Embeddings reflect the imaging conditions of the training folder; other microscopes, "
+                "magnifications or detectors may need pretraining on their own images.",
+            ],
+        },
+    )
+    log.info("wrote %s", out / "backbone.safetensors")
