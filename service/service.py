@@ -17,6 +17,9 @@ Shape of the service:
 * Models load in a background thread (sha256 verified by :func:`nanomorph.store.resolve`), are
   warmed up, and only then does ``/readyz`` answer 200. A task whose model is missing answers 503
   ``model_unavailable`` while the other endpoints work.
+* ``POST /similar`` searches the index folder named by ``NANOMORPH_INDEX`` (built by ``nanomorph
+  index build`` with the served embed model; :class:`nanomorph.index.SimilarityIndex`); without
+  one, or with an index of another model, it answers 503 ``index_unavailable``.
 
 Never imports torch or ``training``.
 """
@@ -27,6 +30,7 @@ import asyncio
 import base64
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +44,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from nanomorph.contract import ImageMeta, normalise, tile, untile
+from nanomorph.index import SimilarityIndex
 from nanomorph.morphology import mask_to_png_bytes, measure
 from nanomorph.runtime import Classifier, Embedder, OnnxModel, Segmenter
 from nanomorph.store import StoredModel, resolve
@@ -64,7 +69,7 @@ class ErrorResponse(BaseModel):
     reason: str = Field(
         description="machine-readable code: empty, undecodable, corrupt, unsupported_format, too_large, "
         "too_many_pixels, too_many_files, request_too_large, unsupported_media_type, missing_field, "
-        "invalid_field, non_finite, dimensions, unauthorized, model_unavailable, overloaded"
+        "invalid_field, non_finite, dimensions, unauthorized, model_unavailable, index_unavailable, overloaded"
     )
 
 
@@ -97,6 +102,20 @@ class EmbedResponse(BaseModel):
     model: str = Field(description="tag of the embed model")
     dim: int = Field(description="embedding dimension")
     results: list[EmbedResult] = Field(description="one per uploaded image, in upload order")
+
+
+class SimilarItem(BaseModel):
+    rank: int = Field(ge=1, description="1 = most similar")
+    path: str = Field(description="the archive image (index root joined with its relative path)")
+    distance: float = Field(description="1 - cosine similarity of the embeddings, in [0, 2]")
+
+
+class SimilarResponse(BaseModel):
+    model: str = Field(description="tag of the embed model (the one the index was built with)")
+    filename: str = Field(description="the uploaded file's name")
+    shape: list[int] = Field(description="[height, width] of the decoded image")
+    index_size: int = Field(description="images in the index")
+    results: list[SimilarItem] = Field(description="nearest first")
 
 
 class LegendEntry(BaseModel):
@@ -262,6 +281,11 @@ class Nanomorph:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or SETTINGS
         self.slots: dict[str, ModelSlot] = {t: ModelSlot(t, self.settings.models[t]) for t in TASKS}
+        # Similar-image search: an index folder from `nanomorph index build` (NANOMORPH_INDEX).
+        self.index: SimilarityIndex | None = None
+        self.index_error = (
+            "no index configured: set NANOMORPH_INDEX to a folder made by `nanomorph index build`"
+        )
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._loader = threading.Thread(target=self._load_models, name="nanomorph-loader", daemon=True)
@@ -328,11 +352,28 @@ class Nanomorph:
                 log.info(note)
                 last_note, last_time = note, time.monotonic()
             self._stop.wait(self.settings.poll_s)
+        self._load_index()
         self._ready.set()
         log.info(
             "ready: %s",
             ", ".join(f"{t}={'ok' if s.available else 'unavailable'}" for t, s in self.slots.items()),
         )
+
+    def _load_index(self) -> None:
+        path = os.environ.get("NANOMORPH_INDEX", "").strip()
+        if not path:
+            return
+        try:
+            index = SimilarityIndex.load(path)  # vectors memory-mapped
+            slot = self.slots["embed"]
+            if slot.stored is not None:
+                index.check_model(slot.stored.tag)
+        except (OSError, ValueError) as exc:
+            self.index_error = f"index {path}: {exc}"
+            log.error("/similar unavailable: %s", self.index_error)
+            return
+        self.index = index
+        log.info("index %s: %d images, model %s", path, len(index), index.model)
 
     def _any_loaded(self) -> bool:
         return any(s.available for s in self.slots.values())
@@ -536,6 +577,41 @@ class Nanomorph:
             morphology=numbers,
         )
         return JSONResponse(body.model_dump(mode="json"), headers=headers)
+
+    @app.post(
+        "/similar",
+        response_model=SimilarResponse,
+        responses=ERRORS,
+        summary="The archive images most similar to one image",
+        tags=["search"],
+    )
+    async def similar(
+        self,
+        image: UploadFile = File(description="one image file"),
+        k: int = Query(default=10, ge=1, le=1000, description="how many neighbours"),
+    ) -> SimilarResponse:
+        """The k nearest images of the index configured with NANOMORPH_INDEX (built by `nanomorph index
+        build` with the served embed model), by cosine distance of the embeddings (exact search)."""
+        slot = self._slot("embed")
+        index = self.index
+        if index is None:
+            raise GuardError(503, "index_unavailable", self.index_error)
+        tag = slot.stored.tag  # type: ignore[union-attr]
+        try:
+            index.check_model(tag)
+        except ValueError as exc:
+            raise GuardError(503, "index_unavailable", str(exc)) from exc
+        ((name, meta, arr),) = await self._decode([image], slot.helper.preprocess)
+        (vector,) = await slot.batcher.submit(arr[None])  # type: ignore[union-attr]
+        hits = await asyncio.to_thread(index.query, np.asarray(vector, dtype=np.float32), k)
+        metrics.IMAGES.labels(endpoint="similar").inc()
+        return SimilarResponse(
+            model=tag,
+            filename=name,
+            shape=list(meta.shape[:2]),
+            index_size=len(index),
+            results=[SimilarItem(**h) for h in hits],
+        )
 
     @app.get("/models", response_model=ModelsResponse, responses={401: ERRORS[401]}, tags=["models"])
     def models(self) -> ModelsResponse:

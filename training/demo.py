@@ -62,11 +62,12 @@ def _stage(name: str, done: Path, argv: list[str]) -> None:
 def stages(args: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
     out: Path = args.out
     data, runs = out / "data", out / "runs"
-    unlabeled = out / "data-unlabeled"
     common = ["--seed", str(args.seed)]
     return [
+        # One render: the unlabeled pool comes from other seeds than the labeled images,
+        # so pretraining never sees the labeled/test images.
         (
-            "synth (labeled)",
+            "synth",
             data / "synth.json",
             [
                 "synth",
@@ -76,27 +77,11 @@ def stages(args: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
                 args.kind,
                 "--n-per-class",
                 str(args.n_per_class),
+                "--n-unlabeled",
+                str(args.n_unlabeled),
                 "--size",
                 str(args.size),
                 *common,
-            ],
-        ),
-        # A separate render (other seed) so pretraining never sees the labeled/test images.
-        (
-            "synth (unlabeled pool)",
-            unlabeled / "synth.json",
-            [
-                "synth",
-                "--out",
-                str(unlabeled),
-                "--kind",
-                args.kind,
-                "--n-per-class",
-                str(max(1, args.n_unlabeled // 5)),
-                "--size",
-                str(args.size),
-                "--seed",
-                str(args.seed + 1000),
             ],
         ),
         (
@@ -105,7 +90,7 @@ def stages(args: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
             [
                 "pretrain",
                 "--data",
-                str(unlabeled / "unlabeled"),
+                str(data / "unlabeled"),
                 "--method",
                 args.method,
                 "--backbone",
