@@ -1,0 +1,807 @@
+"""``nanomorph finetune-cls``: few-label image classification on a (pretrained) encoder.
+
+Two transfer modes:
+
+* ``linear``: the encoder is frozen, its features are computed once, and an L2-regularised
+  multinomial logistic regression (class-balanced loss) is fit on them — the standard linear probe
+  of self-supervised learning (Chen et al., SimCLR, ICML 2020).
+* ``finetune``: LP-FT (Kumar et al., "Fine-Tuning can Distort Pretrained Features and Underperform
+  Out-of-Distribution", ICLR 2022): the linear probe initialises the head, then the whole network
+  trains with a lower encoder learning rate, class-balanced sampling and flips/90° rotations. The
+  linear-probe state is itself a candidate of model selection, so on the validation split the
+  fine-tuned model is never worse than the probe, and a network trained from random init cannot end
+  up as a one-class collapse when its random-feature probe was better.
+
+Splits (:mod:`training.splits`): test first (fixed by the seed), then K labels per class, then a
+validation split carved from those labels; early stopping / model selection only ever see
+validation (or, with one label per class, the training loss — recorded in ``metrics.json``).
+
+The study (:mod:`training.study`) calls :func:`train_classifier` in-process with preloaded images
+and cached features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanomorph.config import atomic_write_text, load_yaml, resolved, save_resolved, yaml_defaults
+from nanomorph.contract import Contract, read_image, to_model_input
+from training import metrics as M
+from training.backbones import create_backbone, git_commit, load_backbone
+from training.data import LABELS_CSV, list_classification
+from training.models import Classifier
+from training.runio import progress, write_model_card
+from training.splits import Split, make_split, parse_labels_per_class
+
+log = logging.getLogger("nanomorph.finetune_cls")
+
+COMMAND = "finetune-cls"
+CLASSIFIER_FORMAT = "nanomorph-classifier/1"
+OUTPUT_FILES = (
+    "config.yaml",
+    "metrics.json",
+    "classifier.safetensors",
+    "classes.json",
+    "ood.json",
+    "confusion_matrix.png",
+    "README.md",
+)
+# Keys of the resolved config that do not change the result (a rerun with another value is the same run).
+_NOT_RESULT_KEYS = {"force", "config", "command", "out", "device"}
+
+
+# ----------------------------------------------------------------------------------------------
+# data and encoders
+
+
+@dataclass
+class LabeledImages:
+    """A classification folder decoded once through the contract: ``x`` is float32 (N, 1, S, S)."""
+
+    paths: list[Path]
+    labels: np.ndarray
+    class_names: list[str]
+    x: np.ndarray
+    contract: Contract
+    groups: np.ndarray | None = None
+
+
+def _read_groups(root: Path, paths: list[Path], column: str) -> np.ndarray:
+    """Group of every image from a column of ``root/labels.csv`` (e.g. the source tile of a crop)."""
+    csv_path = root / LABELS_CSV
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"--group-column {column} needs {csv_path} (columns path,label,{column})")
+    by_path: dict[Path, str] = {}
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        fields = {(f or "").strip().lower(): f for f in reader.fieldnames or []}
+        if column.lower() not in fields:
+            raise ValueError(f"{csv_path}: no column {column!r} (columns: {', '.join(fields)})")
+        for row in reader:
+            if row.get(fields["path"]):
+                by_path[(csv_path.parent / row[fields["path"]].strip()).resolve()] = row[
+                    fields[column.lower()]
+                ]
+    missing = [p for p in paths if p.resolve() not in by_path]
+    if missing:
+        raise ValueError(f"{csv_path}: no {column!r} value for {missing[0]}")
+    return np.asarray([by_path[p.resolve()] for p in paths])
+
+
+def list_labeled(data: str | Path) -> tuple[list[Path], list[int], list[str]]:
+    """:func:`training.data.list_classification` plus a clear error for an empty class folder."""
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root} does not exist (expected <class>/ folders or labels.csv)")
+    paths, labels, class_names = list_classification(root)
+    if not (root / LABELS_CSV).is_file():
+        empty = sorted(
+            p.name
+            for p in root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and p.name not in class_names
+        )
+        if empty:
+            raise ValueError(f"{root}: class folder {empty[0]!r} has 0 images")
+    if len(class_names) < 2:
+        raise ValueError(
+            f"{root}: found {len(class_names)} class ({class_names}); classification needs at least 2"
+        )
+    return paths, labels, class_names
+
+
+def load_images(
+    data: str | Path, contract: Contract, group_column: str | None = None, show_progress: bool = True
+) -> LabeledImages:
+    """Lists and decodes a classification folder: ``read_image`` → ``to_model_input`` (the contract)."""
+    paths, labels, class_names = list_labeled(data)
+    groups = _read_groups(Path(data), paths, group_column) if group_column else None
+    x = np.empty((len(paths), 1, contract.image_size, contract.image_size), dtype=np.float32)
+    for i, path in enumerate(progress(paths, desc="decode", enabled=show_progress)):
+        image, _ = read_image(path)  # ImageReadError (a ValueError) names the file
+        x[i] = to_model_input(image, contract)
+    return LabeledImages(paths, np.asarray(labels, dtype=np.int64), class_names, x, contract, groups)
+
+
+@dataclass
+class EncoderSpec:
+    """Where an encoder comes from and how to rebuild it (fresh weights for every training run)."""
+
+    source: str  # "scratch" or the backbone file
+    architecture: str
+    method: str
+    contract: Contract
+    meta: dict[str, str]
+
+    @property
+    def is_scratch(self) -> bool:
+        return self.source == "scratch"
+
+    def build(self, init_seed: int, calibration: np.ndarray | None = None) -> nn.Module:
+        """A new backbone: loaded from the file, or random init fixed by ``init_seed``.
+
+        A random-init backbone's BatchNorm statistics are recalibrated on ``calibration`` images
+        (unlabeled use of the non-test images): with the init statistics (mean 0, var 1) eval-mode
+        activations are unnormalised and random features are needlessly poor.
+        """
+        if self.is_scratch:
+            torch.manual_seed(init_seed)
+            model = create_backbone(self.architecture)
+            if calibration is not None and len(calibration):
+                recalibrate_batchnorm(model, calibration)
+            return model
+        model, _ = load_backbone(self.source)
+        return model
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: np.ndarray, batch_size: int = 64) -> None:
+    """Re-estimates BatchNorm running statistics as the plain average over ``x`` (no weights change)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    for i in range(0, len(x), batch_size):
+        chunk = x[i : i + batch_size]
+        if len(chunk) > 1:  # train-mode BatchNorm needs more than one value per channel
+            model(torch.from_numpy(chunk))
+    for m in bns:
+        m.momentum = 0.1
+    model.eval()
+
+
+def resolve_encoder(encoder: str, arch: str = "resnet18", image_size: int | None = None) -> EncoderSpec:
+    """Parses ``--encoder`` (file, run folder or ``scratch``) and the contract to use.
+
+    The contract comes from the backbone's metadata; ``image_size`` overrides its input side.
+    """
+    if str(encoder).lower() == "scratch":
+        contract = Contract(image_size=int(image_size or 224))
+        return EncoderSpec("scratch", arch, "none", contract, {"architecture": arch, "method": "none"})
+    path = Path(encoder)
+    if path.is_dir():
+        path = path / "backbone.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--encoder {path} does not exist (a backbone.safetensors, its run folder, or scratch)"
+        )
+    from training.backbones import read_metadata
+
+    meta = read_metadata(path)
+    if "architecture" not in meta:
+        raise ValueError(f"{path}: not a nanomorph backbone (no 'architecture' metadata)")
+    if meta.get("contract"):
+        contract = Contract.from_json(meta["contract"])
+    else:
+        contract = Contract(image_size=int(meta.get("image_size", 224)))
+    if image_size and int(image_size) != contract.image_size:
+        log.warning("image size %d overrides the encoder's %d", image_size, contract.image_size)
+        contract = dataclasses.replace(contract, image_size=int(image_size))
+    return EncoderSpec(str(path), meta["architecture"], meta.get("method", "unknown"), contract, meta)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module, x: np.ndarray, batch_size: int = 64, device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """Raw (un-normalised) backbone features of every image, eval mode: float32 (N, D)."""
+    backbone = backbone.to(device).eval()
+    out = [
+        backbone(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu().numpy()
+        for i in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear probe
+
+
+def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
+    """``n / (C_present * n_c)``: every class present contributes equally to the loss."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    w = np.zeros(n_classes)
+    present = counts > 0
+    w[present] = len(y) / (present.sum() * counts[present])
+    return torch.tensor(w, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """Tiny full-batch problems run fastest on one thread: on a busy machine the intra-op thread
+    pool's hand-offs cost more than the arithmetic (measured: ~30x slower LBFGS with 2 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fit_logreg(
+    f: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, n_classes: int, wd: float, iters: int
+) -> nn.Linear:
+    head = nn.Linear(f.shape[1], n_classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(
+        head.parameters(), lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(head(f), y, weight=weights) + 0.5 * wd * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return head
+
+
+def fit_linear_head(
+    f_train: np.ndarray,
+    y_train: np.ndarray,
+    f_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    weight_decays: list[float],
+    default_weight_decay: float,
+    iters: int = 200,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Class-balanced multinomial logistic regression on standardised features.
+
+    The regularisation strength is picked by validation balanced accuracy (ties: lower class-balanced
+    validation loss); without a validation split ``default_weight_decay`` is used. The
+    standardisation is folded into the returned weights, so they apply to the raw features:
+    ``logits = f @ W.T + b``.
+    """
+    mean = f_train.mean(axis=0)
+    std = f_train.std(axis=0) + 1e-6
+    ft = torch.from_numpy((f_train - mean) / std)
+    yt = torch.from_numpy(y_train)
+    weights = class_weights(y_train, n_classes)
+    has_val = len(y_val) > 0
+    candidates = sorted(set(float(w) for w in weight_decays)) if has_val else [float(default_weight_decay)]
+    best: tuple[tuple[float, float], nn.Linear, float] | None = None
+    scores = {}
+    for wd in candidates:
+        with _single_thread():
+            head = _fit_logreg(ft, yt, weights, n_classes, wd, iters)
+        if has_val:
+            with torch.no_grad():
+                logits = head(torch.from_numpy((f_val - mean) / std))
+                loss = float(
+                    F.cross_entropy(logits, torch.from_numpy(y_val), weight=class_weights(y_val, n_classes))
+                )
+            bacc = M.balanced_accuracy(y_val, logits.argmax(1).numpy(), n_classes)
+            scores[wd] = {"val_balanced_accuracy": bacc, "val_loss": loss}
+            key = (bacc, -loss)
+        else:
+            key = (0.0, 0.0)
+        if best is None or key > best[0]:
+            best = (key, head, wd)
+    assert best is not None
+    _, head, wd = best
+    with torch.no_grad():
+        w = head.weight / torch.from_numpy(std).float()
+        b = head.bias - w @ torch.from_numpy(mean).float()
+    info = {
+        "weight_decay": wd,
+        "selection": "val_balanced_accuracy" if has_val else "fixed weight decay (no validation labels)",
+        "candidates": scores,
+    }
+    return w.detach().clone(), b.detach().clone(), info
+
+
+# ----------------------------------------------------------------------------------------------
+# LP-FT fine-tuning
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal/vertical flips and 90° rotations per image (TEM has no up or down)."""
+    out = []
+    flips = torch.randint(0, 2, (len(x), 2), generator=generator)
+    rots = torch.randint(0, 4, (len(x),), generator=generator)
+    for img, (fh, fv), k in zip(x, flips.tolist(), rots.tolist(), strict=True):
+        if fh:
+            img = img.flip(-1)
+        if fv:
+            img = img.flip(-2)
+        out.append(torch.rot90(img, int(k), dims=(-2, -1)))
+    return torch.stack(out)
+
+
+def _set_bn_eval(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int, device: torch.device) -> torch.Tensor:
+    model.eval()
+    outs = [
+        model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu()
+        for i in range(0, len(x), batch_size)
+    ]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def finetune(
+    model: Classifier,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    cfg: dict[str, Any],
+    scratch: bool,
+    device: torch.device,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Trains the whole network from the linear-probe head (LP-FT), keeping the best state.
+
+    Selection: validation balanced accuracy, ties broken by the class-balanced validation loss; the
+    starting (linear-probe) state is the first candidate. Without validation labels the training loss
+    (eval mode, no augmentation) selects. ``model`` is left holding the selected weights.
+    """
+    steps = int(cfg["scratch_steps"] if scratch else cfg["steps"])
+    enc_lr = float(cfg["scratch_encoder_lr"] if scratch else cfg["encoder_lr"])
+    freeze_bn = cfg.get("freeze_bn", "auto")
+    freeze_bn = (not scratch) if freeze_bn in ("auto", None) else bool(freeze_bn)
+    eval_every = max(1, int(cfg["eval_every"]))
+    batch = int(cfg["batch_size"])
+    has_val = len(y_val) > 0
+    x_sel, y_sel = (x_val, y_val) if has_val else (x_train, y_train)
+    w_sel = class_weights(y_sel, n_classes).to(device)
+
+    def score() -> tuple[tuple[float, float], dict[str, float]]:
+        logits = predict_logits(model, x_sel, 64, device)
+        loss = float(F.cross_entropy(logits.to(device), torch.from_numpy(y_sel).to(device), weight=w_sel))
+        bacc = M.balanced_accuracy(y_sel, logits.argmax(1).numpy(), n_classes)
+        return ((bacc, -loss) if has_val else (-loss, 0.0)), {"balanced_accuracy": bacc, "loss": loss}
+
+    model.to(device)
+    best_key, best_info = score()
+    best_state = copy.deepcopy(model.state_dict())
+    best_step = 0
+    history = [{"step": 0, **best_info}]
+    opt = torch.optim.AdamW(
+        [
+            {"params": model.backbone.parameters(), "lr": enc_lr},
+            {"params": model.head.parameters(), "lr": float(cfg["head_lr"])},
+        ],
+        weight_decay=float(cfg["weight_decay"]),
+    )
+    warmup = max(1, steps // 10)
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    gen = torch.Generator().manual_seed(int(cfg["seed"]) + 17)
+    rng = np.random.default_rng(int(cfg["seed"]) + 17)
+    # Class-balanced sampling: a class is drawn uniformly, then one of its images.
+    probs = 1.0 / np.bincount(y_train, minlength=n_classes)[y_train]
+    probs = probs / probs.sum()
+    bar = progress(range(1, steps + 1), desc="finetune", enabled=show_progress)
+    for step in bar:
+        model.train()
+        if freeze_bn:
+            _set_bn_eval(model)
+        idx = rng.choice(len(y_train), size=batch, replace=True, p=probs)
+        xb = torch.from_numpy(x_train[idx])
+        if cfg.get("augment", True):
+            xb = augment_batch(xb, gen)
+        loss = F.cross_entropy(model(xb.to(device)), torch.from_numpy(y_train[idx]).to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % eval_every == 0 or step == steps:
+            key, info = score()
+            history.append({"step": step, "train_loss": loss.item(), **info})
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=loss.item(), sel=info["balanced_accuracy"])
+            if key > best_key:
+                best_key, best_step = key, step
+                best_state = copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    model.eval()
+    return {
+        "steps": steps,
+        "encoder_lr": enc_lr,
+        "head_lr": float(cfg["head_lr"]),
+        "frozen_batchnorm": freeze_bn,
+        "best_step": best_step,
+        "selected": "linear probe (step 0)" if best_step == 0 else f"step {best_step}",
+        "selection": "val_balanced_accuracy (ties: val loss)"
+        if has_val
+        else "training loss (no validation labels: K=1)",
+        "history": history,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole run
+
+
+def ood_reference(
+    emb_train: np.ndarray, y_train: np.ndarray, emb_trainval: np.ndarray, n_classes: int
+) -> dict[str, Any]:
+    """Cosine out-of-distribution reference: unit class centroids of the L2-normalised training
+    embeddings and the 99th percentile of ``1 - max cosine similarity`` over train+val embeddings."""
+    centroids = np.stack([emb_train[y_train == c].mean(axis=0) for c in range(n_classes)])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True) + 1e-12
+    dist = 1.0 - (emb_trainval @ centroids.T).max(axis=1)
+    return {"centroids": centroids.tolist(), "threshold": float(np.percentile(dist, 99)), "metric": "cosine"}
+
+
+def _config(config: dict[str, Any]) -> dict[str, Any]:
+    cfg = dict(yaml_defaults(COMMAND))
+    cfg.update({k: v for k, v in config.items() if v is not None or k not in cfg})
+    for key in ("data",):
+        if not cfg.get(key):
+            raise ValueError(f"finetune-cls needs --{key}")
+    if cfg["mode"] not in ("linear", "finetune"):
+        raise ValueError(f"--mode must be linear or finetune, got {cfg['mode']!r}")
+    return cfg
+
+
+def train_classifier(
+    config: dict[str, Any],
+    *,
+    images: LabeledImages | None = None,
+    split: Split | None = None,
+    features: np.ndarray | None = None,
+    encoder: EncoderSpec | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Trains one classifier and returns its metrics (the content of ``metrics.json``).
+
+    Args:
+        config: the finetune-cls options (keys as the CLI flags with underscores; missing keys take the
+            YAML defaults). ``out`` None writes nothing (the study's cells).
+        images: preloaded images (the study decodes the folder once).
+        split: precomputed split (the study shares one per repeat and label count).
+        features: frozen-encoder features of *all* images (N, D), for the linear probe.
+        encoder: a resolved encoder (default: from ``config["encoder"]``).
+        show_progress: progress bars / log lines for the inner loops.
+
+    Returns:
+        ``{"accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix", "n_train",
+        "n_val", "n_test", "label_counts", "val", "linear", "finetune", ...}``, metrics on the test split.
+    """
+    start = time.perf_counter()
+    cfg = _config(config)
+    seed = int(cfg["seed"])
+    init_seed = int(cfg.get("init_seed", seed))
+    k = parse_labels_per_class(cfg["labels_per_class"])
+    spec = encoder or resolve_encoder(str(cfg["encoder"]), str(cfg["arch"]), cfg.get("image_size"))
+    if images is None:
+        images = load_images(cfg["data"], spec.contract, cfg.get("group_column"), show_progress)
+    names = images.class_names
+    n_classes = len(names)
+    y = images.labels
+    if split is None:
+        split = make_split(
+            y,
+            k,
+            float(cfg["val_fraction"]),
+            float(cfg["test_fraction"]),
+            seed,
+            groups=images.groups,
+            class_names=names,
+        )
+    split.check()  # early stopping and model selection never see the test split
+    device = pick_device(str(cfg.get("device", "auto")))
+    torch.manual_seed(seed)
+
+    pool = np.setdiff1d(np.arange(len(y)), split.test)
+    # A study's linear cell with cached features needs no network at all (nothing is saved).
+    need_net = features is None or cfg["mode"] == "finetune" or bool(cfg.get("out"))
+    backbone = spec.build(init_seed, calibration=images.x[pool]) if need_net else None
+    if features is None:
+        assert backbone is not None
+        features = extract_features(backbone, images.x, device=device)
+    w, b, linear_info = fit_linear_head(
+        features[split.train],
+        y[split.train],
+        features[split.val],
+        y[split.val],
+        n_classes,
+        list(cfg["linear_weight_decays"]),
+        float(cfg["linear_default_weight_decay"]),
+        int(cfg["linear_iters"]),
+    )
+    model = None
+    if backbone is not None:
+        model = Classifier(backbone, n_classes)
+        with torch.no_grad():
+            model.head.weight.copy_(w)
+            model.head.bias.copy_(b)
+    finetune_info = None
+    if cfg["mode"] == "finetune":
+        assert model is not None
+        finetune_info = finetune(
+            model,
+            images.x[split.train],
+            y[split.train],
+            images.x[split.val],
+            y[split.val],
+            n_classes,
+            {**cfg, "seed": seed},
+            spec.is_scratch,
+            device,
+            show_progress,
+        )
+        test_logits = predict_logits(model, images.x[split.test], 64, device)
+        val_logits = predict_logits(model, images.x[split.val], 64, device)
+    else:
+        test_logits = torch.from_numpy(features[split.test]) @ w.T + b
+        val_logits = torch.from_numpy(features[split.val]) @ w.T + b
+    y_test_pred = test_logits.argmax(1).numpy()
+    report = M.classification_report(y[split.test], y_test_pred, names)
+    result: dict[str, Any] = {
+        **{
+            k_: report[k_]
+            for k_ in ("accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix")
+        },
+        "confusion_matrix_axes": report["confusion_matrix_axes"],
+        "evaluated_on": "test split (never used for training, early stopping or model selection)",
+        **split.counts(y, names),
+        "val": M.classification_report(y[split.val], val_logits.argmax(1).numpy(), names)
+        if split.val.size
+        else None,
+        "classes": names,
+        "mode": cfg["mode"],
+        "encoder_source": spec.source,
+        "architecture": spec.architecture,
+        "method": spec.method,
+        "labels_per_class": "all" if k is None else k,
+        "seed": seed,
+        "image_size": spec.contract.image_size,
+        "linear": linear_info,
+        "finetune": finetune_info,
+        "selection": (finetune_info or linear_info)["selection"],
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if cfg.get("out"):
+        assert model is not None
+        _write_outputs(Path(cfg["out"]), cfg, result, model, images, split, spec, device)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _write_outputs(
+    out: Path,
+    cfg: dict[str, Any],
+    result: dict[str, Any],
+    model: Classifier,
+    images: LabeledImages,
+    split: Split,
+    spec: EncoderSpec,
+    device: torch.device,
+) -> None:
+    from training.backbones import save_backbone
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = images.class_names
+    y = images.labels
+    trainval = np.concatenate([split.train, split.val])
+    with torch.no_grad():
+        model.eval().to(device)
+        emb = np.concatenate(
+            [
+                model.embed(torch.from_numpy(images.x[trainval[i : i + 64]]).to(device)).cpu().numpy()
+                for i in range(0, len(trainval), 64)
+            ]
+        )
+    n_train = split.train.size
+    ood = ood_reference(emb[:n_train], y[split.train], emb, len(names))
+    atomic_write_text(out / "ood.json", json.dumps(ood))
+    atomic_write_text(out / "classes.json", json.dumps(names))
+    contract = spec.contract
+    metadata = {
+        "format": CLASSIFIER_FORMAT,
+        "architecture": spec.architecture,
+        "in_chans": str(contract.in_chans),
+        "method": spec.method,
+        "image_size": str(contract.image_size),
+        "contract": contract.to_json(),
+        "classes": json.dumps(names),
+        "mode": str(cfg["mode"]),
+        "encoder_source": spec.source,
+        "embedding_dim": str(int(model.head.in_features)),
+        "metrics": json.dumps(
+            {k: result[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "n_test")}
+        ),
+    }
+    save_backbone(model, out / "classifier.safetensors", metadata)
+    M.plot_confusion_matrix(
+        result["confusion_matrix"],
+        names,
+        out / "confusion_matrix.png",
+        title=f"Confusion matrix (test, n={result['n_test']})",
+    )
+    per_class = {
+        f"{c} precision / recall": f"{v['precision']:.3f} / {v['recall']:.3f} (n={v['support']})"
+        for c, v in result["per_class"].items()
+    }
+    write_model_card(
+        out / "README.md",
+        f"Classifier: {', '.join(names)}",
+        {
+            "Model": {
+                "task": "classify",
+                "mode": cfg["mode"] + (" (LP-FT)" if cfg["mode"] == "finetune" else " (frozen encoder)"),
+                "architecture": spec.architecture,
+                "encoder": spec.source,
+                "pretraining method": spec.method,
+                "input": f"1 x {contract.image_size} x {contract.image_size}, nanomorph.contract",
+                "git commit": git_commit(),
+            },
+            "Data": {
+                "folder": str(cfg["data"]),
+                "labels per class": result["labels_per_class"],
+                "train / val / test images": f"{result['n_train']} / {result['n_val']} / {result['n_test']}",
+                "seed": result["seed"],
+                "test split grouped by": cfg.get("group_column") or "image",
+            },
+            "Test metrics": {
+                "accuracy": result["accuracy"],
+                "balanced accuracy": result["balanced_accuracy"],
+                "macro F1": result["macro_f1"],
+                **per_class,
+            },
+            "Selection": (
+                f"{result['selection']}"
+                + (f"; selected {result['finetune']['selected']}" if result.get("finetune") else "")
+                + ". The test split was used for nothing but these numbers."
+            ),
+            "Out-of-distribution": (
+                f"cosine distance to the nearest class centroid above {ood['threshold']:.4f} "
+                "(99th percentile on train+val) flags an image as unlike the training data (ood.json)."
+            ),
+        },
+    )
+    # metrics.json last: its presence marks the run as finished (reruns skip it).
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = yaml_defaults(COMMAND)
+    parser.add_argument(
+        "--encoder",
+        default=d.get("encoder", "scratch"),
+        help="RUNS/X/backbone.safetensors, RUNS/X or scratch",
+    )
+    parser.add_argument(
+        "--arch", default=d.get("arch", "resnet18"), help="timm architecture for --encoder scratch"
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=False,
+        default=None,
+        help="classification folder (<class>/ or labels.csv)",
+    )
+    parser.add_argument("--mode", choices=("linear", "finetune"), default=d.get("mode", "linear"))
+    parser.add_argument(
+        "--labels-per-class", default=str(d.get("labels_per_class", "all")), help="K or 'all'"
+    )
+    parser.add_argument("--val-fraction", type=float, default=d.get("val_fraction", 0.2))
+    parser.add_argument("--test-fraction", type=float, default=d.get("test_fraction", 0.3))
+    parser.add_argument(
+        "--group-column",
+        default=d.get("group_column"),
+        help="labels.csv column grouping images for the test split",
+    )
+    parser.add_argument("--seed", type=int, default=d.get("seed", 0))
+    parser.add_argument(
+        "--image-size", type=int, default=d.get("image_size"), help="default: the encoder's contract"
+    )
+    parser.add_argument("--batch-size", type=int, default=d.get("batch_size", 16))
+    parser.add_argument(
+        "--steps", type=int, default=d.get("steps", 200), help="fine-tuning steps (pretrained encoder)"
+    )
+    parser.add_argument(
+        "--scratch-steps",
+        type=int,
+        default=d.get("scratch_steps", 400),
+        help="fine-tuning steps from random init",
+    )
+    parser.add_argument("--head-lr", type=float, default=d.get("head_lr", 1e-3))
+    parser.add_argument("--encoder-lr", type=float, default=d.get("encoder_lr", 1e-4))
+    parser.add_argument("--scratch-encoder-lr", type=float, default=d.get("scratch_encoder_lr", 1e-3))
+    parser.add_argument("--eval-every", type=int, default=d.get("eval_every", 20))
+    parser.add_argument("--device", default=d.get("device", "auto"))
+    parser.add_argument(
+        "--no-augment", dest="augment", action="store_false", help="no flips/rotations when fine-tuning"
+    )
+    parser.add_argument("--force", action="store_true", help="redo a run that already finished in --out")
+    parser.add_argument("--out", type=Path, default=None, help="run folder RUNS/Y")
+    parser.set_defaults(augment=d.get("augment", True))
+
+
+def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resolved(cfg).items() if k not in _NOT_RESULT_KEYS}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.data is None:
+        raise ValueError("--data DIR is required (a folder of <class>/ sub-folders or a labels.csv)")
+    if args.out is None:
+        raise ValueError("--out RUNS/Y is required")
+    cfg = {**yaml_defaults(COMMAND), **{k: v for k, v in vars(args).items() if k != "config"}}
+    out: Path = args.out
+    if (out / "metrics.json").is_file() and not args.force:
+        previous = load_yaml(out / "config.yaml") if (out / "config.yaml").is_file() else {}
+        if _comparable(previous) == _comparable(cfg):
+            log.info(
+                "%s holds this finished run already (metrics.json); nothing to do (--force redoes it)", out
+            )
+            return 0
+        raise ValueError(
+            f"{out} holds a different finished run (see {out / 'config.yaml'}); pass --force or another --out"
+        )
+    parse_labels_per_class(args.labels_per_class)  # fail before any work on a bad value
+    save_resolved(cfg, out)
+    result = train_classifier(cfg)
+    log.info(
+        "test: accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f (n=%d) -> %s",
+        result["accuracy"],
+        result["balanced_accuracy"],
+        result["macro_f1"],
+        result["n_test"],
+        out,
+    )
+    return 0
