@@ -43,6 +43,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "NANOMORPH_PROTECT_METRICS": ("0", "1: /metrics needs a token too"),
     "NANOMORPH_WORKERS": ("1", "BentoML worker processes (each loads every model)"),
     "NANOMORPH_TIMEOUT_S": ("300", "BentoML request timeout (s)"),
+    "NANOMORPH_INDEX": ("(unset: /similar off)", "similar-image index folder from `nanomorph index build`"),
 }
 
 
