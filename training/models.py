@@ -16,7 +16,7 @@ class Classifier(nn.Module):
     def __init__(self, backbone: nn.Module, n_classes: int) -> None:
         super().__init__()
         self.backbone = backbone
-        features = int(backbone.num_features)
+        features = int(backbone.num_features)  # type: ignore[arg-type]  # timm models set an int
         self.head = nn.Linear(features, n_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

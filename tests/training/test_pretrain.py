@@ -126,7 +126,7 @@ def test_nan_loss_stops_with_a_clear_message(
 def test_killed_run_resumes_to_the_same_end(tmp_path: Path) -> None:
     data = _dataset(tmp_path / "unlabeled")
     out = tmp_path / "run"
-    cmd = [str(ROOT / ".venv" / "bin" / "nanomorph"), "pretrain", "--data", str(data), "--out", str(out)]
+    cmd = [sys.executable, "-m", "nanomorph.cli", "pretrain", "--data", str(data), "--out", str(out)]
     cmd += [*TINY, "--epochs", "4", "--crops-per-image", "4", "--method", "simclr"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
