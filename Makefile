@@ -15,7 +15,7 @@ PORT ?= 3000
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[training,serving,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[training,serving,dev,reliability]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -108,6 +108,10 @@ class Batcher:
                 continue
             if jobs and size + len(job.data) > self.max_batch_size:
                 break
+            if jobs and job.data.shape[1:] != jobs[0].data.shape[1:]:
+                # Arrays of another item shape (e.g. a small image's 32x32 segmentation tile
+                # next to 64x64 tiles) cannot share one np.concatenate: next batch.
+                break
             self._queue.popleft()
             jobs.append(job)
             size += len(job.data)
@@ -124,8 +128,8 @@ class Batcher:
                 if waited < self.batch_wait:
                     await asyncio.sleep(self.batch_wait - waited)
             while jobs := self._take():
-                batch = jobs[0].data if len(jobs) == 1 else np.concatenate([j.data for j in jobs])
                 try:
+                    batch = jobs[0].data if len(jobs) == 1 else np.concatenate([j.data for j in jobs])
                     out = await loop.run_in_executor(self._executor, self.fn, batch)
                     if len(out) != len(batch):
                         raise RuntimeError(
