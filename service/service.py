@@ -42,6 +42,7 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanomorph.contract import ImageMeta, normalise, tile, untile
 from nanomorph.index import SimilarityIndex
@@ -248,6 +249,21 @@ async def _guard_error(request: Request, exc: GuardError) -> JSONResponse:
 async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
     metrics.record_rejection(request.url.path, "overloaded")
     return _error(503, "overloaded", str(exc))
+
+
+_HTTP_REASONS = {400: "malformed_request", 404: "not_found", 405: "method_not_allowed"}
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # e.g. a multipart body without (or with a wrong) boundary: FastAPI raises a 400 with `detail`;
+    # answer it in the service's own error format like every other refusal.
+    reason = _HTTP_REASONS.get(exc.status_code, "http_error")
+    if exc.status_code < 500:
+        metrics.record_rejection(request.url.path, reason)
+    return JSONResponse(
+        {"error": str(exc.detail), "reason": reason}, status_code=exc.status_code, headers=exc.headers
+    )
 
 
 @app.exception_handler(RequestValidationError)
