@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +43,7 @@ import numpy as np
 
 from nanomorph.config import atomic_write_text, save_resolved, yaml_defaults
 from nanomorph.contract import SUPPORTED_SUFFIXES, ImageReadError, list_images, read_image
+from nanomorph.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -55,36 +55,6 @@ PARTS = "parts"
 DEFAULT_TAG = "nanomorph-embed:latest"
 # Rows per block of the exact search: bounds the temporary (block x D) copy of a memory-mapped matrix.
 _BLOCK = 65536
-
-
-# ------------------------------------------------------------------------------------------ progress
-
-
-class Progress:
-    """tqdm on a terminal; otherwise a log line every 10 s and one at the end."""
-
-    def __init__(self, total: int, desc: str) -> None:
-        self.total, self.desc, self.n = total, desc, 0
-        self._last = time.monotonic()
-        self._bar: Any = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, unit="img")
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif time.monotonic() - self._last >= 10.0:
-            self._last = time.monotonic()
-            log.info("%s: %d/%d images", self.desc, self.n, self.total)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif self.total:
-            log.info("%s: %d/%d images", self.desc, self.n, self.total)
 
 
 # ----------------------------------------------------------------------------------------- embedding

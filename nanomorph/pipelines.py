@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -46,6 +45,7 @@ import numpy as np
 
 from nanomorph.config import atomic_write_text, save_resolved, yaml_defaults
 from nanomorph.contract import Contract, ImageReadError, list_images, normalise, read_image
+from nanomorph.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -564,34 +564,6 @@ class ResultWriter:
             if not self._fh.closed:
                 self._fh.close()
             self.write_csv()
-
-
-# --------------------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """tqdm on a terminal; otherwise a log line every 10 s and at the end."""
-
-    def __init__(self, total: int, desc: str) -> None:
-        self.total, self.desc, self.n = total, desc, 0
-        self._last = time.monotonic()
-        self._bar: Any = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, unit="img")
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif time.monotonic() - self._last >= 10.0:
-            self._last = time.monotonic()
-            log.info("%s: %d/%d images", self.desc, self.n, self.total)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 # ----------------------------------------------------------------------------------------- running

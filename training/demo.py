@@ -38,10 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "pretrain_epochs",
         "pretrain_batch_size",
         "seg_tile",
+        "cls_steps",
         "seg_steps",
     ):
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=defaults[key])
-    for key in ("kind", "backbone", "method", "cls_mode"):
+    parser.add_argument("--pretrain-base-lr", type=float, default=defaults["pretrain_base_lr"])
+    for key in ("kind", "backbone", "method", "cls_mode", "pretrain_optimizer"):
         parser.add_argument("--" + key.replace("_", "-"), default=defaults[key])
 
 
@@ -101,6 +103,10 @@ def stages(args: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
                 str(args.pretrain_batch_size),
                 "--epochs",
                 str(args.pretrain_epochs),
+                "--optimizer",
+                args.pretrain_optimizer,
+                "--base-lr",
+                str(args.pretrain_base_lr),
                 "--out",
                 str(runs / "pretrain"),
                 "--resume",
@@ -120,6 +126,8 @@ def stages(args: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
                 args.cls_mode,
                 "--labels-per-class",
                 "all",
+                "--steps",
+                str(args.cls_steps),
                 "--out",
                 str(runs / "classifier"),
                 *common,
