@@ -122,7 +122,7 @@ def test_server_still_ready_after_bad_inputs(server: Server) -> None:
 def test_malformed_multipart_is_a_json_400(server: Server, boundary: str) -> None:
     # A body that does not match its declared multipart boundary (or declares none) must be refused
     # in the service's own error format, not FastAPI's {"detail": ...}.
-    body = b"--real\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.png\"\r\n\r\n"
+    body = b'--real\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n'
     body += GOOD + b"\r\n--real--\r\n"
     r = httpx.post(
         server.url + "/classify", content=body, headers={"content-type": "multipart/form-data" + boundary}
