@@ -130,7 +130,7 @@ def pretrained_encoder(work: Path, store: Path, data: Path, image_size: int, epo
             sys.executable, "-m", "nanomorph.cli", "pretrain", "--data", str(data), "--out", str(run),
             "--method", "simclr", "--backbone", "resnet18", "--image-size", str(image_size),
             "--batch-size", "32", "--epochs", str(epochs), "--device", "cpu", "--workers", "0",
-            "--warmup-epochs", "1",
+            "--warmup-epochs", "1", "--optimizer", "adamw", "--base-lr", "0.02",  # as the default model
         ]  # fmt: skip
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
         subprocess.run(cmd, check=True, env=env, cwd=REPO)
