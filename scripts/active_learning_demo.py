@@ -352,10 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             "4x most uncertain). Embeddings come from the stored ONNX model through `nanomorph.runtime`, "
             "as in `nanomorph suggest`.\n\n"
             + "\n".join(sections)
-            + "\n**Reading.** Both encoders are *random* features, not a pretrained one: SimCLR "
-            "pretraining of resnet18 ran at about 10 s per step (batch 32, 96 px) on the shared 2-core "
-            "CPU, far too slow for the handful of minutes this demo may take (`--pretrain-epochs N` runs it "
-            "where there is time or a GPU). With the deep random features every strategy stays near chance "
+            + "\n**Reading.** The first two encoders are *random* features (`--pretrain-epochs N` adds a "
+            "SimCLR encoder pretrained on the pool). With the deep random features every strategy stays near chance "
             "(0.2), so there is nothing for a selection to exploit. With the shallow random texture features "
             "(numbers above, fixed seeds, so a rerun reproduces them) the suggested picks beat random ones at "
             "the budgets in the table by a few points, about one seed-to-seed standard deviation, most at "
