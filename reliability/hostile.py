@@ -35,6 +35,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from tests.fixtures import emfiles
+
 #: Endpoints that take uploads, and the name of their file field.
 FILE_FIELD = {"/classify": "images", "/embed": "images", "/segment": "image", "/similar": "image"}
 ENDPOINTS = tuple(FILE_FIELD)
@@ -124,9 +126,6 @@ def tiff_bytes(arr: np.ndarray, **kwargs: Any) -> bytes:
     return buf.getvalue()
 
 
-_DM_TYPES = {"float32": (2, 6), "int16": (1, 2), "uint16": (10, 4), "int32": (7, 3), "uint8": (6, 10)}
-
-
 def dm_bytes(
     arr: np.ndarray,
     version: int = 4,
@@ -134,61 +133,9 @@ def dm_bytes(
     unit: str = "nm",
     dims: tuple[int, ...] | None = None,
 ) -> bytes:
-    """A minimal DigitalMicrograph 3/4 file holding ``arr`` (the layout rosettasciio's reader walks).
-
-    Args:
-        arr: the image (a dtype of ``_DM_TYPES``).
-        version: 3 or 4.
-        scale: pixel size in ``unit`` (x and y), or None for uncalibrated.
-        unit: calibration unit.
-        dims: the dimensions written in the tag tree (x first); default ``arr``'s own. Lying here
-            makes a "huge declared dimensions" file.
-    """
-    v4 = version == 4
-    length_fmt = ">q" if v4 else ">l"
-
-    def length(n: int) -> bytes:
-        return struct.pack(length_fmt, n)
-
-    def entry(tag_id: int, name: str, body: bytes) -> bytes:
-        head = bytes([tag_id]) + struct.pack(">h", len(name)) + name.encode()
-        return head + (struct.pack(">q", len(body)) if v4 else b"") + body
-
-    def data(name: str, info: list[int], payload: bytes) -> bytes:
-        return entry(21, name, b"%%%%" + length(len(info)) + b"".join(length(i) for i in info) + payload)
-
-    def group(name: str, children: list[bytes]) -> bytes:
-        return entry(20, name, b"\x00\x01" + length(len(children)) + b"".join(children))
-
-    def long(name: str, value: int) -> bytes:
-        return data(name, [3], struct.pack("<l", value))
-
-    def flt(name: str, value: float) -> bytes:
-        return data(name, [6], struct.pack("<f", value))
-
-    def text(name: str, value: str) -> bytes:  # DM strings are uint16 arrays
-        return data(name, [20, 4, len(value)], np.array([ord(c) for c in value], "<u2").tobytes())
-
-    dm_type, el_type = _DM_TYPES[str(arr.dtype)]
-    shape = dims if dims is not None else arr.shape[::-1]
-    cal = [
-        group("", [flt("Origin", 0.0), flt("Scale", scale or 1.0), text("Units", unit if scale else "")])
-        for _ in shape
-    ]
-    image_data = group(
-        "ImageData",
-        [
-            group("Calibrations", [group("Brightness", [flt("Scale", 1.0)]), group("Dimension", cal)]),
-            data("Data", [20, el_type, arr.size], arr.astype(arr.dtype.newbyteorder("<")).tobytes()),
-            long("DataType", dm_type),
-            group("Dimensions", [long("", int(d)) for d in shape]),
-            long("PixelDepth", arr.dtype.itemsize),
-        ],
-    )
-    image = group("", [image_data, group("ImageTags", []), text("Name", "hostile")])
-    body = b"\x00\x01" + length(1) + group("ImageList", [image]) + b"\x00" * 8
-    header_len = 16 if v4 else 12
-    return struct.pack(">l", version) + length(header_len + len(body)) + struct.pack(">l", 1) + body
+    """A minimal DM3/DM4 file holding ``arr`` (calibrated 0.5 nm by default); ``dims`` may lie about
+    the size. The writer is shared with the contract's tests (``tests/fixtures/emfiles.py``)."""
+    return emfiles.dm_bytes(arr, version=version, scale=scale, unit=unit, dims=dims)
 
 
 def mrc_bytes(arr: np.ndarray, dims: tuple[int, int, int] | None = None) -> bytes:

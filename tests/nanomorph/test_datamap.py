@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from nanomorph.datamap import pca_2d, suspects
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def nanomorph(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "nanomorph.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
-    )
+from tests.fixtures.cli import run_nanomorph as nanomorph
 
 
 def image_with_mean(m: float, size: int = 40) -> np.ndarray:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,20 +10,7 @@ import pytest
 from PIL import Image
 
 from nanomorph.index import SimilarityIndex
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def nanomorph(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "nanomorph.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
-    )
+from tests.fixtures.cli import run_nanomorph as nanomorph
 
 
 def bright_fraction(frac: float, size: int = 40) -> np.ndarray:
@@ -167,8 +151,6 @@ def test_search_matches_brute_force_in_blocks(monkeypatch: pytest.MonkeyPatch) -
 
 def test_similar_endpoint_on_a_real_server(tmp_path: Path, nm_store: tuple[Path, dict[str, str]]) -> None:
     """``POST /similar`` answers from the index named by ``NANOMORPH_INDEX``."""
-    if '"/similar"' not in (REPO / "service" / "service.py").read_text(encoding="utf-8"):
-        pytest.skip("service/service.py has no /similar endpoint yet")
     import httpx
 
     from tests.fixtures.server import start_server

@@ -18,21 +18,10 @@ import pytest
 import tifffile
 from PIL import Image
 
+from tests.fixtures.cli import run_nanomorph as nanomorph
 from tests.fixtures.server import Server, free_port
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def nanomorph(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "nanomorph.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
-    )
 
 
 def dark_speck(size: int = 40) -> np.ndarray:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,21 +16,9 @@ import pytest
 from PIL import Image
 
 from nanomorph.suggest import k_center_greedy, select, uncertainty_scores
+from tests.fixtures.cli import run_nanomorph as nanomorph
 
-REPO = Path(__file__).resolve().parents[2]
 CLASSES = {"dark": 0.08, "grey": 0.4, "bright": 0.92}
-
-
-def nanomorph(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "nanomorph.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
-    )
 
 
 def image_with_mean(m: float, size: int = 50) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Reading TEM images: every format written to disk for real, read from paths and from bytes.
 
-DigitalMicrograph files cannot be written by rosettasciio, so ``_dm_bytes`` below builds minimal
+DigitalMicrograph files cannot be written by rosettasciio, so ``tests.fixtures.emfiles.dm_bytes`` builds minimal
 DM3/DM4 files tag by tag, in the layout rosettasciio's reader walks (header, root tag group,
 ``ImageList`` with ``ImageData`` = calibrations, data array, data type, dimensions). A test on a
 real DM4 from acquisition software runs too when ``/work/shared`` is present.
@@ -33,6 +33,7 @@ from nanomorph.contract import (
     peek_shape,
     read_image,
 )
+from tests.fixtures.emfiles import dm_bytes
 
 REAL_DM4 = (
     Path(__file__).resolve().parents[4] / "shared" / "data" / "em-formats" / "jeol_haadf_nanoparticles.dm4"
@@ -43,67 +44,6 @@ RNG = np.random.default_rng(0)
 
 # ------------------------------------------------------------------------------------------------
 # Writers for formats no installed library writes.
-
-_DM_TYPES = {  # numpy dtype -> (DM image DataType, tag element type)
-    "float32": (2, 6),
-    "int16": (1, 2),
-    "uint16": (10, 4),
-    "int32": (7, 3),
-    "uint8": (6, 10),
-}
-
-
-def _dm_bytes(
-    images: list[np.ndarray], version: int = 4, scale: float | None = None, unit: str = ""
-) -> bytes:
-    """A minimal DigitalMicrograph 3/4 file holding ``images`` (x scale == y scale == ``scale``)."""
-    v4 = version == 4
-    length_fmt = ">q" if v4 else ">l"
-
-    def length(n: int) -> bytes:
-        return struct.pack(length_fmt, n)
-
-    def entry(tag_id: int, name: str, body: bytes) -> bytes:
-        head = bytes([tag_id]) + struct.pack(">h", len(name)) + name.encode()
-        return head + (struct.pack(">q", len(body)) if v4 else b"") + body
-
-    def data(name: str, info: list[int], payload: bytes) -> bytes:
-        return entry(21, name, b"%%%%" + length(len(info)) + b"".join(length(i) for i in info) + payload)
-
-    def group(name: str, children: list[bytes]) -> bytes:
-        return entry(20, name, b"\x00\x01" + length(len(children)) + b"".join(children))
-
-    def long(name: str, value: int) -> bytes:
-        return data(name, [3], struct.pack("<l", value))
-
-    def flt(name: str, value: float) -> bytes:
-        return data(name, [6], struct.pack("<f", value))
-
-    def text(name: str, value: str) -> bytes:  # DM stores strings as arrays of uint16
-        return data(name, [20, 4, len(value)], np.array([ord(c) for c in value], "<u2").tobytes())
-
-    def calibration(scale_: float, unit_: str) -> bytes:
-        return group("", [flt("Origin", 0.0), flt("Scale", scale_), text("Units", unit_)])
-
-    image_groups = []
-    for arr in images:
-        dm_type, el_type = _DM_TYPES[str(arr.dtype)]
-        dims = arr.shape[::-1]  # DM lists x first
-        cal = [calibration(scale or 1.0, unit if scale else "") for _ in dims]
-        image_data = group(
-            "ImageData",
-            [
-                group("Calibrations", [group("Brightness", [flt("Scale", 1.0)]), group("Dimension", cal)]),
-                data("Data", [20, el_type, arr.size], arr.astype(arr.dtype.newbyteorder("<")).tobytes()),
-                long("DataType", dm_type),
-                group("Dimensions", [long("", d) for d in dims]),
-                long("PixelDepth", arr.dtype.itemsize),
-            ],
-        )
-        image_groups.append(group("", [image_data, group("ImageTags", []), text("Name", "synthetic")]))
-    body = b"\x00\x01" + length(1) + group("ImageList", image_groups) + b"\x00" * 8
-    header_len = 16 if v4 else 12
-    return struct.pack(">l", version) + length(header_len + len(body)) + struct.pack(">l", 1) + body
 
 
 def _mrc_bytes(arr: np.ndarray, mode: int = 2, pixel_angstrom: float = 0.0, stamp: bool = True) -> bytes:
@@ -318,7 +258,7 @@ def test_mrc_without_cell_size_has_no_pixel_size_and_old_files_need_the_suffix(t
 def test_synthetic_dm_file_values_and_pixel_size(tmp_path: Path, version: int, dtype: str) -> None:
     arr = RNG.integers(0, 3000, size=(24, 40)).astype(dtype)
     path = tmp_path / f"frame.dm{version}"
-    path.write_bytes(_dm_bytes([arr], version=version, scale=0.0125, unit="µm"))
+    path.write_bytes(dm_bytes([arr], version=version, scale=0.0125, unit="µm"))
     img, meta = _read_both(path)
     np.testing.assert_array_equal(img, arr.astype(np.float32))
     assert (meta.source_format, meta.dtype, meta.shape) == (f"dm{version}", dtype, (24, 40))
@@ -328,7 +268,7 @@ def test_synthetic_dm_file_values_and_pixel_size(tmp_path: Path, version: int, d
 def test_uncalibrated_and_multi_image_dm(tmp_path: Path) -> None:
     first, second = np.ones((16, 20), np.float32), np.zeros((8, 8), np.float32)
     path = tmp_path / "two.dm4"
-    path.write_bytes(_dm_bytes([first, second]))
+    path.write_bytes(dm_bytes([first, second]))
     with pytest.warns(UserWarning, match=r"two\.dm4.*2 images"):
         img, meta = read_image(path)
     assert img.shape == (16, 20) and meta.n_pages == 2
@@ -395,7 +335,7 @@ def _truncated_cases(tmp_path: Path) -> dict[str, bytes]:
         "cut.tif": tif.getvalue()[:-1500],
         "cut.jpg": jpg.getvalue()[:300],
         "cut.mrc": _mrc_bytes(arr.astype(np.float32))[:-100],
-        "cut.dm4": _dm_bytes([arr.astype(np.float32)])[:-2000],
+        "cut.dm4": dm_bytes([arr.astype(np.float32)])[:-2000],
         "garbage.png": b"\x89PNG\r\n\x1a\n" + b"\xab" * 300,
         "garbage.tif": b"II*\x00" + b"\xff" * 300,
         "garbage.dm3": b"\x00\x00\x00\x03\x00\x00\x01\x00\x00\x00\x00\x01" + b"\x07" * 40,
@@ -455,7 +395,7 @@ def test_max_pixels_applies_to_every_format(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "a.tif", arr)
     (tmp_path / "a.png").write_bytes(_png_bytes(arr.astype(np.uint8)))
     (tmp_path / "a.mrc").write_bytes(_mrc_bytes(arr))
-    (tmp_path / "a.dm3").write_bytes(_dm_bytes([arr], version=3))
+    (tmp_path / "a.dm3").write_bytes(dm_bytes([arr], version=3))
     for path in sorted(tmp_path.iterdir()):
         with pytest.raises(ImageTooLargeError, match=path.name):
             read_image(path, max_pixels=32 * 32 - 1)
@@ -470,7 +410,7 @@ def test_stacks_and_odd_channel_counts_are_dimension_errors(tmp_path: Path) -> N
         photometric="minisblack",
         planarconfig="contig",
     )
-    (tmp_path / "stack.dm4").write_bytes(_dm_bytes([np.zeros((2, 8, 8), np.float32)]))
+    (tmp_path / "stack.dm4").write_bytes(dm_bytes([np.zeros((2, 8, 8), np.float32)]))
     for fname in ("stack.mrc", "five.tif", "stack.dm4"):
         with pytest.raises(ImageDimensionError, match=fname):
             read_image(tmp_path / fname)
