@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from reliability.load import LoadReport, run_load, worker_pids
+from tests.fixtures.images import write_disc_frames as write_unlabeled
 
 
 def _get(url: str, timeout: float = 2.0) -> int | None:
@@ -261,21 +262,6 @@ def _env() -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "NANOMORPH_PLAIN_PROGRESS": "1",
     }
-
-
-def write_unlabeled(root: Path, n: int = 16, seed: int = 0) -> Path:
-    """Gray 48x64 frames with bright discs, in two subfolders."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:48, :64]
-    for i in range(n):
-        img = rng.normal(90, 12, (48, 64))
-        for _ in range(4):
-            cy, cx, r = rng.uniform(0, 48), rng.uniform(0, 64), rng.uniform(3, 9)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += 100
-        path = root / f"sub{i % 2}" / f"frame{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
-    return root
 
 
 def write_classes(root: Path, n_per_class: int = 7, size: int = 40, seed: int = 0) -> Path:

@@ -18,27 +18,13 @@ from PIL import Image
 
 from nanomorph.cli import main
 from nanomorph.contract import Contract
+from tests.fixtures.images import write_disc_frames as _dataset
 from training.backbones import load_backbone
 from training.runio import load_checkpoint, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCH = "test_resnet"  # timm's tiny test network: same code path as resnet18, a fraction of the cost
 TINY = ["--backbone", ARCH, "--image-size", "32", "--batch-size", "8", "--workers", "0", "--log-every", "2"]
-
-
-def _dataset(root: Path, n: int = 16, seed: int = 0) -> Path:
-    """Gray frames with bright discs (particles) on noise, 48x64 px."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:48, :64]
-    for i in range(n):
-        img = rng.normal(90, 12, (48, 64))
-        for _ in range(4):
-            cy, cx, r = rng.uniform(0, 48), rng.uniform(0, 64), rng.uniform(3, 9)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += 100
-        path = root / f"sub{i % 2}" / f"frame{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
-    return root
 
 
 def _labels(root: Path) -> Path:
