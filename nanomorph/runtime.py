@@ -98,8 +98,14 @@ class OnnxModel:
         return {name: np.asarray(out) for name, out in zip(self.output_names, outputs, strict=True)}
 
 
-def _as_model(model: OnnxModel | StoredModel | str | Path, providers: Sequence[str] | None) -> OnnxModel:
-    return model if isinstance(model, OnnxModel) else OnnxModel(model, providers)
+def _as_model(
+    model: OnnxModel | StoredModel | str | Path, providers: Sequence[str] | None, task: str | None = None
+) -> OnnxModel:
+    """An onnxruntime session for ``model``; with ``task``, refuses a model made for another task."""
+    session = model if isinstance(model, OnnxModel) else OnnxModel(model, providers)
+    if task is not None and session.task != task:
+        raise ValueError(f"{session.stored.tag} is a {session.task} model, not {task}")
+    return session
 
 
 def _batches(n: int, size: int) -> list[slice]:
@@ -160,9 +166,7 @@ class Classifier:
         providers: Sequence[str] | None = None,
         batch_size: int = 32,
     ) -> None:
-        self.model = _as_model(model, providers)
-        if self.model.task != "classify":
-            raise ValueError(f"{self.model.stored.tag} is a {self.model.task} model, not classify")
+        self.model = _as_model(model, providers, task="classify")
         stored = self.model.stored
         self.contract = stored.contract
         self.classes = list(stored.classes)
@@ -246,9 +250,7 @@ class Segmenter:
         providers: Sequence[str] | None = None,
         batch_size: int = 8,
     ) -> None:
-        self.model = _as_model(model, providers)
-        if self.model.task != "segment":
-            raise ValueError(f"{self.model.stored.tag} is a {self.model.task} model, not segment")
+        self.model = _as_model(model, providers, task="segment")
         self.contract = self.model.stored.contract
         self.classes = list(self.model.stored.classes)
         self.batch_size = batch_size
