@@ -175,16 +175,20 @@ class BatchAugment(nn.Module):
         if cfg.p_blur <= 0 or s_max < 0.3:
             return x
         sigma = _uniform(b, cfg.blur_sigma[0], cfg.blur_sigma[1], dev, gen) * cfg.image_size
-        sigma = torch.where(_bernoulli(b, cfg.p_blur, dev, gen), sigma, torch.full_like(sigma, 1e-3))
+        chosen = _bernoulli(b, cfg.p_blur, dev, gen).nonzero().flatten()
+        n = chosen.numel()
+        if n == 0:
+            return x
+        # Only the chosen images are convolved (half the work at p_blur 0.5).
         t = torch.arange(-radius, radius + 1, device=dev, dtype=torch.float32)
-        kernel = torch.exp(-0.5 * (t[None, :] / sigma[:, None].clamp(min=1e-3)) ** 2)
-        kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (B, K); a tiny sigma is a delta
-        # One grouped convolution per axis: the batch becomes the channels.
-        y = x.reshape(1, b, h, w)
+        kernel = torch.exp(-0.5 * (t[None, :] / sigma[chosen, None].clamp(min=1e-3)) ** 2)
+        kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (n, K)
+        # One grouped convolution per axis: the chosen images become the channels.
+        y = x[chosen].reshape(1, n, h, w)
         y = F.pad(y, (radius, radius, radius, radius), mode="reflect")
-        y = F.conv2d(y, kernel.view(b, 1, 1, -1), groups=b)
-        y = F.conv2d(y, kernel.view(b, 1, -1, 1), groups=b)
-        return y.reshape(b, 1, h, w)
+        y = F.conv2d(y, kernel.view(n, 1, 1, -1), groups=n)
+        y = F.conv2d(y, kernel.view(n, 1, -1, 1), groups=n)
+        return x.index_copy(0, chosen, y.reshape(n, 1, h, w))
 
     def _noise(self, x: torch.Tensor) -> torch.Tensor:
         cfg, gen, dev = self.config, self.generator, x.device
@@ -192,9 +196,10 @@ class BatchAugment(nn.Module):
         if cfg.p_poisson_noise > 0:
             lo, hi = math.log(cfg.poisson_peak[0]), math.log(cfg.poisson_peak[1])
             peak = torch.exp(_uniform(b, lo, hi, dev, gen)).view(b, 1, 1, 1)
-            apply = _bernoulli(b, cfg.p_poisson_noise, dev, gen).view(b, 1, 1, 1)
-            noisy = torch.poisson(x.clamp(min=0.0) * peak, generator=gen) / peak
-            x = torch.where(apply, noisy, x)
+            chosen = _bernoulli(b, cfg.p_poisson_noise, dev, gen).nonzero().flatten()
+            if chosen.numel():  # sampling is the costly op on CPU: only for the chosen images
+                counts = x[chosen].clamp(min=0.0) * peak[chosen]
+                x = x.index_copy(0, chosen, torch.poisson(counts, generator=gen) / peak[chosen])
         if cfg.p_gauss_noise > 0:
             sigma = _uniform(b, 0.0, cfg.gauss_sigma, dev, gen).view(b, 1, 1, 1)
             sigma = sigma * _bernoulli(b, cfg.p_gauss_noise, dev, gen).float().view(b, 1, 1, 1)

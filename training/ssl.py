@@ -163,10 +163,11 @@ class SSLLoss(nn.Module):
 class SSLModel(nn.Module):
     """Backbone + projector. ``forward(x)`` returns ``(features, projections)``."""
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, projector: nn.Module, embedding_dim: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
+        self.embedding_dim = embedding_dim  # width of the backbone's features (0: not recorded)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.backbone(x).flatten(1)

@@ -63,6 +63,28 @@ def test_photometric_jitter_blur_and_noise_change_intensities() -> None:
     assert abs(float(yb.mean() - x.mean())) < 0.01
 
 
+def test_blur_and_poisson_touch_only_the_chosen_images_with_the_right_statistics() -> None:
+    """Blur and shot noise are computed only for the images drawn for them (a speed-up on CPU):
+    the others come out bit-identical, the chosen ones follow the configured distribution."""
+    x = torch.full((64, 1, 32, 32), 0.5)
+    x[:, :, 8:24, 8:24] = 0.8
+    geo: dict[str, Any] = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), p_flip=0.0, p_rot90=0.0)
+    clean = BatchAugment(AugmentConfig(image_size=32, **geo, **OFF))(x)
+    for extra in ({"p_poisson_noise": 0.5, "poisson_peak": (100.0, 100.0)}, {"p_blur": 0.5}):
+        cfg = AugmentConfig(image_size=32, **geo, **{**OFF, **extra})
+        y = BatchAugment(cfg, generator=torch.Generator().manual_seed(5))(x)
+        changed = [i for i in range(len(x)) if not torch.equal(y[i], clean[i])]
+        assert 16 <= len(changed) <= 48, (extra, len(changed))  # ~ Binomial(64, 0.5)
+        assert all(torch.equal(y[i], clean[i]) for i in set(range(len(x))) - set(changed))
+    # Shot noise at 100 counts per unit intensity on the 0.5 background: Poisson(50) / 100, so
+    # mean 0.5 and variance 50 / 100**2 = 0.005.
+    cfg = AugmentConfig(image_size=32, **geo, **{**OFF, "p_poisson_noise": 1.0, "poisson_peak": (100.0, 100.0)})
+    y = BatchAugment(cfg, generator=torch.Generator().manual_seed(6))(x)
+    background = y[:, :, :8, :].flatten()
+    assert abs(float(background.mean()) - 0.5) < 0.005
+    assert abs(float(background.var()) - 0.005) < 0.0005
+
+
 def test_large_inputs_and_bad_shapes() -> None:
     aug = BatchAugment(AugmentConfig(image_size=24))
     assert aug(torch.rand(2, 1, 200, 120)).shape == (2, 1, 24, 24)
