@@ -9,6 +9,10 @@ checked), then alternates timed rounds of PyTorch (``torch.inference_mode``) and
 same batch so load from other processes hits both alike. Prints images/s and the ratios; with
 ``--quantize int8`` also the static int8 model's throughput vs fp32 onnxruntime and how often its
 top-1 agrees with fp32. Not a unit test: results go to docs/benchmarks.md by hand.
+
+It also prints each engine's achieved GFLOP/s (the model's FLOPs from ``torch.utils.flop_counter``)
+next to a large float32 matrix multiply on the same cores, the practical float32 ceiling: when
+onnxruntime is already at that ceiling, the fp32 ratio cannot grow beyond ceiling / PyTorch.
 """
 
 from __future__ import annotations
@@ -36,6 +40,25 @@ def _rate(fn: Any, n_images: int, seconds: float) -> float:
         fn()
         runs += 1
     return runs * n_images / (time.perf_counter() - start)
+
+
+def _sgemm_gflops(n: int = 4096, repeats: int = 5) -> float:
+    """GFLOP/s of a float32 n x n matrix product with numpy's BLAS on all cores."""
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).random((n, n), dtype=np.float32)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def _flops_per_image(net: torch.nn.Module, size: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        net(torch.rand(1, 1, size, size))
+    return float(counter.get_total_flops())
 
 
 def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -150,7 +173,17 @@ def main() -> None:
             if "int8" in best:
                 row["int8_vs_onnx"] = round(best["int8"] / best["onnx"], 3)
             results[f"batch_{batch}"] = row
-            print(f"batch {batch}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    # After the timed rounds, so neither BLAS threads nor the FLOP counter can disturb them.
+    results["gflop_per_image"] = round(_flops_per_image(net, size) / 1e9, 3)
+    results["sgemm_gflops"] = round(_sgemm_gflops(), 1)
+    for batch in args.batches:
+        row = results[f"batch_{batch}"]
+        for engine in ("torch", "onnx"):
+            row[f"{engine}_gflops"] = round(row[f"{engine}_images_per_s"] * results["gflop_per_image"], 1)
+        # The fp32 ratio cannot exceed the best float32 throughput seen on these cores / PyTorch's.
+        ceiling = max(results["sgemm_gflops"], row["onnx_gflops"])
+        row["fp32_ratio_ceiling"] = round(ceiling / row["torch_gflops"], 3)
+        print(f"batch {batch}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
