@@ -78,7 +78,9 @@ def test_blur_and_poisson_touch_only_the_chosen_images_with_the_right_statistics
         assert all(torch.equal(y[i], clean[i]) for i in set(range(len(x))) - set(changed))
     # Shot noise at 100 counts per unit intensity on the 0.5 background: Poisson(50) / 100, so
     # mean 0.5 and variance 50 / 100**2 = 0.005.
-    cfg = AugmentConfig(image_size=32, **geo, **{**OFF, "p_poisson_noise": 1.0, "poisson_peak": (100.0, 100.0)})
+    cfg = AugmentConfig(
+        image_size=32, **geo, **{**OFF, "p_poisson_noise": 1.0, "poisson_peak": (100.0, 100.0)}
+    )
     y = BatchAugment(cfg, generator=torch.Generator().manual_seed(6))(x)
     background = y[:, :, :8, :].flatten()
     assert abs(float(background.mean()) - 0.5) < 0.005
