@@ -4,13 +4,13 @@ beside every run's outputs (``config.yaml``)."""
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from nanomorph.atomic import atomic_write_text
 
 _CONFIG_DIRS = (
     Path(__file__).parent / "configs",
@@ -70,21 +70,6 @@ def resolved(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
 
 def save_resolved(args: argparse.Namespace | Mapping[str, Any], out_dir: str | Path) -> Path:
     """Writes the resolved config to ``out_dir/config.yaml`` (atomically) and returns its path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.yaml"
+    path = Path(out_dir) / "config.yaml"
     atomic_write_text(path, yaml.safe_dump(resolved(args), sort_keys=True))
     return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write-then-rename, so a killed process never leaves a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -30,9 +30,9 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
+from nanomorph.atomic import atomic_write_bytes, atomic_write_text
 from nanomorph.config import resolved, yaml_defaults
 from nanomorph.contract import Contract, ImageReadError, list_images, normalise, read_image, resize
-from nanomorph.index import atomic_bytes, atomic_text
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def render_png(
     dest = Path(dest)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    atomic_bytes(dest, buf.getvalue())
+    atomic_write_bytes(dest, buf.getvalue())
     return dest
 
 
@@ -298,7 +298,7 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 {table}
 </body></html>
 """
-    atomic_text(dest, page)
+    atomic_write_text(dest, page)
     return Path(dest)
 
 
@@ -397,12 +397,12 @@ def run(args: argparse.Namespace) -> int:
                 by_index.get(i, {}).get("nearest", ""),
             ]
         )
-    atomic_text(out.with_suffix(".csv"), buf.getvalue())
+    atomic_write_text(out.with_suffix(".csv"), buf.getvalue())
     if args.html:
         Path(args.html).parent.mkdir(parents=True, exist_ok=True)
         render_html(coords, thumbs, labels, names, args.html, title=title, found=found)
     # Beside the PNG as <stem>.yaml, not config.yaml: the map often lands in a folder holding other outputs.
-    atomic_text(out.with_suffix(".yaml"), yaml.safe_dump(resolved(args), sort_keys=True))
+    atomic_write_text(out.with_suffix(".yaml"), yaml.safe_dump(resolved(args), sort_keys=True))
     n_cls = len({lab for lab in labels if lab is not None})
     print(
         f"map of {len(kept)} images ({method}{f', {n_cls} classes, {len(found)} suspects' if n_cls else ''}): "

@@ -29,11 +29,8 @@ endpoint uses; :func:`embed_paths` is shared with ``nanomorph suggest`` and ``na
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -41,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from nanomorph.config import atomic_write_text, save_resolved, yaml_defaults
+from nanomorph.atomic import atomic_path, atomic_write_text
+from nanomorph.config import save_resolved, yaml_defaults
 from nanomorph.contract import SUPPORTED_SUFFIXES, ImageReadError, list_images, read_image
 from nanomorph.progress import Progress
 
@@ -162,38 +160,9 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- storage
 
 
-def public_mode(path: str | Path) -> None:
-    """Gives a file written through ``mkstemp`` (mode 0600) the permissions of a normally created
-    one (0666 minus the umask), so colleagues can read the outputs."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def atomic_text(path: str | Path, text: str) -> None:
-    """:func:`nanomorph.config.atomic_write_text` with the usual file permissions."""
-    atomic_write_text(path, text)
-    public_mode(path)
-
-
-def atomic_bytes(path: str | Path, data: bytes) -> None:
-    """Write-then-rename of bytes with the usual file permissions."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        public_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    atomic_bytes(path, buf.getvalue())
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
 
 
 def _read_json(path: Path) -> Any:
@@ -430,7 +399,7 @@ def build_index(
         n_part += 1
         _atomic_save_npy(parts_dir / f"{name}.npy", emb)
         # The JSON is written last: a chunk counts only once both files are there.
-        atomic_text(parts_dir / f"{name}.json", json.dumps([rels[todo[i]] for i in indices]))
+        atomic_write_text(parts_dir / f"{name}.json", json.dumps([rels[todo[i]] for i in indices]))
 
     todo_paths = [files[i] for i in todo]
     # Everything embedded goes to parts/ (collect=False), so memory stays at one chunk.
@@ -454,7 +423,7 @@ def build_index(
     matrix = l2_normalise(matrix[keep]) if keep else matrix[:0]
     paths = [all_paths[i] for i in keep]
     _atomic_save_npy(out / VECTORS, matrix)
-    atomic_text(out / PATHS, json.dumps(paths))
+    atomic_write_text(out / PATHS, json.dumps(paths))
     info = {
         "format": FORMAT,
         "model": model,
@@ -469,12 +438,12 @@ def build_index(
         "metric": "cosine",
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_text(out / INFO, json.dumps(info, indent=2) + "\n")
+    atomic_write_text(out / INFO, json.dumps(info, indent=2) + "\n")
     for f in parts_dir.glob("part-*"):
         f.unlink()
     parts_dir.rmdir()
     if errors:
-        atomic_text(
+        atomic_write_text(
             out / "errors.json",
             json.dumps({rels[todo[i]]: msg for i, msg in errors.items()}, indent=2) + "\n",
         )
@@ -545,7 +514,7 @@ def _run_build(args: argparse.Namespace) -> int:
     stats = build_index(
         args.path, args.out, embedder, model, store, chunk=args.chunk, recursive=not args.no_recursive
     )
-    public_mode(save_resolved(args, args.out))
+    save_resolved(args, args.out)
     print(
         f"index {args.out}: {stats['count']} images ({stats['added']} added, {stats['skipped']} already there, "
         f"{stats['failed']} unreadable, {stats['removed']} removed), dim {stats['dim']}, model {model}"

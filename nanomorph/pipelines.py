@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from nanomorph.config import atomic_write_text, save_resolved, yaml_defaults
+from nanomorph.atomic import atomic_write_bytes, atomic_write_text
+from nanomorph.config import save_resolved, yaml_defaults
 from nanomorph.contract import Contract, ImageReadError, list_images, normalise, read_image
 from nanomorph.progress import Progress
 
@@ -396,18 +396,6 @@ Backend = LocalBackend | RemoteBackend
 # ----------------------------------------------------------------------------------------- writer
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def file_signature(path: Path) -> tuple[int, int]:
     st = path.stat()
     return int(st.st_size), int(st.st_mtime_ns)
@@ -524,7 +512,7 @@ class ResultWriter:
         with self._lock:
             if outcome.ok:
                 for rel_file, data in outcome.files.items():
-                    _atomic_bytes(self.out / rel_file, data)
+                    atomic_write_bytes(self.out / rel_file, data)
                 self._fh.write(json.dumps(outcome.row, ensure_ascii=False) + "\n")
                 self._fh.flush()
                 os.fsync(self._fh.fileno())

@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from nanomorph.atomic import atomic_write_text
 from nanomorph.contract import Contract
 
 log = logging.getLogger(__name__)
@@ -363,9 +364,7 @@ def write_model_dir(
         readme = default_card(tag, task, manifest)
     (dest / CARD_FILE).write_text(str(readme), encoding="utf-8")
     # The manifest goes last: a folder without one is an unfinished write, never a model.
-    tmp = dest / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, dest / MANIFEST)
+    atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return load_model_dir(dest, tag=tag)
 
 
@@ -504,10 +503,7 @@ def save_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    latest = root / name / LATEST_FILE
-    latest_tmp = root / name / (LATEST_FILE + ".tmp")
-    latest_tmp.write_text(version + "\n", encoding="utf-8")
-    os.replace(latest_tmp, latest)
+    atomic_write_text(root / name / LATEST_FILE, version + "\n")
     return load_model_dir(final, tag=f"{name}:{version}")
 
 

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from nanomorph.atomic import atomic_write_bytes, atomic_write_text
 from nanomorph.config import save_resolved, yaml_defaults
 from nanomorph.contract import Contract, normalise, read_image, resize
-from nanomorph.index import atomic_bytes, atomic_text, public_mode
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def contact_sheet(
         draw.text((x, y + thumb + 1), text, fill=0, font=font)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
-    atomic_bytes(dest, buf.getvalue())
+    atomic_write_bytes(dest, buf.getvalue())
     return dest
 
 
@@ -242,7 +242,7 @@ def write_csv(rows: Sequence[dict[str, Any]], dest: Path) -> Path:
     writer = csv.DictWriter(buf, fieldnames=["rank", "path", "score", "reason"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_text(dest, buf.getvalue())
+    atomic_write_text(dest, buf.getvalue())
     return dest
 
 
@@ -386,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
         [f"{r['rank']}. {Path(r['path']).name}" for r in rows],
         out / SHEET_NAME,
     )
-    public_mode(save_resolved(args, out))
+    save_resolved(args, out)
     print(
         f"suggested {len(rows)} of {len(unl)} images ({args.strategy}): {out / CSV_NAME}, {out / SHEET_NAME}"
     )

@@ -33,9 +33,8 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,8 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from nanomorph import __version__
-from nanomorph.config import atomic_write_text, save_resolved, yaml_defaults
+from nanomorph.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from nanomorph.config import save_resolved, yaml_defaults
 
 log = logging.getLogger(__name__)
 
@@ -483,29 +483,6 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write to a temporary file beside ``path`` then rename, so a killed run never leaves a
-    half-written file that a resumed run would skip."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        # mkstemp makes 0600 files; data sets are shared, so give them the usual umask-based mode.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", optimize=False, compress_level=6)
@@ -519,25 +496,21 @@ def write_image(path: Path, image: np.ndarray, fmt: str, pixel_size_nm: float) -
     description ``unit=nm``, which Fiji, tifffile (``imagej_metadata``) and the contract reader read.
     """
     if fmt == "png":
-        data = _png_bytes(_to_uint8(image))
-        _atomic_write(path, lambda p: p.write_bytes(data))
+        atomic_write_bytes(path, _png_bytes(_to_uint8(image)))
     elif fmt == "tiff16":
         import tifffile
 
         arr = np.clip(np.rint(image), 0, 65535).astype(np.uint16)
         res = 1.0 / pixel_size_nm
-        _atomic_write(
-            path,
-            lambda p: tifffile.imwrite(p, arr, imagej=True, resolution=(res, res), metadata={"unit": "nm"}),
-        )
+        with atomic_path(path) as tmp:
+            tifffile.imwrite(tmp, arr, imagej=True, resolution=(res, res), metadata={"unit": "nm"})
     else:
         raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
 
 
 def write_mask(path: Path, mask: np.ndarray) -> None:
     """Integer mask PNG (uint8 semantic classes, uint16 instance ids)."""
-    data = _png_bytes(mask)
-    _atomic_write(path, lambda p: p.write_bytes(data))
+    atomic_write_bytes(path, _png_bytes(mask))
 
 
 def _link_or_copy(src: Path, dst: Path) -> str:
@@ -547,9 +520,8 @@ def _link_or_copy(src: Path, dst: Path) -> str:
         os.link(src, dst)
         return "hardlink"
     except OSError:  # other file system, or links not supported
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
         return "copy"
 
 
@@ -766,8 +738,7 @@ def make_contact_sheet(
         for col, path in enumerate(files[:per_class]):
             im = Image.fromarray(_display(path)).resize((thumb, thumb), Image.Resampling.LANCZOS)
             sheet.paste(im, (label_w + pad + col * (thumb + pad), y))
-    data = _png_bytes(np.asarray(sheet))
-    _atomic_write(dest, lambda p: p.write_bytes(data))
+    atomic_write_bytes(dest, _png_bytes(np.asarray(sheet)))
     return dest
 
 

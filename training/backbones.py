@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanomorph.atomic import atomic_path
+
 log = logging.getLogger(__name__)
 
 BACKBONE_FORMAT = "nanomorph-backbone/1"
@@ -155,17 +157,14 @@ def save_backbone(model: nn.Module, path: str | Path, metadata: dict[str, Any]) 
     """Saves an encoder's weights with string metadata (non-strings are JSON-encoded), atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": BACKBONE_FORMAT, "git_commit": git_commit()}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     if "architecture" not in meta:
         raise ValueError("backbone metadata needs 'architecture'")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return Path(path)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from nanomorph.atomic import atomic_path
 from nanomorph.contract import Contract, list_images, normalise, read_image, resize, to_model_input
 
 log = logging.getLogger(__name__)
@@ -134,10 +135,8 @@ class ArrayCache:
         array = normalise(image, contract)
         self.decodes += 1
         if npy is not None:
-            npy.parent.mkdir(parents=True, exist_ok=True)
-            tmp = npy.with_name(npy.stem + f".{threading.get_ident()}.tmp.npy")
-            np.save(tmp, array)
-            tmp.replace(npy)
+            with atomic_path(npy) as tmp:  # a unique name: loader workers may decode the same file
+                np.save(tmp, array)
         return array
 
     @property

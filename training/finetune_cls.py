@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanomorph.config import atomic_write_text, load_yaml, resolved, save_resolved, yaml_defaults
+from nanomorph.atomic import atomic_write_text
+from nanomorph.config import load_yaml, resolved, save_resolved, yaml_defaults
 from nanomorph.contract import Contract, read_image, to_model_input
 from training import metrics as M
 from training.backbones import create_backbone, git_commit, load_backbone

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from nanomorph.config import atomic_write_text, resolved, save_resolved, yaml_defaults
+from nanomorph.atomic import atomic_path, atomic_write_text
+from nanomorph.config import resolved, save_resolved, yaml_defaults
 from nanomorph.contract import Contract, normalise, read_image, tile, untile
 from training.backbones import create_backbone, git_commit, load_backbone
 from training.models import build_unet, load_encoder_into_unet
@@ -138,8 +139,6 @@ def build_segmenter(encoder: str, arch: str | None, n_classes: int) -> tuple[nn.
 
 def save_segmenter(unet: nn.Module, path: str | Path, metadata: dict[str, Any]) -> Path:
     """Writes the U-Net state dict with string metadata (format ``nanomorph-segmenter/1``), atomically."""
-    import os
-
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -149,9 +148,8 @@ def save_segmenter(unet: nn.Module, path: str | Path, metadata: dict[str, Any]) 
         if key not in meta:
             raise ValueError(f"segmenter metadata needs {key!r}")
     state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 
@@ -247,9 +245,8 @@ def _write_overlay(path: Path, image01: np.ndarray, truth: np.ndarray, pred: np.
 
     gap = np.full((image01.shape[0], 4, 3), 255, dtype=np.uint8)
     both = np.concatenate([overlay(image01, truth, n), gap, overlay(image01, pred, n)], axis=1)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(both).save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(both).save(tmp)
 
 
 # -------------------------------------------------------------------------------------- training

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from nanomorph.atomic import atomic_path
+
 
 def _as_labels(y_true: Any, y_pred: Any, n_classes: int | None) -> tuple[np.ndarray, np.ndarray, int]:
     t = np.asarray(y_true, dtype=np.int64).ravel()
@@ -157,10 +159,7 @@ def plot_confusion_matrix(
                 fontsize=9,
             )
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return Path(path)

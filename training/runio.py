@@ -12,7 +12,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+
+from nanomorph.atomic import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class MetricsLogger:
             return 0
         kept = [r for r in read_metrics(self.path) if keep(r)]
         text = "".join(json.dumps(r) + "\n" for r in kept)
-        atomic_write_bytes(self.path, text.encode("utf-8"))
+        atomic_write_text(self.path, text, fsync=True)
         return len(kept)
 
 
@@ -97,41 +98,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write-then-rename in the same folder, so readers see the old or the new file, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
     """Saves ``state`` with :func:`torch.save` atomically (temporary file, fsync, rename).
 
     Keep ``state`` to tensors, dicts, lists, tuples, str/int/float/bool/None so that
     :func:`load_checkpoint` (``weights_only=True``) can read it; see :func:`rng_state`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(dict(state), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(dict(state), tmp)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -221,7 +196,7 @@ def write_model_card(path: str | Path, title: str, sections: Mapping[str, Any]) 
             lines.append(str(content).rstrip())
         lines.append("")
     path = Path(path)
-    atomic_write_bytes(path, "\n".join(lines).encode("utf-8"))
+    atomic_write_text(path, "\n".join(lines), fsync=True)
     return path
 
 

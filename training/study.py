@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from nanomorph.config import atomic_write_text, save_resolved, yaml_defaults
+from nanomorph.atomic import atomic_path, atomic_write_text
+from nanomorph.config import save_resolved, yaml_defaults
 
 log = logging.getLogger("nanomorph.study")
 
@@ -263,11 +264,9 @@ def plot_curve(
     axes[0][0].legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=130)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------
