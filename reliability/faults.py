@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
-from PIL import Image
 
 from reliability.load import LoadReport, run_load, worker_pids
 from tests.fixtures.images import write_disc_frames as write_unlabeled
+from tests.fixtures.images import write_shapes
 
 
 def _get(url: str, timeout: float = 2.0) -> int | None:
@@ -264,25 +263,6 @@ def _env() -> dict[str, str]:
     }
 
 
-def write_classes(root: Path, n_per_class: int = 7, size: int = 40, seed: int = 0) -> Path:
-    """Noisy disk / horizontal bar / vertical bar PNGs, one folder per class."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    for cls in ("disk", "hbar", "vbar"):
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
-            if cls == "disk":
-                mask = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 5) ** 2
-            elif cls == "hbar":
-                mask = (abs(yy - cy) < 3) & (abs(xx - cx) < size // 3)
-            else:
-                mask = (abs(xx - cx) < 3) & (abs(yy - cy) < size // 3)
-            img = 60 + 120 * mask + rng.normal(0, 12, mask.shape)
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / cls / f"{cls}_{i:02d}.png")
-    return root
-
-
 def _epoch_records(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -384,7 +364,7 @@ def study_kill_resume(
         Rows before the kill, rows after the resume, whether every pre-kill row is in the final
         file unchanged, the resume's "finished already" line, and ``ok``.
     """
-    data = write_classes(workdir / "classification")
+    data = write_shapes(workdir / "classification", n_per_class=7)
     out = workdir / "study"
     args = ["study", "cls", "--data", str(data), "--labels-per-class", "1,2,all", "--repeats", "2"]
     args += ["--modes", "linear,finetune", "--steps", "2", "--scratch-steps", "2", "--eval-every", "1"]

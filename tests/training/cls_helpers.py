@@ -1,4 +1,5 @@
-"""Tiny classification data and a stand-in pretrained encoder for the finetune-cls / study tests."""
+"""A stand-in pretrained encoder and the CLI runner for the finetune-cls / study tests (their data:
+``tests.fixtures.images.write_shapes``)."""
 
 from __future__ import annotations
 
@@ -8,38 +9,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 REPO = Path(__file__).resolve().parents[2]
 NANOMORPH = str(Path(sys.executable).parent / "nanomorph")
 ARCH = "test_resnet"  # timm's tiny ResNet: the whole pipeline in seconds on 2 CPU cores
-CLASSES = ("bar", "disk", "ring")  # sorted: the class index order
-
-
-def write_shapes(root: Path, n_per_class: int = 8, size: int = 40, seed: int = 0) -> Path:
-    """Noisy grayscale PNGs of a bar (random orientation), a disk or a ring, one folder per class.
-
-    Classes are rotation-invariant, as TEM morphology classes are (fine-tuning augments with
-    flips and 90-degree rotations)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    for cls in CLASSES:
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
-            r2 = (yy - cy) ** 2 + (xx - cx) ** 2
-            if cls == "disk":
-                mask = r2 < (size // 5) ** 2
-            elif cls == "ring":
-                mask = (r2 < (size // 4) ** 2) & (r2 >= (size // 4 - 3) ** 2)
-            elif i % 2:
-                mask = (abs(yy - cy) < 3) & (abs(xx - cx) < size // 3)
-            else:
-                mask = (abs(xx - cx) < 3) & (abs(yy - cy) < size // 3)
-            img = 60 + 120 * mask + rng.normal(0, 12, mask.shape)
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / cls / f"{cls}_{i:02d}.png")
-    return root
 
 
 def write_encoder(path: Path, image_size: int = 32) -> Path:

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from tests.training.cls_helpers import ARCH, CLASSES, cli, one_thread, write_encoder, write_shapes
+from tests.fixtures.images import SHAPE_CLASSES as CLASSES
+from tests.fixtures.images import write_shapes
+from tests.training.cls_helpers import ARCH, cli, one_thread, write_encoder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.training.cls_helpers import ARCH, cli, one_thread, write_encoder, write_shapes
+from tests.fixtures.images import write_shapes
+from tests.training.cls_helpers import ARCH, cli, one_thread, write_encoder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
