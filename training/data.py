@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from nanomorph.atomic import atomic_path
 from nanomorph.contract import Contract, list_images, normalise, read_image, resize, to_model_input
+from nanomorph.contract.structure import structured_tiles, tile_origins
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,8 @@ class UnlabeledFolder(Dataset):
         contract: the preprocessing contract (clip percentiles).
         crops_per_image: items per image per epoch (more for a few large frames).
         cache: the decoded-image cache (default: in memory, 2 GiB).
+        structured_only: draw crops only where the frame carries structure (outside burned-in
+            annotation strips, not near-uniform; :mod:`nanomorph.contract.structure`).
 
     Raises:
         FileNotFoundError / ValueError: no folder / no supported images in it.
@@ -170,6 +173,7 @@ class UnlabeledFolder(Dataset):
         contract: Contract | None = None,
         crops_per_image: int = 1,
         cache: ArrayCache | None = None,
+        structured_only: bool = False,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -186,6 +190,10 @@ class UnlabeledFolder(Dataset):
         self.crops_per_image = int(crops_per_image)
         self.cache = cache or ArrayCache()
         self.bad_files: list[str] = []
+        self.structured_only = bool(structured_only)
+        # Per file: the tile origins crops are drawn around (filled by preload when structured_only).
+        self.origins: list[np.ndarray] = []
+        self.tiles_kept = (0, 0)  # (kept, all) tiles over the folder, for the run's log
 
     def __len__(self) -> int:
         return len(self.files) * self.crops_per_image
@@ -208,23 +216,54 @@ class UnlabeledFolder(Dataset):
         if not good:
             raise ValueError(f"{self.root}: none of the {len(self.files)} images could be read")
         self.files = good
+        if self.structured_only:
+            self._find_structure()
         return len(good)
+
+    def _find_structure(self) -> None:
+        """Tile origins (stride half a crop) that carry structure, per file."""
+        kept = total = 0
+        self.origins = []
+        for path in self.files:
+            img = self._covering(np.asarray(self.cache.get(path, self.contract)))
+            h, w = img.shape
+            stride = max(1, self.crop_size // 2)
+            total += len(tile_origins(h, w, self.crop_size, stride))
+            origins = np.array(structured_tiles(img, self.crop_size, stride), dtype=np.int64)
+            kept += len(origins)
+            self.origins.append(origins)
+        self.tiles_kept = (kept, total)
 
     def image(self, index: int) -> np.ndarray:
         """The cached normalised image behind item ``index``."""
         return self.cache.get(self.files[index // self.crops_per_image], self.contract)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        img = self.image(index)
+    def _covering(self, img: np.ndarray) -> np.ndarray:
+        """``img`` resized up (aspect kept) when a side is shorter than the crop."""
         c = self.crop_size
         h, w = img.shape
         if h < c or w < c:
             scale = c / min(h, w)
             img = resize(np.asarray(img), (max(c, round(h * scale)), max(c, round(w * scale))))
-            h, w = img.shape
+        return img
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        img = self._covering(self.image(index))
+        c = self.crop_size
+        h, w = img.shape
         # torch's RNG: seeded per DataLoader worker and saved in checkpoints.
-        y = int(torch.randint(0, h - c + 1, (1,)))
-        x = int(torch.randint(0, w - c + 1, (1,)))
+        if self.origins:
+            # A structured tile, shifted by up to half a stride so crops are not on a fixed grid.
+            origins = self.origins[index // self.crops_per_image]
+            y, x = (int(v) for v in origins[int(torch.randint(0, len(origins), (1,)))])
+            # Clipped to the span of the kept tiles, so a shift never reaches an annotation strip.
+            jitter = max(1, c // 4)
+            lo, hi = origins.min(axis=0), origins.max(axis=0)
+            y = int(np.clip(y + int(torch.randint(-jitter, jitter + 1, (1,))), lo[0], hi[0]))
+            x = int(np.clip(x + int(torch.randint(-jitter, jitter + 1, (1,))), lo[1], hi[1]))
+        else:
+            y = int(torch.randint(0, h - c + 1, (1,)))
+            x = int(torch.randint(0, w - c + 1, (1,)))
         crop = np.array(img[y : y + c, x : x + c], dtype=np.float32)
         return torch.from_numpy(crop)[None]
 

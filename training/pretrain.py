@@ -4,8 +4,16 @@ Leaves ``OUT/``: ``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt`` (atomic, 
 ``weights_only=True``), ``backbone.safetensors`` and a ``README.md`` model card
 (docs/architecture.md §3).
 
-Learning rate: ``lr = base_lr * global_batch / 256`` (linear scaling, Goyal et al. 2017, as in
-SimCLR and Barlow Twins), linear warm-up then cosine decay to 0, stepped every optimiser step.
+Learning rate: ``lr = base_lr * global_batch / 256`` for SGD and LARS (linear scaling, Goyal et al.
+2017, as in SimCLR and Barlow Twins) and ``base_lr * sqrt(global_batch / 256)`` for AdamW (adaptive
+optimisers scale with the square root; Malladi et al. 2022), linear warm-up then cosine decay to 0,
+stepped every optimiser step.
+
+Crops come only from where frames carry structure (``structured_crops``: burned-in scale-bar and
+text strips and near-uniform tiles are detected and skipped, :mod:`nanomorph.contract.structure`).
+Label-free quality signals (:mod:`training.quality`: effective rank, alignment, uniformity) are
+measured on fixed crops before training and after every ``quality_every`` epochs, and the run ends
+with one verdict line.
 Runs unchanged under ``torchrun --nproc_per_node=N`` (DDP; the losses gather across processes;
 only rank 0 writes).
 
@@ -35,6 +43,7 @@ from torch.utils.data.distributed import DistributedSampler
 from nanomorph.config import save_resolved, yaml_defaults
 from nanomorph.contract import Contract
 from training import distributed as dist_utils
+from training import quality as quality_lib
 from training.augment import AugmentConfig, BatchAugment
 from training.backbones import create_backbone, save_backbone
 from training.data import ArrayCache, LabeledFolder, UnlabeledFolder
@@ -53,7 +62,14 @@ from training.ssl import PRESETS, SSLConfig, SSLLoss, SSLModel, build_projector,
 log = logging.getLogger("nanomorph.pretrain")
 
 CHECKPOINT_FORMAT = "nanomorph-pretrain-checkpoint/1"
-OPTIMIZER_DEFAULTS = {"sgd": (0.3, 5e-4), "lars": (0.3, 1e-6), "adamw": (2e-3, 0.05)}
+# (base_lr, weight_decay, how the lr scales with the global batch). AdamW 2e-3 gives lr 1e-3 at a
+# batch of 64: on real frames the loss fell and the probe beat random init there, while SGD at the
+# linear-scaled 0.075 barely moved in the same budget (docs/results.md).
+OPTIMIZER_DEFAULTS = {
+    "sgd": (0.3, 5e-4, "linear"),
+    "lars": (0.3, 1e-6, "linear"),
+    "adamw": (2e-3, 0.05, "sqrt"),
+}
 # Settings that define a run: resuming (or skipping) with different values is refused.
 RUN_KEYS = (
     "data",
@@ -75,6 +91,7 @@ RUN_KEYS = (
     "warmup_epochs",
     "scale_min",
     "scale_max",
+    "structured_crops",
     "seed",
 )
 
@@ -102,12 +119,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="NT-Xent temperature (SimCLR)")
     p.add_argument("--lambda", dest="lambda_param", type=float, help="off-diagonal weight (Barlow Twins)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZER_DEFAULTS))
-    p.add_argument("--base-lr", type=float, help="lr = base_lr * global_batch / 256")
+    p.add_argument(
+        "--base-lr", type=float, help="lr = base_lr * global_batch / 256 (sgd, lars) or * sqrt(...) (adamw)"
+    )
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--momentum", type=float)
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--scale-min", type=float, help="random resized crop: smallest area fraction")
     p.add_argument("--scale-max", type=float, help="random resized crop: largest area fraction")
+    p.add_argument(
+        "--structured-crops",
+        type=_yes_no,
+        metavar="true|false",
+        help="draw crops only where frames carry structure (skip scale-bar strips, empty tiles)",
+    )
+    p.add_argument("--quality-every", type=int, help="epochs between quality-signal measurements (0 = off)")
+    p.add_argument("--quality-crops", type=int, help="fixed crops the quality signals are measured on")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--workers", type=int, help="DataLoader workers (-1 = auto)")
     p.add_argument("--cache-mb", type=int, help="memory budget for decoded images (MiB)")
@@ -124,6 +151,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # helpers
 
 
+def _yes_no(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def scaled_lr(optimizer: str, base_lr: float, global_batch: int) -> float:
+    """The optimiser's lr for ``global_batch`` from its base lr at a batch of 256."""
+    rule = OPTIMIZER_DEFAULTS[optimizer][2]
+    factor = global_batch / 256 if rule == "linear" else math.sqrt(global_batch / 256)
+    return base_lr * factor
+
+
 def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
     """The run's effective settings (what defines it; saved in config.yaml and the checkpoint)."""
     if args.data is None:
@@ -136,7 +178,7 @@ def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
     if int(args.batch_size) < 2:
         raise ValueError("--batch-size must be >= 2 (the losses compare samples within a batch)")
     ssl_cfg = resolve_config(args.method, args.preset, args.projector, args.temperature, args.lambda_param)
-    base_lr, wd = OPTIMIZER_DEFAULTS[args.optimizer]
+    base_lr, wd, _ = OPTIMIZER_DEFAULTS[args.optimizer]
     base_lr = float(args.base_lr if args.base_lr is not None else base_lr)
     wd = float(args.weight_decay if args.weight_decay is not None else wd)
     global_batch = int(args.batch_size) * world_size
@@ -155,12 +197,13 @@ def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
         "ssl": ssl_cfg.to_dict(),
         "optimizer": args.optimizer,
         "base_lr": base_lr,
-        "lr": base_lr * global_batch / 256,
+        "lr": scaled_lr(args.optimizer, base_lr, global_batch),
         "weight_decay": wd,
         "momentum": float(args.momentum),
         "warmup_epochs": float(args.warmup_epochs),
         "scale_min": float(args.scale_min),
         "scale_max": float(args.scale_max),
+        "structured_crops": bool(args.structured_crops),
         "seed": int(args.seed),
     }
 
@@ -325,10 +368,15 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
     # --- data -------------------------------------------------------------------------------
     contract = Contract(image_size=cfg["image_size"])
     cache = ArrayCache(max_bytes=int(args.cache_mb) << 20, cache_dir=args.cache_dir)
-    dataset = UnlabeledFolder(data_dir, cfg["crop_size"], contract, cfg["crops_per_image"], cache)
+    dataset = UnlabeledFolder(
+        data_dir, cfg["crop_size"], contract, cfg["crops_per_image"], cache, cfg["structured_crops"]
+    )
     n_files = dataset.preload(
         lambda it, desc: progress(it, total=len(dataset.files), desc=desc, enabled=info.is_main)
     )
+    if cfg["structured_crops"] and info.is_main:
+        kept, total = dataset.tiles_kept
+        log.info("structured crops: %d of %d tiles carry structure (the rest are skipped)", kept, total)
     if len(dataset) < cfg["batch_size"] * info.world_size:
         raise ValueError(
             f"{data_dir}: {len(dataset)} crops per epoch ({n_files} readable images x "
@@ -418,6 +466,9 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
         device,
         workers,
     )
+    quality = QualityMonitor(dataset, augment, device, args, enabled=info.is_main)
+    if start_epoch == 0 and quality.enabled:
+        metrics.log(epoch=0, step=0, kind="quality", **quality.measure(model.backbone).to_dict())
     last: dict[str, float] = {}
     for epoch in range(start_epoch, cfg["epochs"]):
         if isinstance(sampler, DistributedSampler):
@@ -476,6 +527,8 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
         }
         if monitor is not None:
             record["knn_accuracy"] = knn_accuracy(model.backbone, *monitor, int(args.knn_k), device)
+        if quality.due(epoch + 1, cfg["epochs"]):
+            record.update(quality.measure(model.backbone).to_dict())
         if record["embedding_std"] < 0.2 * record["embedding_std_healthy"] and info.is_main:
             log.warning(
                 "embedding std %.4g is far below %.4g: the representation may be collapsing",
@@ -523,6 +576,33 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
     return 0
 
 
+class QualityMonitor:
+    """Measures :mod:`training.quality` signals on a fixed set of crops (drawn once, seeded)."""
+
+    def __init__(
+        self, dataset: UnlabeledFolder, augment: nn.Module, device: torch.device, args: Any, enabled: bool
+    ) -> None:
+        self.every = int(getattr(args, "quality_every", 1) or 0)
+        n = int(getattr(args, "quality_crops", 128) or 0)
+        self.enabled = enabled and n >= 2
+        self.augment, self.device = augment, device
+        self.crops = torch.empty(0)
+        if self.enabled:
+            state = torch.random.get_rng_state()
+            torch.manual_seed(12345)
+            try:
+                picks = torch.randint(0, len(dataset), (n,)).tolist()
+                self.crops = torch.stack([dataset[i] for i in picks])
+            finally:
+                torch.random.set_rng_state(state)
+
+    def due(self, epoch: int, epochs: int) -> bool:
+        return self.enabled and (epoch == epochs or (self.every > 0 and epoch % self.every == 0))
+
+    def measure(self, backbone: nn.Module) -> quality_lib.QualitySignals:
+        return quality_lib.measure(backbone, self.crops, self.augment, self.device)
+
+
 def _finish(
     out: Path,
     model: SSLModel,
@@ -531,10 +611,15 @@ def _finish(
     embedding_dim: int,
     last: dict[str, float],
 ) -> None:
-    """Writes ``backbone.safetensors`` and the ``README.md`` model card."""
+    """Writes ``backbone.safetensors``, the verdict and the ``README.md`` model card."""
+    records = read_metrics(out / "metrics.jsonl")
     if not last:  # resumed a run whose last epoch was already done: take the numbers from the log
-        epochs = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "epoch"]
+        epochs = [r for r in records if r.get("kind") == "epoch"]
         last = {k: v for k, v in (epochs[-1] if epochs else {}).items() if isinstance(v, float)}
+    signals = quality_summary(records)
+    if signals:
+        MetricsLogger(out / "metrics.jsonl").log(kind="verdict", **signals)
+        log.info("verdict: %s", signals["verdict"])
     meta = {
         "architecture": cfg["backbone"],
         "in_chans": "1",
@@ -545,6 +630,7 @@ def _finish(
         "embedding_dim": str(embedding_dim),
         "init": cfg["init"],
         "ssl": json.dumps(cfg["ssl"], sort_keys=True),
+        "quality": json.dumps(signals, sort_keys=True),
     }
     save_backbone(model.backbone, out / "backbone.safetensors", meta)
     write_model_card(
@@ -571,6 +657,7 @@ def _finish(
                 "epochs": cfg["epochs"],
             },
             "Last epoch": last or "no metrics",
+            "Quality signals (no labels used)": _quality_card(signals),
             "Preprocessing contract": f"```json\n{contract.to_json()}\n```",
             "Use": (
                 "`training.backbones.load_backbone(path)` rebuilds the encoder; `nanomorph finetune-cls "
@@ -578,11 +665,48 @@ def _finish(
                 "an ONNX `embed` model."
             ),
             "Limits": [
-                "The self-supervised loss says nothing about downstream accuracy: check k-NN accuracy "
-                "(--monitor-labels) or a linear probe on held-out labels.",
+                "The self-supervised loss alone says little about downstream accuracy; the quality "
+                "signals above are label-free hints, not accuracy: confirm with k-NN accuracy "
+                "(--monitor-labels) or `nanomorph study cls` on held-out labels.",
                 "Embeddings reflect the imaging conditions of the training folder; other microscopes, "
                 "magnifications or detectors may need pretraining on their own images.",
             ],
         },
     )
     log.info("wrote %s", out / "backbone.safetensors")
+
+
+def quality_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Start and end quality signals, the loss change and the verdict line from a run's records
+    (empty when the run measured no quality signals)."""
+    measured = [r for r in records if "effective_rank" in r]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    steps = [r for r in records if "loss" in r and r.get("kind") is None]
+    if len(measured) < 2 or not epochs:
+        return {}
+    keys = ("effective_rank", "embedding_dim", "alignment", "uniformity")
+    start = quality_lib.QualitySignals(**{k: measured[0][k] for k in keys})
+    end = quality_lib.QualitySignals(**{k: measured[-1][k] for k in keys})
+    first, final = (
+        (epochs[0]["loss"], epochs[-1]["loss"]) if len(epochs) > 1 else (steps[0]["loss"], steps[-1]["loss"])
+    )
+    return {
+        "verdict": quality_lib.verdict(start, end, float(first), float(final)),
+        "loss_change": (float(final) - float(first)) / abs(float(first)) if first else float("nan"),
+        "start": start.to_dict(),
+        "end": end.to_dict(),
+    }
+
+
+def _quality_card(signals: dict[str, Any]) -> Any:
+    if not signals:
+        return "not measured (--quality-crops 0)"
+    s, e = signals["start"], signals["end"]
+    return {
+        "verdict": signals["verdict"],
+        "effective rank (RankMe), start -> end": f"{s['effective_rank']:.1f} -> {e['effective_rank']:.1f} "
+        f"of {int(e['embedding_dim'])}",
+        "alignment (lower = more invariant)": f"{s['alignment']:.3f} -> {e['alignment']:.3f}",
+        "uniformity (lower = more spread)": f"{s['uniformity']:.3f} -> {e['uniformity']:.3f}",
+        "loss change, first -> last epoch": f"{signals['loss_change']:+.1%}",
+    }

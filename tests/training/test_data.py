@@ -123,3 +123,28 @@ def test_unreadable_files_are_skipped_and_empty_folders_rejected(tmp_path: Path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no supported images"):
         UnlabeledFolder(tmp_path / "empty", crop_size=16)
+
+
+def test_structured_crops_come_from_where_the_frame_has_structure(tmp_path: Path) -> None:
+    """Only the top-left quarter holds particles and a text strip closes the frame: every crop
+    is drawn from the particles, none from the strip or the empty film."""
+    rng = np.random.default_rng(0)
+    img = rng.normal(100, 4, (256, 256))
+    yy, xx = np.mgrid[:256, :256]
+    for _ in range(10):
+        cy, cx = rng.uniform(0, 100, 2)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = 230
+    img[-40:] = 0
+    img[-30:-20, 10:120] = 255  # the scale bar
+    _png(tmp_path / "frame.png", img)
+    ds = UnlabeledFolder(tmp_path, crop_size=48, crops_per_image=64, structured_only=True)
+    ds.preload()
+    kept, total = ds.tiles_kept
+    assert 0 < kept < total / 2
+    torch.manual_seed(0)
+    crops = torch.stack([ds[i] for i in range(len(ds))])
+    assert crops.shape == (64, 1, 48, 48)
+    # No crop reaches the black strip (value 0 after the percentile clip) ...
+    assert bool((crops.flatten(1).min(dim=1).values > 0).all())
+    # ... and every crop holds part of a particle (bright pixels).
+    assert bool((crops.flatten(1).max(dim=1).values > 0.9).all())

@@ -24,6 +24,7 @@ from training.runio import load_checkpoint, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCH = "test_resnet"  # timm's tiny test network: same code path as resnet18, a fraction of the cost
+VERDICTS = {"learned", "learned little", "collapsed or near-collapsed"}
 TINY = ["--backbone", ARCH, "--image-size", "32", "--batch-size", "8", "--workers", "0", "--log-every", "2"]
 
 
@@ -76,6 +77,16 @@ def test_run_folder_contents_and_rerun(tmp_path: Path, capsys: pytest.CaptureFix
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["method"] == "barlowtwins" and config["resolved"]["ssl"]["projector"] == [64, 64, 128]
     assert "barlowtwins" in (out / "README.md").read_text()
+
+    # Label-free quality signals: measured before training (epoch 0) and after every epoch, then a
+    # verdict line in the log, the model card and the backbone's metadata.
+    measured = [r for r in records if "effective_rank" in r]
+    assert [r["epoch"] for r in measured] == [0, 1, 2]
+    assert all(1 <= r["effective_rank"] <= r["embedding_dim"] and r["alignment"] >= 0 for r in measured)
+    verdict = [r for r in records if r.get("kind") == "verdict"]
+    assert len(verdict) == 1 and verdict[0]["verdict"].split(":")[0] in VERDICTS
+    assert verdict[0]["verdict"] in (out / "README.md").read_text()
+    assert json.loads(meta["quality"])["verdict"] == verdict[0]["verdict"]
 
     # Re-running the finished run skips it, leaving the files alone.
     mtime = (out / "backbone.safetensors").stat().st_mtime_ns

@@ -1,0 +1,347 @@
+#!/usr/bin/env python
+"""Does pretraining pay off on real frames? ``nanomorph pretrain`` (its defaults) vs a plain
+reference loop (timm + lightly, written below) vs random init, on the same frames and the same
+optimiser-step budget, then identical linear-probe splits. Not a test: it prints measured numbers.
+
+Data: the EMPS particle set (``images/``, ``segmaps/`` instance maps, ``metadata.csv`` with the
+source paper's doi). All frames are used WITHOUT labels for pretraining. The downstream task is
+frame classification, spheres vs rods, the question of the real TEM set in issue 14: a frame's
+label comes from its instance map (median aspect ratio of the particles that do not touch the
+border: <= 1.25 spheres, >= 1.8 rods; other frames and frames with < 3 particles are not
+labelled). Splits are by paper (doi), K labelled frames per class, test = the rest of the papers.
+
+Every encoder sees a frame the same way: tiles of ``--crop-size`` native px resized to
+``--image-size`` (the pretraining scale), frame-normalised by the preprocessing contract; the
+frame's feature is the mean of its tile embeddings; a class-balanced logistic regression on K
+frames per class is scored by balanced accuracy on the test papers.
+
+Usage::
+
+    python bench/ssl_quality.py --data ../shared/data/emps-train --work runs/ssl_quality
+    python bench/ssl_quality.py ... --steps 60 --splits 5        # a quicker look
+
+Re-running reuses finished pretraining runs (``--work``); ``--force`` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nanomorph.contract import Contract, normalise, read_image, resize  # noqa: E402
+from training.finetune_cls import fit_linear_head, recalibrate_batchnorm  # noqa: E402
+from training.metrics import balanced_accuracy  # noqa: E402
+from training.splits import make_split  # noqa: E402
+
+SPHERE_MAX_AR, ROD_MIN_AR, MIN_PARTICLES = 1.25, 1.8, 3
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def frame_labels(root: Path) -> dict[str, dict[str, tuple[str, str]]]:
+    """Two frame-level tasks from the instance maps, ``{task: {filename: (label, doi)}}``:
+
+    * ``shape``: spheres (median aspect ratio <= 1.25) vs rods (>= 1.8);
+    * ``size``: small vs large particles (median equivalent diameter in the lowest vs the highest
+      third of the frames), a scale-dependent property an encoder at a fixed scale should see.
+
+    Only particles that do not touch the border count; frames with fewer than 3 are not labelled.
+    """
+    from PIL import Image
+    from skimage.measure import regionprops
+
+    with open(root / "metadata.csv", newline="") as fh:
+        dois = {r["filename"]: r["doi"] for r in csv.DictReader(fh)}
+    ratio, diameter = {}, {}
+    for name in sorted(dois):
+        seg = np.array(Image.open(root / "segmaps" / name))
+        h, w = seg.shape
+        props = [
+            r
+            for r in regionprops(seg)
+            if r.area >= 30
+            and r.axis_minor_length >= 1
+            and min(r.bbox[:2]) > 0
+            and r.bbox[2] < h
+            and r.bbox[3] < w
+        ]
+        if len(props) >= MIN_PARTICLES:
+            ratio[name] = float(np.median([r.axis_major_length / r.axis_minor_length for r in props]))
+            diameter[name] = float(np.median([r.equivalent_diameter_area for r in props]))
+    shape = {n: ("spheres" if a <= SPHERE_MAX_AR else "rods", dois[n]) for n, a in ratio.items()
+             if a <= SPHERE_MAX_AR or a >= ROD_MIN_AR}  # fmt: skip
+    lo, hi = np.percentile(list(diameter.values()), (100 / 3, 200 / 3))
+    size = {n: ("small" if d <= lo else "large", dois[n]) for n, d in diameter.items() if d <= lo or d >= hi}
+    return {"shape": shape, "size": size}
+
+
+def frame_tiles(path: Path, crop: int, size: int) -> np.ndarray:
+    """Non-overlapping-as-possible tiles of ``crop`` native px covering the frame, resized to
+    ``size``: (T, 1, size, size) float32. A frame smaller than ``crop`` is one tile."""
+    image = normalise(read_image(path)[0], Contract())
+    h, w = image.shape
+    if min(h, w) < crop:
+        s = crop / min(h, w)
+        image = resize(image, (max(crop, round(h * s)), max(crop, round(w * s))))
+        h, w = image.shape
+    ys = np.linspace(0, h - crop, max(1, int(np.ceil(h / crop)))).round().astype(int)
+    xs = np.linspace(0, w - crop, max(1, int(np.ceil(w / crop)))).round().astype(int)
+    tiles = [resize(image[y : y + crop, x : x + crop], (size, size)) for y in ys for x in xs]
+    return np.stack(tiles)[:, None].astype(np.float32)
+
+
+def link_unlabeled(root: Path, work: Path) -> Path:
+    folder = work / "unlabeled"
+    folder.mkdir(parents=True, exist_ok=True)
+    for src in sorted((root / "images").glob("*.png")):
+        dst = folder / src.name
+        if not dst.exists():
+            dst.symlink_to(src.resolve())
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# the three encoders
+
+
+def run_nanomorph(unlabeled: Path, out: Path, args: argparse.Namespace, extra: str) -> tuple[Path, float]:
+    """``nanomorph pretrain`` with its defaults, told only the data, the budget and the scale."""
+    steps_per_epoch = 10
+    cmd = [
+        sys.executable, "-m", "nanomorph.cli", "pretrain", "--data", str(unlabeled), "--out", str(out),
+        "--epochs", str(max(1, args.steps // steps_per_epoch)), "--steps-per-epoch", str(steps_per_epoch),
+        "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+        "--crop-size", str(args.crop_size), "--crops-per-image", "8",
+    ] + extra.split()  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if not (out / "backbone.safetensors").exists():
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return out / "backbone.safetensors", cpu
+
+
+def structured_tiles(unlabeled: Path, crop: int, size: int) -> np.ndarray:
+    """The reference loop's data: fixed tiles that hold structure (tile std above the 25th
+    percentile of all tiles), each normalised to its own 1st-99th percentiles."""
+    tiles = []
+    for path in sorted(unlabeled.glob("*.png")):
+        raw = read_image(path)[0]
+        for t in frame_tiles_raw(raw, crop):
+            lo, hi = np.percentile(t, (1, 99))
+            tiles.append(resize(np.clip((t - lo) / max(hi - lo, 1e-6), 0, 1), (size, size)))
+    x = np.stack(tiles).astype(np.float32)
+    keep = x.std(axis=(1, 2)) > np.percentile(x.std(axis=(1, 2)), 25)
+    return x[keep][:, None]
+
+
+def frame_tiles_raw(image: np.ndarray, crop: int) -> list[np.ndarray]:
+    h, w = image.shape
+    return [
+        image[y : y + crop, x : x + crop]
+        for y in range(0, h - crop + 1, crop)
+        for x in range(0, w - crop + 1, crop)
+    ]
+
+
+def run_plain_loop(unlabeled: Path, out: Path, args: argparse.Namespace) -> tuple[Path, float]:
+    """A plain SimCLR loop: timm resnet18 + lightly's NT-Xent, AdamW lr 1e-3, torchvision augs."""
+    import timm
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+    from torchvision.transforms import v2
+
+    weights = out / "backbone.pt"
+    if weights.exists():
+        return weights, json.loads((out / "cpu.json").read_text())["cpu_s"]
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.process_time()
+    torch.manual_seed(0)
+    data = torch.from_numpy(structured_tiles(unlabeled, args.crop_size, args.image_size))
+    s = args.image_size
+    aug = v2.Compose([
+        v2.RandomResizedCrop(s, scale=(0.2, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(), v2.RandomApply([v2.ColorJitter(0.4, 0.4)], p=0.8),
+        v2.RandomApply([v2.GaussianBlur(5, (0.1, 2.0))], p=0.5),
+    ])  # fmt: skip
+    backbone = timm.create_model("resnet18", in_chans=1, num_classes=0)
+    head = SimCLRProjectionHead(512, 512, 128)
+    model = torch.nn.Sequential(backbone, head).to(memory_format=torch.channels_last)
+    loss_fn = NTXentLoss()  # lightly's default temperature (0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    losses = []
+    for step in range(args.steps):
+        idx = torch.randint(0, len(data), (args.batch_size,))
+        x = data[idx]
+        v0 = torch.stack([aug(t) for t in x]).contiguous(memory_format=torch.channels_last)
+        v1 = torch.stack([aug(t) for t in x]).contiguous(memory_format=torch.channels_last)
+        loss = loss_fn(model(v0), model(v1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if step % 10 == 0:
+            print(f"plain loop step {step}/{args.steps} loss {loss.item():.3f}", flush=True)
+    torch.save(backbone.state_dict(), weights)
+    cpu = time.process_time() - t0
+    (out / "cpu.json").write_text(
+        json.dumps({"cpu_s": cpu, "loss_first": losses[0], "loss_last": losses[-1]})
+    )
+    return weights, cpu
+
+
+def load_encoder(name: str, path: Path | None, calibration: np.ndarray) -> torch.nn.Module:
+    import timm
+
+    from training.backbones import load_backbone
+
+    if name == "nanomorph":
+        model, _ = load_backbone(path)  # type: ignore[arg-type]
+    else:
+        torch.manual_seed(0)
+        model = timm.create_model("resnet18", in_chans=1, num_classes=0)
+        if path is not None:
+            model.load_state_dict(torch.load(path, weights_only=True))
+        else:  # random init: BatchNorm statistics from the data, as `nanomorph study` does
+            recalibrate_batchnorm(model, calibration)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# probe
+
+
+@torch.no_grad()
+def frame_features(model: torch.nn.Module, tiles: list[np.ndarray]) -> np.ndarray:
+    feats = []
+    for t in tiles:
+        f = model(torch.from_numpy(t).contiguous(memory_format=torch.channels_last)).float()
+        feats.append(f.mean(0).numpy())
+    return np.stack(feats)
+
+
+def probe(features: np.ndarray, y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> float:
+    split = make_split(y, k, 0.0, 0.3, seed, groups=groups)
+    w, b, _ = fit_linear_head(features[split.train], y[split.train], features[:0], y[:0], 2, [], 1e-2)
+    pred = (torch.from_numpy(features[split.test]) @ w.T + b).argmax(1).numpy()
+    return balanced_accuracy(y[split.test], pred, 2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/emps-train")
+    p.add_argument("--work", type=Path, default=ROOT / "runs/ssl_quality")
+    p.add_argument("--steps", type=int, default=200, help="optimiser steps of each pretraining")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--crop-size", type=int, default=256, help="native px of a tile / crop")
+    p.add_argument("--splits", type=int, default=20)
+    p.add_argument("--k", default="1,2,4,8")
+    p.add_argument(
+        "--run",
+        action="append",
+        metavar="TAG=FLAGS",
+        help="a nanomorph pretrain run: its name under --work and extra flags (repeatable); "
+        "default: one run 'default' with no extra flags",
+    )
+    p.add_argument("--skip-plain", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 2)
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    unlabeled = link_unlabeled(args.data, args.work)
+    tasks = frame_labels(args.data)
+    names = sorted(set().union(*tasks.values()))
+    for task, labels in tasks.items():
+        counts = {c: sum(v[0] == c for v in labels.values()) for c in sorted({v[0] for v in labels.values()})}
+        print(f"task {task}: {counts} frames from {len({v[1] for v in labels.values()})} papers")
+    print(f"{len(list(unlabeled.glob('*.png')))} unlabeled frames for pretraining")
+    tiles = {n: frame_tiles(args.data / "images" / n, args.crop_size, args.image_size) for n in names}
+    pooled = np.concatenate(list(tiles.values()))
+    calibration = pooled[:: max(1, len(pooled) // 512)]
+
+    encoders: dict[str, tuple[str, Path | None, float]] = {"random init": ("random", None, 0.0)}
+    for spec in args.run or ["default="]:
+        tag, _, extra = spec.partition("=")
+        nm_path, nm_cpu = run_nanomorph(unlabeled, args.work / tag, args, extra)
+        encoders[f"nanomorph ({tag})"] = ("nanomorph", nm_path, nm_cpu)
+    if not args.skip_plain:
+        plain_path, plain_cpu = run_plain_loop(unlabeled, args.work / "plain", args)
+        encoders["plain loop"] = ("plain", plain_path, plain_cpu)
+
+    ks = [int(k) for k in args.k.split(",")]
+    table: dict[str, dict[str, dict[int, tuple[float, float]]]] = {task: {} for task in tasks}
+    signals: dict[str, dict[str, float]] = {}
+    for label, (kind, path, _) in encoders.items():
+        model = load_encoder(kind, path, calibration)
+        feats = dict(zip(names, frame_features(model, [tiles[n] for n in names]), strict=True))
+        signals[label] = tile_signals(model, pooled)
+        for task, labels in tasks.items():
+            classes = sorted({v[0] for v in labels.values()})
+            task_names = sorted(labels)
+            f = np.stack([feats[n] for n in task_names])
+            y = np.array([classes.index(labels[n][0]) for n in task_names])
+            groups = np.array([labels[n][1] for n in task_names])
+            table[task][label] = {}
+            for k in ks:
+                scores = [probe(f, y, groups, k, seed) for seed in range(args.splits)]
+                table[task][label][k] = (float(np.mean(scores)), float(np.std(scores)))
+    for task in tasks:
+        report(task, table[task], encoders, ks, args)
+    print("\nlabel-free signals on the probe tiles (training.quality):")
+    for label, sig in signals.items():
+        print(f"  {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in sig.items()))
+
+
+def tile_signals(model: torch.nn.Module, pooled: np.ndarray) -> dict[str, float]:
+    """Effective rank, alignment and uniformity of the encoder on up to 512 probe tiles."""
+    from training.augment import AugmentConfig, BatchAugment
+    from training.quality import measure
+
+    x = torch.from_numpy(pooled[:: max(1, len(pooled) // 512)])
+    augment = BatchAugment(AugmentConfig(image_size=x.shape[-1]))
+    return measure(model, x, augment, torch.device("cpu")).to_dict()
+
+
+def report(task: str, table: dict, encoders: dict, ks: list[int], args: argparse.Namespace) -> None:
+    print(f"\ntask {task}: balanced accuracy, mean ± std over {args.splits} splits by paper")
+    print("| encoder | CPU s | " + " | ".join(f"K={k}" for k in ks) + " |")
+    print("|---|---|" + "---|" * len(ks))
+    for label, row in table.items():
+        cells = " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in (row[k] for k in ks))
+        print(f"| {label} | {encoders[label][2]:.0f} | {cells} |")
+    base = table["random init"]
+    gains = {
+        label: [row[k][0] - base[k][0] for k in ks] for label, row in table.items() if label != "random init"
+    }
+    for label, g in gains.items():
+        print(
+            f"gain over random init, {label}: "
+            + ", ".join(f"K={k} {v:+.3f}" for k, v in zip(ks, g, strict=False))
+        )
+    for label, nm in gains.items():
+        if not label.startswith("nanomorph") or "plain loop" not in gains:
+            continue
+        pl = gains["plain loop"]
+        print(f"gain ratio {label} / plain loop: " + ", ".join(
+            f"K={k} {a / b:.2f}" if abs(b) > 1e-9 else f"K={k} n/a" for k, a, b in zip(ks, nm, pl, strict=False)))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
