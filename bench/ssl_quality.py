@@ -87,7 +87,7 @@ def frame_labels(root: Path) -> dict[str, dict[str, tuple[str, str]]]:
              if a <= SPHERE_MAX_AR or a >= ROD_MIN_AR}  # fmt: skip
     lo, hi = np.percentile(list(diameter.values()), (100 / 3, 200 / 3))
     size = {n: ("small" if d <= lo else "large", dois[n]) for n, d in diameter.items() if d <= lo or d >= hi}
-    return {"shape": shape, "size": size}
+    return {"frame-shape": shape, "frame-size": size}
 
 
 def frame_tiles(path: Path, crop: int, size: int) -> np.ndarray:
@@ -99,10 +99,63 @@ def frame_tiles(path: Path, crop: int, size: int) -> np.ndarray:
         s = crop / min(h, w)
         image = resize(image, (max(crop, round(h * s)), max(crop, round(w * s))))
         h, w = image.shape
+    tiles = [resize(image[y : y + crop, x : x + crop], (size, size)) for y, x in tile_origins_of(h, w, crop)]
+    return np.stack(tiles)[:, None].astype(np.float32)
+
+
+def tile_origins_of(h: int, w: int, crop: int) -> list[tuple[int, int]]:
     ys = np.linspace(0, h - crop, max(1, int(np.ceil(h / crop)))).round().astype(int)
     xs = np.linspace(0, w - crop, max(1, int(np.ceil(w / crop)))).round().astype(int)
-    tiles = [resize(image[y : y + crop, x : x + crop], (size, size)) for y in ys for x in xs]
-    return np.stack(tiles)[:, None].astype(np.float32)
+    return [(int(y), int(x)) for y in ys for x in xs]
+
+
+def tile_particles(seg: np.ndarray, crop: int) -> list[tuple[float, float, int]]:
+    """Per tile of ``frame_tiles``' grid: (median aspect ratio, median equivalent diameter, count)
+    of the particles lying wholly inside the tile (nan, nan, n when fewer than 3)."""
+    from skimage.measure import regionprops
+
+    h, w = seg.shape
+    if min(h, w) < crop:  # frame_tiles resizes such frames up: keep their one tile unlabeled
+        return [(float("nan"), float("nan"), 0)] * len(tile_origins_of(max(h, crop), max(w, crop), crop))
+    out = []
+    for y, x in tile_origins_of(h, w, crop):
+        sub = seg[y : y + crop, x : x + crop]
+        props = [
+            r
+            for r in regionprops(sub)
+            if r.area >= 30
+            and r.axis_minor_length >= 1
+            and min(r.bbox[:2]) > 0
+            and r.bbox[2] < crop
+            and r.bbox[3] < crop
+        ]
+        if len(props) < MIN_PARTICLES:
+            out.append((float("nan"), float("nan"), len(props)))
+            continue
+        ar = float(np.median([r.axis_major_length / r.axis_minor_length for r in props]))
+        out.append((ar, float(np.median([r.equivalent_diameter_area for r in props])), len(props)))
+    return out
+
+
+def tile_tasks(
+    root: Path, names: list[str], crop: int, dois: dict[str, str]
+) -> dict[str, dict[str, tuple[str, str]]]:
+    """Tile-level tasks (items are ``name#index`` into that frame's tiles), grouped by paper:
+    ``tile-shape`` (spheres vs rods, as for frames) and ``tile-size`` (small vs large particles,
+    lowest vs highest third of the tiles' median diameter)."""
+    from PIL import Image
+
+    ratio, diameter = {}, {}
+    for name in names:
+        for i, (ar, ecd, _) in enumerate(tile_particles(np.array(Image.open(root / "segmaps" / name)), crop)):
+            if np.isfinite(ar):
+                ratio[f"{name}#{i}"], diameter[f"{name}#{i}"] = ar, ecd
+    group = {item: dois[item.split("#")[0]] for item in ratio}
+    shape = {t: ("spheres" if a <= SPHERE_MAX_AR else "rods", group[t]) for t, a in ratio.items()
+             if a <= SPHERE_MAX_AR or a >= ROD_MIN_AR}  # fmt: skip
+    lo, hi = np.percentile(list(diameter.values()), (100 / 3, 200 / 3))
+    size = {t: ("small" if d <= lo else "large", group[t]) for t, d in diameter.items() if d <= lo or d >= hi}
+    return {"tile-shape": shape, "tile-size": size}
 
 
 def link_unlabeled(root: Path, work: Path) -> Path:
@@ -128,12 +181,14 @@ def run_nanomorph(unlabeled: Path, out: Path, args: argparse.Namespace, extra: s
         "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
         "--crop-size", str(args.crop_size), "--crops-per-image", "8",
     ] + extra.split()  # fmt: skip
+    if (out / "bench_cpu.json").exists():
+        return out / "backbone.safetensors", json.loads((out / "bench_cpu.json").read_text())["cpu_s"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if not (out / "backbone.safetensors").exists():
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-        subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    (out / "bench_cpu.json").write_text(json.dumps({"cpu_s": cpu, "command": cmd}))
     return out / "backbone.safetensors", cpu
 
 
@@ -228,16 +283,21 @@ def load_encoder(name: str, path: Path | None, calibration: np.ndarray) -> torch
 
 
 @torch.no_grad()
-def frame_features(model: torch.nn.Module, tiles: list[np.ndarray]) -> np.ndarray:
-    feats = []
-    for t in tiles:
-        f = model(torch.from_numpy(t).contiguous(memory_format=torch.channels_last)).float()
-        feats.append(f.mean(0).numpy())
-    return np.stack(feats)
+def item_features(model: torch.nn.Module, tiles: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Embeddings of every tile (``name#i``) and of every frame (``name``: the mean of its tiles)."""
+    out: dict[str, np.ndarray] = {}
+    for name, t in tiles.items():
+        f = model(torch.from_numpy(t).contiguous(memory_format=torch.channels_last)).float().numpy()
+        out[name] = f.mean(0)
+        out.update({f"{name}#{i}": row for i, row in enumerate(f)})
+    return out
 
 
 def probe(features: np.ndarray, y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> float:
-    split = make_split(y, k, 0.0, 0.3, seed, groups=groups)
+    try:
+        split = make_split(y, k, 0.0, 0.3, seed, groups=groups)
+    except ValueError:  # fewer than k labelled items of a class outside the test papers
+        return float("nan")
     w, b, _ = fit_linear_head(features[split.train], y[split.train], features[:0], y[:0], 2, [], 1e-2)
     pred = (torch.from_numpy(features[split.test]) @ w.T + b).argmax(1).numpy()
     return balanced_accuracy(y[split.test], pred, 2)
@@ -252,7 +312,8 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--crop-size", type=int, default=256, help="native px of a tile / crop")
     p.add_argument("--splits", type=int, default=20)
-    p.add_argument("--k", default="1,2,4,8")
+    p.add_argument("--k", default="1,2,4,8", help="labelled frames per class (frame tasks)")
+    p.add_argument("--k-tiles", default="4,16,32", help="labelled tiles per class (tile tasks)")
     p.add_argument(
         "--run",
         action="append",
@@ -266,11 +327,13 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     unlabeled = link_unlabeled(args.data, args.work)
-    tasks = frame_labels(args.data)
-    names = sorted(set().union(*tasks.values()))
+    with open(args.data / "metadata.csv", newline="") as fh:
+        dois = {r["filename"]: r["doi"] for r in csv.DictReader(fh)}
+    names = sorted(dois)
+    tasks = {**frame_labels(args.data), **tile_tasks(args.data, names, args.crop_size, dois)}
     for task, labels in tasks.items():
         counts = {c: sum(v[0] == c for v in labels.values()) for c in sorted({v[0] for v in labels.values()})}
-        print(f"task {task}: {counts} frames from {len({v[1] for v in labels.values()})} papers")
+        print(f"task {task}: {counts} from {len({v[1] for v in labels.values()})} papers")
     print(f"{len(list(unlabeled.glob('*.png')))} unlabeled frames for pretraining")
     tiles = {n: frame_tiles(args.data / "images" / n, args.crop_size, args.image_size) for n in names}
     pooled = np.concatenate(list(tiles.values()))
@@ -286,11 +349,12 @@ def main() -> None:
         encoders["plain loop"] = ("plain", plain_path, plain_cpu)
 
     ks = [int(k) for k in args.k.split(",")]
+    ks_tiles = [int(k) for k in args.k_tiles.split(",")]
     table: dict[str, dict[str, dict[int, tuple[float, float]]]] = {task: {} for task in tasks}
     signals: dict[str, dict[str, float]] = {}
     for label, (kind, path, _) in encoders.items():
         model = load_encoder(kind, path, calibration)
-        feats = dict(zip(names, frame_features(model, [tiles[n] for n in names]), strict=True))
+        feats = item_features(model, tiles)
         signals[label] = tile_signals(model, pooled)
         for task, labels in tasks.items():
             classes = sorted({v[0] for v in labels.values()})
@@ -299,11 +363,12 @@ def main() -> None:
             y = np.array([classes.index(labels[n][0]) for n in task_names])
             groups = np.array([labels[n][1] for n in task_names])
             table[task][label] = {}
-            for k in ks:
+            for k in ks_tiles if task.startswith("tile") else ks:
                 scores = [probe(f, y, groups, k, seed) for seed in range(args.splits)]
-                table[task][label][k] = (float(np.mean(scores)), float(np.std(scores)))
+                ok = [v for v in scores if np.isfinite(v)]
+                table[task][label][k] = (float(np.mean(ok)), float(np.std(ok))) if ok else (float("nan"), 0.0)
     for task in tasks:
-        report(task, table[task], encoders, ks, args)
+        report(task, table[task], encoders, ks_tiles if task.startswith("tile") else ks, args)
     print("\nlabel-free signals on the probe tiles (training.quality):")
     for label, sig in signals.items():
         print(f"  {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in sig.items()))

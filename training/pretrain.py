@@ -468,7 +468,7 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
     )
     quality = QualityMonitor(dataset, augment, device, args, enabled=info.is_main)
     if start_epoch == 0 and quality.enabled:
-        metrics.log(epoch=0, step=0, kind="quality", **quality.measure(model.backbone).to_dict())
+        metrics.log({"epoch": 0, "step": 0, "kind": "quality", **quality.measure(model.backbone).to_dict()})
     last: dict[str, float] = {}
     for epoch in range(start_epoch, cfg["epochs"]):
         if isinstance(sampler, DistributedSampler):
@@ -625,6 +625,9 @@ def _finish(
         "in_chans": "1",
         "method": cfg["method"],
         "image_size": str(cfg["image_size"]),
+        # Native px of a pretraining crop: with image_size it fixes the scale the encoder knows,
+        # which classification and segmentation tile at.
+        "crop_size": str(cfg["crop_size"]),
         "contract": contract.to_json(),
         "epochs": str(cfg["epochs"]),
         "embedding_dim": str(embedding_dim),
@@ -685,8 +688,10 @@ def quality_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     if len(measured) < 2 or not epochs:
         return {}
     keys = ("effective_rank", "embedding_dim", "alignment", "uniformity")
-    start = quality_lib.QualitySignals(**{k: measured[0][k] for k in keys})
-    end = quality_lib.QualitySignals(**{k: measured[-1][k] for k in keys})
+    start, end = (
+        quality_lib.QualitySignals(**{k: int(r[k]) if k == "embedding_dim" else r[k] for k in keys})
+        for r in (measured[0], measured[-1])
+    )
     first, final = (
         (epochs[0]["loss"], epochs[-1]["loss"]) if len(epochs) > 1 else (steps[0]["loss"], steps[-1]["loss"])
     )

@@ -99,7 +99,7 @@ def verdict(start: QualitySignals, end: QualitySignals, loss_first: float, loss_
     embedding stayed low-rank" from runs that changed the encoder, not good from excellent.
     """
     change = (loss_last - loss_first) / abs(loss_first) if loss_first else float("nan")
-    rank, dim = end.effective_rank, end.embedding_dim
+    rank, dim = end.effective_rank, int(end.embedding_dim)
     facts = (
         f"effective rank {rank:.0f} of {dim} (start {start.effective_rank:.0f}), "
         f"loss {change:+.0%}, alignment {end.alignment:.2f}, uniformity {end.uniformity:.2f}"
