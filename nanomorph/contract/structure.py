@@ -119,7 +119,8 @@ def structured_tiles(image: np.ndarray, tile: int, stride: int | None = None) ->
     inner = bands.crop(image)
     if min(inner.shape) < tile:  # the strips leave too little: do not trust them
         bands, inner = Bands(), image
-    origins = tile_origins(*inner.shape, tile, stride or max(1, tile // 2))
+    h, w = inner.shape
+    origins = tile_origins(h, w, tile, stride or max(1, tile // 2))
     scores = structure_scores(inner, origins, tile)
     threshold = max(MIN_STRUCTURE, RELATIVE_STRUCTURE * float(np.percentile(scores, 90)))
     keep = [o for o, s in zip(origins, scores, strict=False) if s >= threshold] or origins
