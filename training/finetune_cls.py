@@ -171,7 +171,7 @@ class EncoderSpec:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, x: np.ndarray, batch_size: int = 64) -> None:
+def recalibrate_batchnorm(model: nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 64) -> None:
     """Re-estimates BatchNorm running statistics as the plain average over ``x`` (no weights change)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in bns:
@@ -181,7 +181,7 @@ def recalibrate_batchnorm(model: nn.Module, x: np.ndarray, batch_size: int = 64)
     for i in range(0, len(x), batch_size):
         chunk = x[i : i + batch_size]
         if len(chunk) > 1:  # train-mode BatchNorm needs more than one value per channel
-            model(torch.from_numpy(chunk))
+            model(torch.as_tensor(chunk).to(next(model.parameters()).device))
     for m in bns:
         m.momentum = 0.1
     model.eval()

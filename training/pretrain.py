@@ -24,6 +24,7 @@ an unfinished one needs ``--resume`` (which continues from the last completed ep
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -468,7 +469,8 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
     )
     quality = QualityMonitor(dataset, augment, device, args, enabled=info.is_main)
     if start_epoch == 0 and quality.enabled:
-        metrics.log({"epoch": 0, "step": 0, "kind": "quality", **quality.measure(model.backbone).to_dict()})
+        start_signals = quality.measure_start(model.backbone)
+        metrics.log({"epoch": 0, "step": 0, "kind": "quality", **start_signals.to_dict()})
     last: dict[str, float] = {}
     for epoch in range(start_epoch, cfg["epochs"]):
         if isinstance(sampler, DistributedSampler):
@@ -601,6 +603,21 @@ class QualityMonitor:
 
     def measure(self, backbone: nn.Module) -> quality_lib.QualitySignals:
         return quality_lib.measure(backbone, self.crops, self.augment, self.device)
+
+    def measure_start(self, backbone: nn.Module) -> quality_lib.QualitySignals:
+        """The starting point, measured on a copy whose BatchNorm statistics come from the crops:
+        a fresh network's init statistics (mean 0, var 1) would make random features look
+        collapsed (effective rank ~3 of 512 on real frames) and every run look like progress."""
+        from training.finetune_cls import recalibrate_batchnorm
+
+        probe = copy.deepcopy(backbone)
+        state = torch.random.get_rng_state()
+        try:
+            views = self.augment(self.crops).contiguous(memory_format=torch.channels_last)
+            recalibrate_batchnorm(probe, views)
+        finally:
+            torch.random.set_rng_state(state)
+        return self.measure(probe)
 
 
 def _finish(

@@ -94,9 +94,12 @@ def measure(
 def verdict(start: QualitySignals, end: QualitySignals, loss_first: float, loss_last: float) -> str:
     """One plain line: did pretraining learn something worth using?
 
-    ``loss_first``/``loss_last`` are the mean losses of the first and last logged windows. The
-    thresholds are deliberately coarse: they separate "the objective barely moved" and "the
-    embedding stayed low-rank" from runs that changed the encoder, not good from excellent.
+    ``loss_first``/``loss_last`` are the losses of the first and last epochs. The thresholds are
+    deliberately coarse: they separate "the embedding collapsed" (effective rank under 2 % of the
+    dimension) and "the objective barely moved" (loss down by less than 10 %) from runs that
+    changed the encoder, not good from excellent. The start values (a BatchNorm-recalibrated copy
+    of the initial network) are printed for reference: random features are high-rank noise, so a
+    trained encoder's rank may well be lower than its start; alignment should fall.
     """
     change = (loss_last - loss_first) / abs(loss_first) if loss_first else float("nan")
     rank, dim = end.effective_rank, int(end.embedding_dim)
@@ -104,8 +107,8 @@ def verdict(start: QualitySignals, end: QualitySignals, loss_first: float, loss_
         f"effective rank {rank:.0f} of {dim} (start {start.effective_rank:.0f}), "
         f"loss {change:+.0%}, alignment {end.alignment:.2f}, uniformity {end.uniformity:.2f}"
     )
+    if rank < max(8.0, 0.02 * dim):
+        return f"collapsed or near-collapsed: {facts}"
     if not math.isfinite(change) or change > -0.1:
         return f"learned little: {facts}"
-    if rank < max(8.0, 0.02 * dim) or rank < 0.5 * start.effective_rank:
-        return f"collapsed or near-collapsed: {facts}"
     return f"learned: {facts}"
