@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 from html.parser import HTMLParser
+from typing import Any
 
 import httpx
 import numpy as np
@@ -84,7 +85,7 @@ def test_openapi_has_package_version_and_bearer_scheme(server: Server) -> None:
 
 
 def test_document_requires_the_token_where_the_guard_does() -> None:
-    spec = {
+    spec: dict[str, Any] = {
         "info": {"title": "x", "version": "None"},
         "components": {"schemas": {"A": {}}},
         "paths": {
