@@ -453,7 +453,7 @@ async function loadModels() {
   const checked = document.querySelector("input[name=task]:checked");
   if (checked && checked.disabled) {
     const other = document.querySelector("input[name=task]:not(:disabled)");
-    if (other) other.checked = true;
+    if (other) other.click();
   }
   $("#models").textContent = lines.join(" · ") + (body.ready ? "" : " (still loading)");
 }
@@ -485,7 +485,17 @@ async function start() {
     drop.classList.remove("over");
     takeFiles(ev.dataTransfer.files);
   });
-  for (const radio of document.querySelectorAll("input[name=task]")) radio.addEventListener("change", run);
+  const pixelBox = () => {
+    // The pixel size only matters to segmentation (the numbers); classify ignores it.
+    $("#pixel-box").hidden = document.querySelector("input[name=task]:checked").value !== "segment";
+  };
+  for (const radio of document.querySelectorAll("input[name=task]")) {
+    radio.addEventListener("change", () => {
+      pixelBox();
+      run();
+    });
+  }
+  pixelBox();
   $("#rerun").addEventListener("click", run);
   await loadModels();
 }

@@ -21,6 +21,9 @@ from tests.fixtures.emfiles import dm_bytes
 from tests.fixtures.server import Server
 from tests.service.conftest import png_bytes, speck_image
 
+#: Generous timeout: under load the 2-core test machine can take seconds to answer.
+HTTP = httpx.Client(timeout=60)
+
 
 class _Links(HTMLParser):
     def __init__(self) -> None:
@@ -41,7 +44,7 @@ def _links(html: str) -> list[str]:
 
 @pytest.mark.parametrize("page", ["/", "/docs"])
 def test_pages_load_only_files_of_this_server(server: Server, page: str) -> None:
-    r = httpx.get(server.url + page)
+    r = HTTP.get(server.url + page)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "googletagmanager" not in r.text
     links = _links(r.text)
@@ -50,7 +53,7 @@ def test_pages_load_only_files_of_this_server(server: Server, page: str) -> None
         assert not re.match(r"^(https?:)?//", link), link  # nothing from a CDN or a tracker
         if link.startswith("data:"):
             continue
-        got = httpx.get(f"{server.url}/{link.removeprefix('./').lstrip('/')}")
+        got = HTTP.get(f"{server.url}/{link.removeprefix('./').lstrip('/')}")
         assert got.status_code == 200, link
 
 
@@ -61,7 +64,7 @@ def test_page_scripts_fetch_nothing_from_elsewhere() -> None:
 
 
 def test_page_config_has_the_overlay_palette(server: Server) -> None:
-    config = httpx.get(server.url + "/ui/config.json").json()
+    config = HTTP.get(server.url + "/ui/config.json").json()
     assert config == {
         "version": nanomorph.__version__,
         "auth": False,
@@ -72,7 +75,7 @@ def test_page_config_has_the_overlay_palette(server: Server) -> None:
 
 
 def test_openapi_has_package_version_and_bearer_scheme(server: Server) -> None:
-    doc = httpx.get(server.url + "/docs.json").json()
+    doc = HTTP.get(server.url + "/docs.json").json()
     assert doc["info"]["version"] == nanomorph.__version__ != "None"
     assert "shields.io" not in doc["info"]["description"]  # BentoML's README badges are gone
     assert doc["components"]["securitySchemes"][BEARER]["type"] == "http"
@@ -107,9 +110,7 @@ def test_document_requires_the_token_where_the_guard_does() -> None:
 def test_preview_of_a_dm4_keeps_shape_and_calibration(server: Server) -> None:
     rng = np.random.default_rng(0)
     frame = (rng.random((40, 56)) * 4000).astype(np.float32)
-    r = httpx.post(
-        server.url + "/preview", files={"image": ("f.dm4", dm_bytes(frame, scale=0.25, unit="nm"))}
-    )
+    r = HTTP.post(server.url + "/preview", files={"image": ("f.dm4", dm_bytes(frame, scale=0.25, unit="nm"))})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.headers["x-nanomorph-shape"] == "40x56"
     assert float(r.headers["x-nanomorph-pixel-size"]) == pytest.approx(0.25)
@@ -121,7 +122,7 @@ def test_preview_of_a_dm4_keeps_shape_and_calibration(server: Server) -> None:
 
 
 def test_preview_of_a_png_is_uncalibrated(server: Server) -> None:
-    r = httpx.post(server.url + "/preview", files={"image": ("a.png", png_bytes(speck_image(False)))})
+    r = HTTP.post(server.url + "/preview", files={"image": ("a.png", png_bytes(speck_image(False)))})
     assert r.status_code == 200 and "x-nanomorph-pixel-size" not in r.headers
     assert r.headers["x-nanomorph-shape"] == "48x56"
 
@@ -133,13 +134,13 @@ def test_preview_of_a_png_is_uncalibrated(server: Server) -> None:
 def test_preview_refuses_bad_uploads_like_the_other_endpoints(
     server: Server, data: bytes, status: int, reason: str
 ) -> None:
-    r = httpx.post(server.url + "/preview", files={"image": ("bad.png", data)})
+    r = HTTP.post(server.url + "/preview", files={"image": ("bad.png", data)})
     assert r.status_code == status and r.json()["reason"] == reason
     assert "bad.png" in r.json()["error"]
 
 
 def test_preview_without_multipart_is_415(server: Server) -> None:
-    r = httpx.post(server.url + "/preview", content=b"raw", headers={"content-type": "image/png"})
+    r = HTTP.post(server.url + "/preview", content=b"raw", headers={"content-type": "image/png"})
     assert r.status_code == 415 and r.json()["reason"] == "unsupported_media_type"
 
 

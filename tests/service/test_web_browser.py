@@ -55,7 +55,10 @@ pytestmark = [
     pytest.mark.skipif(bool(_missing), reason="no headless browser: missing " + ", ".join(_missing)),
 ]
 
-WAIT_S = 60
+#: Seconds to wait for the page (generous: the shared CI machine can be heavily loaded).
+WAIT_S = 120
+#: Generous timeout: under load the 2-core test machine can take seconds to answer.
+HTTP = httpx.Client(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +163,7 @@ def test_classify_in_the_browser(driver: Any, server: Server, tmp_path: Path) ->
 
     files = _files(tmp_path)
     api = [
-        httpx.post(server.url + "/classify", files={"images": (f.name, f.read_bytes())}).json()["results"][0]
+        HTTP.post(server.url + "/classify", files={"images": (f.name, f.read_bytes())}).json()["results"][0]
         for f in files
     ]
     cards = _run(driver, server, "classify", files)
@@ -195,7 +198,7 @@ def test_segment_a_calibrated_dm4_in_the_browser(driver: Any, server: Server, tm
     from selenium.webdriver.common.by import By
 
     dm4 = _files(tmp_path)[2]
-    expected = httpx.post(server.url + "/segment", files={"image": (dm4.name, dm4.read_bytes())}).json()
+    expected = HTTP.post(server.url + "/segment", files={"image": (dm4.name, dm4.read_bytes())}).json()
     assert expected["pixel_size"] == pytest.approx(0.8)
     (card,) = _run(driver, server, "segment", [dm4])
 
@@ -230,3 +233,54 @@ def test_segment_a_calibrated_dm4_in_the_browser(driver: Any, server: Server, tm
     csv = _blob_text(driver, links["CSV"])
     assert f"frame.dm4,{expected['model']},wire,area_fraction,{wire['area_fraction']}" in csv
     _screenshot(driver, tmp_path, "web-segment.png")
+
+
+def test_api_docs_page_offers_authorize(driver: Any, server: Server) -> None:
+    """Swagger UI at /docs renders the document offline, with the package version and an
+    Authorize button (shown only when the document declares a security scheme)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    import nanomorph
+
+    driver.get(server.url + "/docs")
+    WebDriverWait(driver, WAIT_S).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .info .title")
+    )
+    assert nanomorph.__version__ in driver.find_element(By.CSS_SELECTOR, ".swagger-ui .info").text
+    assert driver.find_elements(By.CSS_SELECTOR, ".swagger-ui button.authorize")
+    ops = driver.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock-summary-path")
+    assert {"/classify", "/segment", "/preview"} <= {o.text.strip() for o in ops}
+
+
+def test_token_field_when_auth_is_on(
+    driver: Any, tiny_store: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.fixtures.server import start_server
+
+    image = tmp_path / "dark.png"
+    Image.fromarray(speck_image(False)).save(image)
+    with start_server(
+        tmp_path / "srv", store=tiny_store[0], env={"NANOMORPH_API_TOKENS": "web-token"}, timeout=180
+    ) as srv:
+        driver.get(srv.url + "/")
+        WebDriverWait(driver, WAIT_S).until(lambda d: "token" in d.find_element(By.ID, "models").text)
+        assert driver.find_element(By.ID, "token").is_displayed()
+        # Without the token the request is refused, and the card says why.
+        driver.find_element(By.ID, "files").send_keys(str(image))
+        WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "batch").is_displayed())
+        card = driver.find_element(By.CSS_SELECTOR, "#results .card")
+        assert card.get_attribute("data-status") == "error" and "401" in card.text
+        # With it, the models show up and the same file is classified.
+        driver.find_element(By.ID, "token").send_keys("web-token", Keys.TAB)
+        WebDriverWait(driver, WAIT_S).until(lambda d: "classify:" in d.find_element(By.ID, "models").text)
+        driver.find_element(By.ID, "rerun").click()
+        WebDriverWait(driver, WAIT_S).until(
+            lambda d: d.find_element(By.CSS_SELECTOR, "#results .card").get_attribute("data-status") == "done"
+        )
+        assert driver.find_element(By.CSS_SELECTOR, "#results .card .label").text == "singular"
+    driver.execute_script("sessionStorage.clear()")
