@@ -299,7 +299,17 @@ def _local_orientation(
     crc = src / n - (sr / n) * (sc / n)
     # Axis angle in (x = col, y = row-down) coordinates; flip the sign to get y up (as displayed).
     theta_down = 0.5 * np.arctan2(2.0 * crc, ccc - crr)
-    return np.mod(-theta_down, np.pi)
+    return _fold(-theta_down, np.pi)
+
+
+def _fold(x: Any, period: float) -> Any:
+    """``x`` modulo ``period`` in [0, period).
+
+    ``np.mod`` rounds a tiny negative value (-1e-15 from a near-horizontal fit) up to ``period``
+    itself, which is outside the half-open range; that value is the same direction as 0.
+    """
+    v = np.mod(x, period)
+    return np.where(v >= period, 0.0, v)
 
 
 def _distance_to_background(binary: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -345,7 +355,7 @@ def _wire_numbers(
         hist, _ = np.histogram(np.degrees(theta), bins=edges, weights=true_len)
         z = np.sum(true_len * np.exp(2j * theta)) / wsum
         order = _f(abs(z))
-        mean_orient = _f(np.mod(np.degrees(np.angle(z)) / 2.0, 180.0)) if abs(z) > 1e-12 else None
+        mean_orient = _f(_fold(np.degrees(np.angle(z)) / 2.0, 180.0)) if abs(z) > 1e-12 else None
         fractions = [float(x) for x in hist / wsum]
     else:
         true_len = weight.copy()

@@ -25,7 +25,7 @@ import httpx
 
 from reliability.hostile import Case
 
-UPLOAD_ENDPOINTS = ("/classify", "/embed", "/segment", "/similar")
+UPLOAD_ENDPOINTS = ("/classify", "/embed", "/segment", "/similar", "/preview")
 #: 503 reasons the service documents as deliberate (a component not configured or loaded, load
 #: shedding): counted apart, not as server errors.
 DOCUMENTED_503 = ("model_unavailable", "index_unavailable", "overloaded")

@@ -38,7 +38,13 @@ from PIL import Image
 from tests.fixtures import emfiles
 
 #: Endpoints that take uploads, and the name of their file field.
-FILE_FIELD = {"/classify": "images", "/embed": "images", "/segment": "image", "/similar": "image"}
+FILE_FIELD = {
+    "/classify": "images",
+    "/embed": "images",
+    "/segment": "image",
+    "/similar": "image",
+    "/preview": "image",  # the web page's picture of an upload (service/webui.py)
+}
 ENDPOINTS = tuple(FILE_FIELD)
 
 FileTuple = tuple[str, tuple[str, bytes, str]]

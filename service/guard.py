@@ -33,11 +33,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: Paths open without a token (health probes, the OpenAPI document and its UI).
-OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/", "/docs.json", "/schema.json")
-OPEN_PREFIXES = ("/static_content/", "/assets/")
+#: Paths open without a token (health probes, the web page, the OpenAPI document and its UI). The
+#: page itself holds no data: every request it makes to the API carries the token typed into it.
+OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/", "/docs", "/docs.json", "/schema.json")
+OPEN_PREFIXES = ("/static_content/", "/assets/", "/ui/")
 #: Inference endpoints: POST with a multipart body.
-UPLOAD_PATHS = ("/classify", "/embed", "/segment")
+UPLOAD_PATHS = ("/classify", "/embed", "/segment", "/preview")
 
 
 class GuardError(Exception):
@@ -70,6 +71,15 @@ def check_token(authorization: str | None, tokens: tuple[str, ...]) -> bool:
     for token in tokens:
         ok |= hmac.compare_digest(given_b, token.encode("utf-8"))
     return ok
+
+
+def needs_token(path: str, settings: Settings) -> bool:
+    """Whether a request to ``path`` must carry a bearer token under ``settings``."""
+    if not settings.auth_enabled:
+        return False
+    if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        return False
+    return not (path == "/metrics" and not settings.protect_metrics)
 
 
 def decode_upload(data: bytes, name: str, settings: Settings) -> tuple[np.ndarray, ImageMeta]:
@@ -158,11 +168,7 @@ class GuardMiddleware:
         self.on_reject = on_reject
 
     def _needs_token(self, path: str) -> bool:
-        if not self.settings.auth_enabled:
-            return False
-        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
-            return False
-        return not (path == "/metrics" and not self.settings.protect_metrics)
+        return needs_token(path, self.settings)
 
     async def _reject(
         self, send: Send, path: str, error: GuardError, headers: list[tuple[bytes, bytes]]

@@ -6,7 +6,8 @@ read from environment variables (:mod:`service.settings`, docs/service.md).
 Shape of the service:
 
 * :class:`Nanomorph` is a ``@bentoml.service``: BentoML supplies the server, the workers,
-  ``/healthz`` ``/livez`` ``/readyz`` ``/metrics`` and the OpenAPI document (``/docs.json``).
+  ``/healthz`` ``/livez`` ``/readyz`` ``/metrics`` and the OpenAPI document; :mod:`service.webui`
+  adds the web page (``/``), the API docs (``/docs``, ``/docs.json``) and ``POST /preview``.
 * The public endpoints are FastAPI routes mounted into it (``@bentoml.asgi_app``), so that uploads,
   form fields and error bodies are under our control and every response has a pydantic model
   in the OpenAPI document. They read the uploads, run the input guard (:mod:`service.guard`),
@@ -53,6 +54,7 @@ from service import metrics
 from service.batching import Batcher, Overloaded
 from service.guard import GuardError, GuardMiddleware, decode_upload
 from service.settings import TASKS, Settings
+from service.webui import install as install_web_page
 
 # BentoML configures the "bentoml" logger hierarchy in its workers; log under it so our lines
 # (providers in use, models loaded, warm-up) reach the server log.
@@ -233,7 +235,7 @@ app = FastAPI(
     title="nanomorph",
     version="1",
     description="Classify, embed and segment TEM images with self-supervised models.",
-    docs_url=None,  # BentoML serves the merged OpenAPI document (/docs.json) and its UI (/)
+    docs_url=None,  # service.webui serves the page (/), the docs UI (/docs) and BentoML's merged /docs.json
     redoc_url=None,
     openapi_url=None,
 )
@@ -659,3 +661,5 @@ class Nanomorph:
 Nanomorph.add_asgi_middleware(  # type: ignore[attr-defined]
     GuardMiddleware, settings=SETTINGS, on_reject=metrics.record_rejection
 )
+# The web page, /docs, /docs.json (with version and bearer scheme) and POST /preview.
+install_web_page(app, SETTINGS, lambda: Nanomorph.openapi_spec.asdict())  # type: ignore[attr-defined]

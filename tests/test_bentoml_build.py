@@ -49,6 +49,9 @@ def test_bento_holds_the_service_and_models_but_no_training_or_torch(bento: Path
     for expected in (
         "service/service.py",
         "service/guard.py",
+        "service/webui.py",
+        "service/web/index.html",
+        "service/web/app.js",
         "nanomorph/contract/io.py",
         "nanomorph/runtime.py",
     ):

@@ -112,6 +112,32 @@ def test_bar_length_width_orientation() -> None:
     assert hist["length_fraction"][0] + hist["length_fraction"][-1] > 0.9
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_horizontal_wire_orientation_is_below_180(flip: bool) -> None:
+    """A horizontal wire with side branches fits to an angle a rounding error below 0; the mean
+    must fold to 0, not to 180.0 (outside the documented [0, 180))."""
+    mask = np.zeros((40, 140), np.uint8)
+    mask[15:18, 5:130] = 1
+    mask[14:24, 40:42] = 1  # a branch below the wire (rows grow downwards)
+    if flip:
+        mask = mask[::-1].copy()
+    res = measure(mask, ["bg", "nanowire"])["classes"]["nanowire"]
+    assert 0.0 <= res["mean_orientation_deg"] < 180.0
+    assert min(res["mean_orientation_deg"], 180.0 - res["mean_orientation_deg"]) < 1.0
+
+
+def test_orientation_stays_in_range_for_many_horizontal_wires() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        mask = np.zeros((40, 140), np.uint8)
+        mask[15 : 15 + rng.integers(1, 9), 5:130] = 1
+        for _ in range(rng.integers(0, 3)):
+            x = rng.integers(10, 120)
+            mask[14:24, x : x + 2] = 1
+        res = measure(mask, ["bg", "nanowire"])["classes"]["nanowire"]
+        assert 0.0 <= res["mean_orientation_deg"] < 180.0
+
+
 @pytest.mark.parametrize("angle", [15.0, 30.0, 45.0, 75.0])
 def test_thick_tilted_bar(angle: float) -> None:
     """Tilted wide bars: no corner spurs, chain bias removed, so length and width stay accurate."""

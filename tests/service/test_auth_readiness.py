@@ -88,6 +88,27 @@ def test_tokens_readiness_and_missing_model(tmp_path: Path) -> None:
         # Health, metrics (NANOMORPH_PROTECT_METRICS unset) and the API document stay open.
         for path in ("/healthz", "/livez", "/readyz", "/metrics", "/docs.json"):
             assert httpx.get(server.url + path).status_code == 200, path
+        # So do the web page and its files (they hold no data); the page asks for the token, and the
+        # preview it fetches needs it like every other upload.
+        for path in ("/", "/docs", "/ui/app.js", "/ui/config.json"):
+            assert httpx.get(server.url + path).status_code == 200, path
+        assert httpx.get(server.url + "/ui/config.json").json()["auth"] is True
+        r = httpx.post(server.url + "/preview", files={"image": ("a.png", good)})
+        assert r.status_code == 401 and r.json()["reason"] == "unauthorized"
+        r = httpx.post(server.url + "/preview", files={"image": ("a.png", good)}, headers=auth)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        # The OpenAPI document declares the bearer scheme and requires it where the server does.
+        doc = httpx.get(server.url + "/docs.json").json()
+        assert doc["components"]["securitySchemes"]["bearerAuth"] == {
+            "type": "http",
+            "scheme": "bearer",
+            "description": doc["components"]["securitySchemes"]["bearerAuth"]["description"],
+        }
+        for path in ("/classify", "/segment", "/embed", "/models", "/preview"):
+            for op in doc["paths"][path].values():
+                assert op["security"] == [{"bearerAuth": []}], path
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert all("security" not in op for op in doc["paths"][path].values()), path
 
         # --- a missing model turns off its endpoint only
         models = httpx.get(server.url + "/models", headers=auth).json()
