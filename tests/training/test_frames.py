@@ -182,3 +182,28 @@ def test_tiled_frames_train_by_frame_and_agree_across_torch_onnx_and_service(
         for c in CLASSES:
             assert s["probabilities"][c] == pytest.approx(r["probabilities"][c], abs=1e-6)
         assert [t["box"] for t in s["tiles"]] == [t["box"] for t in r["tiles"]]
+
+
+def test_study_counts_labeled_frames_and_trains_on_all_their_tiles(
+    data: Path, encoder_run: Path, tmp_path: Path
+) -> None:
+    import csv
+
+    from nanomorph.cli import main as cli_main
+
+    out = tmp_path / "study"
+    code = cli_main(["study", "cls", "--data", str(data), "--encoder", f"ssl={encoder_run}",
+                     "--encoder", f"again={encoder_run}", "--labels-per-class", "1,2", "--repeats", "1",
+                     "--modes", "linear", "--test-fraction", "0.34", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted({r["encoder"] for r in rows}) == ["again", "scratch", "ssl"]
+    for r in rows:
+        frames = int(r["n_train"]) + int(r["n_val"])
+        assert frames == 2 * int(r["labels"]) and int(r["n_test"]) == 4  # K labeled frames per class
+        cell = json.loads((out / "cells" / f"{r['encoder']}_linear_{r['labels']}_r0.json").read_text())
+        assert cell["n_train_inputs"] == 25 * int(r["n_train"])  # every tile of the train frames
+        assert "32-px tiles" in cell["tiling"]  # the scratch baseline sees the encoder's tiling too
+    assert "every tile of a labeled image trains" in (out / "summary.md").read_text()
+    assert "cls_tiling" in json.loads((out / "study.json").read_text())
