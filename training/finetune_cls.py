@@ -195,11 +195,12 @@ def _load_tiled(
 class EncoderSpec:
     """Where an encoder comes from and how to rebuild it (fresh weights for every training run)."""
 
-    source: str  # "scratch" or the backbone file
+    source: str  # "scratch", "imagenet", the backbone file, or a foreign checkpoint (init)
     architecture: str
     method: str
     contract: Contract
     meta: dict[str, str]
+    init: str | None = None  # "imagenet" or a checkpoint path: timm + training.backbones.create_backbone
 
     @property
     def is_scratch(self) -> bool:
@@ -218,6 +219,8 @@ class EncoderSpec:
             if calibration is not None and len(calibration):
                 recalibrate_batchnorm(model, calibration)
             return model
+        if self.init:
+            return create_backbone(self.architecture, self.init)
         model, _ = load_backbone(self.source)
         return model
 
@@ -256,6 +259,13 @@ def resolve_encoder(
     if str(encoder).lower() == "scratch":
         contract = frames_mod.resolve_tiling(Contract(image_size=int(image_size or 224)), None, tiling)
         return EncoderSpec("scratch", arch, "none", contract, {"architecture": arch, "method": "none"})
+    source, at, arch_given = str(encoder).rpartition("@") if "@" in str(encoder) else (str(encoder), "", "")
+    if source.lower() == "imagenet" or _is_foreign_checkpoint(Path(source)):
+        return _init_encoder(source, arch_given or arch, image_size, tiling)
+    if at:
+        raise ValueError(
+            f"--encoder {encoder}: @ARCH goes with imagenet or a checkpoint file, not a nanomorph run"
+        )
     path = Path(encoder)
     if path.is_dir():
         path = path / "backbone.safetensors"
@@ -277,6 +287,34 @@ def resolve_encoder(
         contract = dataclasses.replace(contract, image_size=int(image_size))
     contract = frames_mod.resolve_tiling(contract, str(path), tiling)
     return EncoderSpec(str(path), meta["architecture"], meta.get("method", "unknown"), contract, meta)
+
+
+def _is_foreign_checkpoint(path: Path) -> bool:
+    """A weights file that is not a nanomorph backbone: a torch checkpoint (``.pth``, ``.pth.tar``,
+    ``.pt``, ``.bin``, ``.ckpt``) or a safetensors file without nanomorph metadata (timm hub)."""
+    if not path.is_file():
+        return False
+    if path.suffix == ".safetensors":
+        from training.backbones import BACKBONE_FORMAT, read_metadata
+
+        return read_metadata(path).get("format") != BACKBONE_FORMAT and "architecture" not in read_metadata(
+            path
+        )
+    return path.suffix in (".pth", ".pt", ".tar", ".bin", ".ckpt")
+
+
+def _init_encoder(
+    source: str, arch: str, image_size: int | None, tiling: dict[str, Any] | None
+) -> EncoderSpec:
+    """An encoder that starts from ImageNet (timm) or from a foreign checkpoint (CEM500K MoCoV2,
+    DINOv2/timm; docs/encoders.md), loaded into ``timm.create_model(arch, in_chans=1)``."""
+    init = "imagenet" if source.lower() == "imagenet" else str(Path(source))
+    # Fail now, naming the source, rather than in the middle of a study.
+    create_backbone(arch, init)
+    contract = frames_mod.resolve_tiling(Contract(image_size=int(image_size or 224)), None, tiling)
+    method = "imagenet" if init == "imagenet" else "checkpoint"
+    meta = {"architecture": arch, "method": method, "init": init}
+    return EncoderSpec(init, arch, method, contract, meta, init=init)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -809,7 +847,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--encoder",
         default=d.get("encoder", "scratch"),
-        help="RUNS/X/backbone.safetensors, RUNS/X or scratch",
+        help="RUNS/X/backbone.safetensors, RUNS/X, scratch, imagenet[@ARCH] or a checkpoint file[@ARCH] "
+        "(CEM500K MoCoV2, DINOv2/timm; docs/encoders.md)",
     )
     parser.add_argument(
         "--arch", default=d.get("arch", "resnet18"), help="timm architecture for --encoder scratch"
