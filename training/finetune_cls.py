@@ -753,7 +753,7 @@ def _write_outputs(
     names = images.class_names
     y = images.labels
     trainval = np.concatenate([split.train, split.val])
-    rows = images.rows(trainval) if not images.tiled else images.rows(np.sort(trainval))
+    rows = images.rows(trainval)  # tiled: every tile of those frames, in row order
     with torch.no_grad():
         model.eval().to(device)
         emb = np.concatenate(
