@@ -259,7 +259,9 @@ def resolve_encoder(
     if str(encoder).lower() == "scratch":
         contract = frames_mod.resolve_tiling(Contract(image_size=int(image_size or 224)), None, tiling)
         return EncoderSpec("scratch", arch, "none", contract, {"architecture": arch, "method": "none"})
-    source, at, arch_given = str(encoder).rpartition("@") if "@" in str(encoder) else (str(encoder), "", "")
+    # SOURCE@ARCH, unless the whole string is an existing path (which may contain an @)
+    split_arch = "@" in str(encoder) and not Path(encoder).exists()
+    source, at, arch_given = str(encoder).rpartition("@") if split_arch else (str(encoder), "", "")
     if source.lower() == "imagenet" or _is_foreign_checkpoint(Path(source)):
         return _init_encoder(source, arch_given or arch, image_size, tiling)
     if at:
@@ -295,11 +297,9 @@ def _is_foreign_checkpoint(path: Path) -> bool:
     if not path.is_file():
         return False
     if path.suffix == ".safetensors":
-        from training.backbones import BACKBONE_FORMAT, read_metadata
+        from training.backbones import read_metadata
 
-        return read_metadata(path).get("format") != BACKBONE_FORMAT and "architecture" not in read_metadata(
-            path
-        )
+        return "architecture" not in read_metadata(path)  # nanomorph's own files always name it
     return path.suffix in (".pth", ".pt", ".tar", ".bin", ".ckpt")
 
 
