@@ -169,9 +169,12 @@ def test_tiled_frames_train_by_frame_and_agree_across_torch_onnx_and_service(
     # The service answers exactly what the in-process runtime does.
     import httpx
 
-    with start_server(tmp_path / "srv", store=tmp_path / "store",
-                      env={"NANOMORPH_CLASSIFY_MODEL": tags["classify"], "NANOMORPH_REQUIRE_MODELS": "classify"},
-                      timeout=300) as srv:  # fmt: skip  (a loaded shared machine starts it slowly)
+    with start_server(
+        tmp_path / "srv",
+        store=tmp_path / "store",
+        env={"NANOMORPH_CLASSIFY_MODEL": tags["classify"], "NANOMORPH_REQUIRE_MODELS": "classify"},
+        timeout=300,
+    ) as srv:  # a loaded shared machine starts it slowly
         files = [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
         resp = httpx.post(f"{srv.url}/classify", params={"tiles": "true"}, files=files, timeout=60)
         assert resp.status_code == 200, resp.text
