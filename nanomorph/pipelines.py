@@ -45,6 +45,7 @@ import numpy as np
 from nanomorph.atomic import atomic_write_bytes, atomic_write_text
 from nanomorph.config import save_resolved, yaml_defaults
 from nanomorph.contract import Contract, ImageReadError, list_images, normalise, read_image
+from nanomorph.contract.frames import nm_per_px
 from nanomorph.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,9 @@ class LocalBackend:
             except (ImageReadError, OSError) as exc:
                 outcomes[i] = failure(item.rel, exc)
         if decoded and self.task == "classify":
-            results = self.helper.predict([im for _, im, _ in decoded])
+            # The file's own calibration, as the service's /classify uses it (tiles at the encoder's nm/px).
+            sizes = [nm_per_px(meta) for _, _, meta in decoded]
+            results = self.helper.predict([im for _, im, _ in decoded], pixel_sizes=sizes)
             for (i, _, meta), r in zip(decoded, results, strict=True):
                 outcomes[i] = Outcome(items[i].rel, classify_row(items[i].rel, self.model, meta.shape[:2], r))
         elif decoded and self.task == "embed":

@@ -19,7 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from nanomorph.contract import normalise, tile, to_model_input, untile
+from nanomorph.contract import (
+    FrameTiles,
+    aggregate_embeddings,
+    aggregate_probabilities,
+    frame_tiles,
+    normalise,
+    tile,
+    to_model_input,
+    untile,
+)
 from nanomorph.store import StoredModel, load_model_dir
 
 log = logging.getLogger(__name__)
@@ -216,20 +225,86 @@ class Classifier:
             )
         return results
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
-        """Classifies raw 2-D images.
+    def frame_inputs(self, image: np.ndarray, pixel_size: float | None = None) -> FrameTiles:
+        """Raw 2-D frame -> its model inputs: the whole frame, or tiles at the encoder's scale
+        when the contract says so (:func:`nanomorph.contract.frame_tiles`)."""
+        return frame_tiles(image, self.contract, pixel_size)
+
+    def frame_result(
+        self, rows: Sequence[dict[str, Any]], frame: FrameTiles, with_tiles: bool = False
+    ) -> dict[str, Any]:
+        """Per-input results (:meth:`predict_batch`) of one frame's inputs -> the frame's result.
+
+        A frame classified whole returns its one result unchanged; a tiled frame gets the mean of
+        its tiles' probabilities and the normalised mean of their embeddings (the OOD score is
+        that of the frame embedding), plus ``n_tiles`` and, with ``with_tiles``, ``tiles``: per
+        tile ``box`` [y, x, height, width] (native pixels), ``label``, ``confidence``,
+        ``probabilities`` and ``used`` (False: no structure, left out of the aggregate).
+        """
+        if not frame.tiled:
+            return {**rows[0], "n_tiles": 1}
+        probs = np.asarray([[r["probabilities"][c] for c in self.classes] for r in rows], dtype=np.float32)
+        p = aggregate_probabilities(probs, frame.keep, self.contract.cls_aggregate)
+        k = int(np.argmax(p))
+        emb = None
+        score = None
+        if rows[0].get("embedding") is not None:
+            emb = aggregate_embeddings(np.stack([r["embedding"] for r in rows]), frame.keep)
+            scores = self.ood_scores(emb[None])
+            score = None if scores is None else float(scores[0])
+        result: dict[str, Any] = {
+            "label": self.classes[k] if k < len(self.classes) else str(k),
+            "confidence": float(p[k]),
+            "probabilities": {c: float(v) for c, v in zip(self.classes, p, strict=False)},
+            "embedding": emb,
+            "ood_score": score,
+            "ood_flag": bool(score is not None and score > self.threshold),
+            "n_tiles": len(rows),
+        }
+        if with_tiles:
+            result["tiles"] = [
+                {
+                    "box": list(box),
+                    "label": r["label"],
+                    "confidence": r["confidence"],
+                    "probabilities": r["probabilities"],
+                    "used": bool(used),
+                }
+                for r, box, used in zip(rows, frame.boxes, frame.keep, strict=True)
+            ]
+        return result
+
+    def predict(
+        self,
+        images: Sequence[np.ndarray],
+        pixel_sizes: Sequence[float | None] | None = None,
+        with_tiles: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Classifies raw 2-D images (frames larger than the contract's ``cls_tile``: by tiles).
+
+        Args:
+            images: raw 2-D arrays.
+            pixel_sizes: nm per pixel of each image (None: unknown), used when the contract ties
+                tiles to a physical size (``cls_pixel_size``).
+            with_tiles: add the per-tile map (``tiles``) to tiled frames' results.
 
         Returns:
             Per image: ``label``, ``confidence`` (its probability), ``probabilities`` (class ->
-            probability), ``embedding`` (float32 (D,), L2-normalised), ``ood_score`` (float or None)
-            and ``ood_flag``.
+            probability), ``embedding`` (float32 (D,), L2-normalised), ``ood_score`` (float or None),
+            ``ood_flag`` and ``n_tiles`` (see :meth:`frame_result`).
         """
         if len(images) == 0:
             return []
-        inputs = np.stack([self.preprocess(im) for im in images])
-        results: list[dict[str, Any]] = []
+        sizes = list(pixel_sizes) if pixel_sizes is not None else [None] * len(images)
+        frames = [self.frame_inputs(im, px) for im, px in zip(images, sizes, strict=True)]
+        inputs = np.concatenate([f.x for f in frames])
+        rows: list[dict[str, Any]] = []
         for s in _batches(len(inputs), self.batch_size):
-            results.extend(self.predict_batch(inputs[s]))
+            rows.extend(self.predict_batch(inputs[s]))
+        results, start = [], 0
+        for f in frames:
+            results.append(self.frame_result(rows[start : start + len(f.x)], f, with_tiles))
+            start += len(f.x)
         return results
 
     __call__ = predict

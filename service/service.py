@@ -46,6 +46,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanomorph.contract import ImageMeta, normalise, tile, untile
+from nanomorph.contract.frames import nm_per_px
 from nanomorph.index import SimilarityIndex
 from nanomorph.morphology import mask_to_png_bytes, measure
 from nanomorph.runtime import Classifier, Embedder, OnnxModel, Segmenter
@@ -76,6 +77,14 @@ class ErrorResponse(BaseModel):
     )
 
 
+class TileResult(BaseModel):
+    box: list[int] = Field(description="[y, x, height, width] of the tile in the image's pixels")
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    used: bool = Field(description="false: no structure, left out of the frame's probabilities")
+
+
 class ClassifyResult(BaseModel):
     filename: str = Field(description="the uploaded file's name")
     shape: list[int] = Field(description="[height, width] of the decoded image")
@@ -88,6 +97,11 @@ class ClassifyResult(BaseModel):
     )
     ood_flag: bool = Field(description="ood_score above the threshold calibrated at export")
     model: str = Field(description="tag of the model that answered")
+    n_tiles: int = Field(default=1, description="model inputs of this image: 1 = classified whole")
+    tiles: list[TileResult] | None = Field(
+        default=None,
+        description="with ?tiles=true, per tile of a tiled frame (see nanomorph.contract.frames)",
+    )
 
 
 class ClassifyResponse(BaseModel):
@@ -451,8 +465,8 @@ class Nanomorph:
         return data, name
 
     async def _decode(
-        self, uploads: list[UploadFile], prepare: Any
-    ) -> list[tuple[str, ImageMeta, np.ndarray]]:
+        self, uploads: list[UploadFile], prepare: Any, with_meta: bool = False
+    ) -> list[tuple[str, ImageMeta, Any]]:
         """Reads, guards and preprocesses uploads (decoding off the event loop)."""
         if len(uploads) > self.settings.max_files:
             raise GuardError(
@@ -464,9 +478,9 @@ class Nanomorph:
         for upload in uploads:
             data, name = await self._read_upload(upload)
 
-            def work(data: bytes = data, name: str = name) -> tuple[ImageMeta, np.ndarray]:
+            def work(data: bytes = data, name: str = name) -> tuple[ImageMeta, Any]:
                 image, meta = decode_upload(data, name, self.settings)
-                return meta, prepare(image)
+                return meta, prepare(image, meta) if with_meta else prepare(image)
 
             meta, arr = await asyncio.to_thread(work)
             out.append((name, meta, arr))
@@ -486,11 +500,33 @@ class Nanomorph:
         images: list[UploadFile] = File(
             description="image files (PNG, JPEG, TIFF incl. 16-bit/float, DM3/DM4, MRC); repeat the field for several"
         ),
+        pixel_size: float | None = Form(
+            default=None,
+            gt=0,
+            allow_inf_nan=False,
+            description="nm per pixel of every image; default: the file's metadata (used by models whose "
+            "contract ties classification tiles to a physical size)",
+        ),
+        tiles: bool = Query(default=False, description="return the per-tile map of tiled frames"),
     ) -> ClassifyResponse:
-        """Label, confidence, class probabilities and an out-of-distribution score per image."""
+        """Label, confidence, class probabilities and an out-of-distribution score per image.
+
+        Frames larger than the model's classification tile (``cls_tile`` in its contract) are
+        classified by tiles at the encoder's scale and the tile probabilities averaged, exactly as
+        in training (:mod:`nanomorph.contract.frames`); ``tiles=true`` returns the per-tile map.
+        """
         slot = self._slot("classify")
-        decoded = await self._decode(images, slot.helper.preprocess)
-        results = await slot.batcher.submit(np.stack([a for _, _, a in decoded]))  # type: ignore[union-attr]
+        helper: Classifier = slot.helper
+
+        def prepare(image: np.ndarray, meta: ImageMeta) -> Any:
+            return helper.frame_inputs(image, pixel_size if pixel_size is not None else nm_per_px(meta))
+
+        decoded = await self._decode(images, prepare, with_meta=True)
+        rows = await slot.batcher.submit(np.concatenate([f.x for _, _, f in decoded]))  # type: ignore[union-attr]
+        results, start = [], 0
+        for _, _, frame in decoded:
+            results.append(helper.frame_result(rows[start : start + len(frame.x)], frame, tiles))
+            start += len(frame.x)
         tag = slot.stored.tag  # type: ignore[union-attr]
         metrics.IMAGES.labels(endpoint="classify").inc(len(decoded))
         out = []
@@ -509,6 +545,8 @@ class Nanomorph:
                     ood_score=None if score is None or not math.isfinite(score) else score,
                     ood_flag=bool(r["ood_flag"]),
                     model=tag,
+                    n_tiles=r["n_tiles"],
+                    tiles=[TileResult(**t) for t in r["tiles"]] if r.get("tiles") else None,
                 )
             )
         return ClassifyResponse(model=tag, results=out)

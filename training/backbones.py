@@ -40,6 +40,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def offline() -> bool:
+    """True when the model hub must not be contacted (``HF_HUB_OFFLINE`` / ``NANOMORPH_OFFLINE``,
+    with huggingface_hub's truthy spellings), so ``--init imagenet`` fails at once instead of
+    waiting on a network that is not there."""
+    return any(
+        os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+        for v in ("HF_HUB_OFFLINE", "NANOMORPH_OFFLINE")
+    )
+
+
 def create_backbone(architecture: str, init: str = "none") -> nn.Module:
     """Builds a single-channel timm encoder without classifier (``num_classes=0``).
 
@@ -53,7 +63,7 @@ def create_backbone(architecture: str, init: str = "none") -> nn.Module:
     if architecture not in timm.list_models() and not timm.is_model(architecture):
         raise ValueError(f"unknown backbone {architecture!r}: not a timm model name")
     if init == "imagenet":
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("NANOMORPH_OFFLINE") == "1":
+        if offline():
             raise ValueError(
                 "--init imagenet needs network access to the model hub (HF_HUB_OFFLINE=1 is set); "
                 "download the weights elsewhere and pass --init PATH"
@@ -72,8 +82,10 @@ def create_backbone(architecture: str, init: str = "none") -> nn.Module:
 
 
 def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    # MoCo/CEM500K: {"state_dict": ...}; DeiT/MAE: {"model": ...}; DINO/DINOv2 training
+    # checkpoints: {"teacher": ..., "student": ...} (the teacher is the one to use).
     if isinstance(obj, dict):
-        for key in ("state_dict", "model", "backbone"):
+        for key in ("state_dict", "model", "teacher", "backbone"):
             if key in obj and isinstance(obj[key], dict):
                 return _extract_state_dict(obj[key])
         return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -122,7 +134,8 @@ def load_init_checkpoint(model: nn.Module, path: str | Path) -> dict[str, list[s
     cleaned: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key not in target:
-            if key.split(".")[0] in ("fc", "head", "classifier", "fc_q", "projector"):
+            # classifier / projection heads and DINOv2's masked-modelling token: unused by an encoder
+            if key.split(".")[0] in ("fc", "head", "classifier", "fc_q", "projector", "mask_token"):
                 report["dropped"].append(key)
             else:
                 report["unexpected"].append(key)

@@ -493,7 +493,9 @@ def _labeled_split(job: ExportJob, data: str | Path | None) -> tuple[np.ndarray,
     evaluate, name = (
         (split.val, "validation") if split.val.size else (split.train, "training (no validation split)")
     )
-    return images.x[split.train[:64]], images.x[evaluate], images.labels[evaluate], name
+    # Tiled frames: calibrate and compare fp32/int8 on their tiles (each labeled with its frame's class).
+    train_rows, eval_rows = images.rows(split.train), images.rows(evaluate)
+    return images.x[train_rows[:64]], images.x[eval_rows], images.row_labels(eval_rows), name
 
 
 class _Calibration:

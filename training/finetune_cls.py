@@ -42,7 +42,9 @@ from torch import nn
 
 from nanomorph.atomic import atomic_write_text
 from nanomorph.config import load_yaml, resolved, save_resolved, yaml_defaults
-from nanomorph.contract import Contract, read_image, to_model_input
+from nanomorph.contract import Contract, frame_tiles, read_image, to_model_input
+from nanomorph.contract.frames import nm_per_px
+from training import frames as frames_mod
 from training import metrics as M
 from training.backbones import create_backbone, git_commit, load_backbone
 from training.data import LABELS_CSV, list_classification
@@ -73,7 +75,13 @@ _NOT_RESULT_KEYS = {"force", "config", "command", "out", "device"}
 
 @dataclass
 class LabeledImages:
-    """A classification folder decoded once through the contract: ``x`` is float32 (N, 1, S, S)."""
+    """A classification folder decoded once through the contract: ``x`` is float32 (R, 1, S, S).
+
+    ``paths``, ``labels`` and ``groups`` are per image (frame): splits, K and evaluation count
+    frames. ``x`` holds the model inputs: one row per image, or, with the contract's
+    classification tiling, every tile of every image (``frame[r]`` is the image of row ``r``,
+    ``keep[r]`` False for a tile without structure).
+    """
 
     paths: list[Path]
     labels: np.ndarray
@@ -81,6 +89,21 @@ class LabeledImages:
     x: np.ndarray
     contract: Contract
     groups: np.ndarray | None = None
+    frame: np.ndarray | None = None
+    keep: np.ndarray | None = None
+
+    @property
+    def tiled(self) -> bool:
+        return self.frame is not None
+
+    def rows(self, frames: np.ndarray, kept_only: bool = False) -> np.ndarray:
+        """Rows of ``x`` that belong to ``frames`` (with ``kept_only``: only tiles that count)."""
+        if self.frame is None:
+            return np.asarray(frames, dtype=np.int64)
+        return frames_mod.rows_of(self.frame, frames, self.keep if kept_only else None)
+
+    def row_labels(self, rows: np.ndarray) -> np.ndarray:
+        return self.labels[rows] if self.frame is None else self.labels[self.frame[rows]]
 
 
 def _read_groups(root: Path, paths: list[Path], column: str) -> np.ndarray:
@@ -132,22 +155,52 @@ def load_images(
     """Lists and decodes a classification folder: ``read_image`` → ``to_model_input`` (the contract)."""
     paths, labels, class_names = list_labeled(data)
     groups = _read_groups(Path(data), paths, group_column) if group_column else None
+    y = np.asarray(labels, dtype=np.int64)
+    if contract.cls_tiling:
+        return _load_tiled(paths, y, class_names, contract, groups, show_progress)
     x = np.empty((len(paths), 1, contract.image_size, contract.image_size), dtype=np.float32)
     for i, path in enumerate(progress(paths, desc="decode", enabled=show_progress)):
         image, _ = read_image(path)  # ImageReadError (a ValueError) names the file
         x[i] = to_model_input(image, contract)
-    return LabeledImages(paths, np.asarray(labels, dtype=np.int64), class_names, x, contract, groups)
+    return LabeledImages(paths, y, class_names, x, contract, groups)
+
+
+def _load_tiled(
+    paths: list[Path],
+    y: np.ndarray,
+    class_names: list[str],
+    contract: Contract,
+    groups: np.ndarray | None,
+    show_progress: bool,
+) -> LabeledImages:
+    """Every image cut into its classification inputs (:func:`nanomorph.contract.frame_tiles`), the
+    same function the runtime and the service use; the file's own pixel size counts as there."""
+    xs, frame, keep = [], [], []
+    for i, path in enumerate(progress(paths, desc="decode+tile", enabled=show_progress)):
+        image, meta = read_image(path)  # ImageReadError (a ValueError) names the file
+        tiles = frame_tiles(image, contract, nm_per_px(meta))
+        xs.append(tiles.x)
+        frame.append(np.full(len(tiles.x), i, dtype=np.int64))
+        keep.append(tiles.keep)
+    x = np.concatenate(xs)
+    log.info(
+        "%d images -> %d classification inputs (%s)", len(paths), len(x), frames_mod.tiling_summary(contract)
+    )
+    return LabeledImages(
+        paths, y, class_names, x, contract, groups, np.concatenate(frame), np.concatenate(keep)
+    )
 
 
 @dataclass
 class EncoderSpec:
     """Where an encoder comes from and how to rebuild it (fresh weights for every training run)."""
 
-    source: str  # "scratch" or the backbone file
+    source: str  # "scratch", "imagenet", the backbone file, or a foreign checkpoint (init)
     architecture: str
     method: str
     contract: Contract
     meta: dict[str, str]
+    init: str | None = None  # "imagenet" or a checkpoint path: timm + training.backbones.create_backbone
 
     @property
     def is_scratch(self) -> bool:
@@ -166,6 +219,8 @@ class EncoderSpec:
             if calibration is not None and len(calibration):
                 recalibrate_batchnorm(model, calibration)
             return model
+        if self.init:
+            return create_backbone(self.architecture, self.init)
         model, _ = load_backbone(self.source)
         return model
 
@@ -187,14 +242,32 @@ def recalibrate_batchnorm(model: nn.Module, x: np.ndarray | torch.Tensor, batch_
     model.eval()
 
 
-def resolve_encoder(encoder: str, arch: str = "resnet18", image_size: int | None = None) -> EncoderSpec:
+def resolve_encoder(
+    encoder: str,
+    arch: str = "resnet18",
+    image_size: int | None = None,
+    tiling: dict[str, Any] | None = None,
+) -> EncoderSpec:
     """Parses ``--encoder`` (file, run folder or ``scratch``) and the contract to use.
 
     The contract comes from the backbone's metadata; ``image_size`` overrides its input side.
+    ``tiling`` (``cls_tile``, ``cls_stride``, ``cls_pixel_size``, ``cls_min_std``; None = default)
+    sets how large frames are classified; by default a pretraining run's ``crop_size`` gives the
+    tile, so frames are classified at the scale the encoder was pretrained on
+    (:func:`training.frames.resolve_tiling`).
     """
     if str(encoder).lower() == "scratch":
-        contract = Contract(image_size=int(image_size or 224))
+        contract = frames_mod.resolve_tiling(Contract(image_size=int(image_size or 224)), None, tiling)
         return EncoderSpec("scratch", arch, "none", contract, {"architecture": arch, "method": "none"})
+    # SOURCE@ARCH, unless the whole string is an existing path (which may contain an @)
+    split_arch = "@" in str(encoder) and not Path(encoder).exists()
+    source, at, arch_given = str(encoder).rpartition("@") if split_arch else (str(encoder), "", "")
+    if source.lower() == "imagenet" or _is_foreign_checkpoint(Path(source)):
+        return _init_encoder(source, arch_given or arch, image_size, tiling)
+    if at:
+        raise ValueError(
+            f"--encoder {encoder}: @ARCH goes with imagenet or a checkpoint file, not a nanomorph run"
+        )
     path = Path(encoder)
     if path.is_dir():
         path = path / "backbone.safetensors"
@@ -214,7 +287,34 @@ def resolve_encoder(encoder: str, arch: str = "resnet18", image_size: int | None
     if image_size and int(image_size) != contract.image_size:
         log.warning("image size %d overrides the encoder's %d", image_size, contract.image_size)
         contract = dataclasses.replace(contract, image_size=int(image_size))
+    contract = frames_mod.resolve_tiling(contract, str(path), tiling)
     return EncoderSpec(str(path), meta["architecture"], meta.get("method", "unknown"), contract, meta)
+
+
+def _is_foreign_checkpoint(path: Path) -> bool:
+    """A weights file that is not a nanomorph backbone: a torch checkpoint (``.pth``, ``.pth.tar``,
+    ``.pt``, ``.bin``, ``.ckpt``) or a safetensors file without nanomorph metadata (timm hub)."""
+    if not path.is_file():
+        return False
+    if path.suffix == ".safetensors":
+        from training.backbones import read_metadata
+
+        return "architecture" not in read_metadata(path)  # nanomorph's own files always name it
+    return path.suffix in (".pth", ".pt", ".tar", ".bin", ".ckpt")
+
+
+def _init_encoder(
+    source: str, arch: str, image_size: int | None, tiling: dict[str, Any] | None
+) -> EncoderSpec:
+    """An encoder that starts from ImageNet (timm) or from a foreign checkpoint (CEM500K MoCoV2,
+    DINOv2/timm; docs/encoders.md), loaded into ``timm.create_model(arch, in_chans=1)``."""
+    init = "imagenet" if source.lower() == "imagenet" else str(Path(source))
+    # Fail now, naming the source, rather than in the middle of a study.
+    create_backbone(arch, init)
+    contract = frames_mod.resolve_tiling(Contract(image_size=int(image_size or 224)), None, tiling)
+    method = "imagenet" if init == "imagenet" else "checkpoint"
+    meta = {"architecture": arch, "method": method, "init": init}
+    return EncoderSpec(init, arch, method, contract, meta, init=init)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -522,7 +622,7 @@ def train_classifier(
     seed = int(cfg["seed"])
     init_seed = int(cfg.get("init_seed", seed))
     k = parse_labels_per_class(cfg["labels_per_class"])
-    spec = encoder or resolve_encoder(str(cfg["encoder"]), str(cfg["arch"]), cfg.get("image_size"))
+    spec = encoder or resolve_encoder(str(cfg["encoder"]), str(cfg["arch"]), cfg.get("image_size"), cfg)
     if images is None:
         images = load_images(cfg["data"], spec.contract, cfg.get("group_column"), show_progress)
     names = images.class_names
@@ -545,15 +645,19 @@ def train_classifier(
     pool = np.setdiff1d(np.arange(len(y)), split.test)
     # A study's linear cell with cached features needs no network at all (nothing is saved).
     need_net = features is None or cfg["mode"] == "finetune" or bool(cfg.get("out"))
-    backbone = spec.build(init_seed, calibration=images.x[pool]) if need_net else None
+    backbone = spec.build(init_seed, calibration=images.x[images.rows(pool)]) if need_net else None
     if features is None:
         assert backbone is not None
         features = extract_features(backbone, images.x, device=device)
+    # K and the splits count images (frames); training uses every input (tile) of the train frames.
+    rows_train = images.rows(split.train, kept_only=True)
+    rows_val = images.rows(split.val, kept_only=True)
+    y_train, y_val = images.row_labels(rows_train), images.row_labels(rows_val)
     w, b, linear_info = fit_linear_head(
-        features[split.train],
-        y[split.train],
-        features[split.val],
-        y[split.val],
+        features[rows_train],
+        y_train,
+        features[rows_val],
+        y_val,
         n_classes,
         list(cfg["linear_weight_decays"]),
         float(cfg["linear_default_weight_decay"]),
@@ -570,22 +674,23 @@ def train_classifier(
         assert model is not None
         finetune_info = finetune(
             model,
-            images.x[split.train],
-            y[split.train],
-            images.x[split.val],
-            y[split.val],
+            images.x[rows_train],
+            y_train,
+            images.x[rows_val],
+            y_val,
             n_classes,
             {**cfg, "seed": seed},
             spec.is_scratch,
             device,
             show_progress,
         )
-        test_logits = predict_logits(model, images.x[split.test], 64, device)
-        val_logits = predict_logits(model, images.x[split.val], 64, device)
+        test_logits = predict_logits(model, images.x[images.rows(split.test)], 64, device)
+        val_logits = predict_logits(model, images.x[images.rows(split.val)], 64, device)
     else:
-        test_logits = torch.from_numpy(features[split.test]) @ w.T + b
-        val_logits = torch.from_numpy(features[split.val]) @ w.T + b
-    y_test_pred = test_logits.argmax(1).numpy()
+        test_logits = torch.from_numpy(features[images.rows(split.test)]) @ w.T + b
+        val_logits = torch.from_numpy(features[images.rows(split.val)]) @ w.T + b
+    # Evaluation is per image: a tiled frame's label is the mean of its tiles' probabilities.
+    y_test_pred = frame_predictions(images, test_logits, split.test)
     report = M.classification_report(y[split.test], y_test_pred, names)
     result: dict[str, Any] = {
         **{
@@ -595,7 +700,7 @@ def train_classifier(
         "confusion_matrix_axes": report["confusion_matrix_axes"],
         "evaluated_on": "test split (never used for training, early stopping or model selection)",
         **split.counts(y, names),
-        "val": M.classification_report(y[split.val], val_logits.argmax(1).numpy(), names)
+        "val": M.classification_report(y[split.val], frame_predictions(images, val_logits, split.val), names)
         if split.val.size
         else None,
         "classes": names,
@@ -606,6 +711,8 @@ def train_classifier(
         "labels_per_class": "all" if k is None else k,
         "seed": seed,
         "image_size": spec.contract.image_size,
+        "tiling": frames_mod.tiling_summary(spec.contract),
+        "n_train_inputs": int(rows_train.size),
         "linear": linear_info,
         "finetune": finetune_info,
         "selection": (finetune_info or linear_info)["selection"],
@@ -616,6 +723,18 @@ def train_classifier(
         _write_outputs(Path(cfg["out"]), cfg, result, model, images, split, spec, device)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def frame_predictions(images: LabeledImages, logits: torch.Tensor, frames: np.ndarray) -> np.ndarray:
+    """Predicted class of each of ``frames`` from the logits of their inputs (``images.rows(frames)``)."""
+    if not images.tiled:
+        return logits.argmax(1).numpy()
+    assert images.frame is not None and images.keep is not None
+    probs = frames_mod.softmax(logits.numpy())
+    agg = frames_mod.frame_probabilities(
+        probs, images.frame, images.keep, frames, images.contract.cls_aggregate
+    )
+    return agg.argmax(1)
 
 
 def _write_outputs(
@@ -634,14 +753,18 @@ def _write_outputs(
     names = images.class_names
     y = images.labels
     trainval = np.concatenate([split.train, split.val])
+    rows = images.rows(trainval)  # tiled: every tile of those frames, in row order
     with torch.no_grad():
         model.eval().to(device)
         emb = np.concatenate(
             [
-                model.embed(torch.from_numpy(images.x[trainval[i : i + 64]]).to(device)).cpu().numpy()
-                for i in range(0, len(trainval), 64)
+                model.embed(torch.from_numpy(images.x[rows[i : i + 64]]).to(device)).cpu().numpy()
+                for i in range(0, len(rows), 64)
             ]
         )
+    if images.tiled:  # one embedding per frame, as the runtime computes it (OOD is per frame)
+        assert images.frame is not None and images.keep is not None
+        emb = frames_mod.frame_embeddings(emb, images.frame, images.keep, trainval)
     n_train = split.train.size
     ood = ood_reference(emb[:n_train], y[split.train], emb, len(names))
     atomic_write_text(out / "ood.json", json.dumps(ood))
@@ -684,6 +807,7 @@ def _write_outputs(
                 "encoder": spec.source,
                 "pretraining method": spec.method,
                 "input": f"1 x {contract.image_size} x {contract.image_size}, nanomorph.contract",
+                "frames": frames_mod.tiling_summary(contract),
                 "git commit": git_commit(),
             },
             "Data": {
@@ -723,7 +847,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--encoder",
         default=d.get("encoder", "scratch"),
-        help="RUNS/X/backbone.safetensors, RUNS/X or scratch",
+        help="RUNS/X/backbone.safetensors, RUNS/X, scratch, imagenet[@ARCH] or a checkpoint file[@ARCH] "
+        "(CEM500K MoCoV2, DINOv2/timm; docs/encoders.md)",
     )
     parser.add_argument(
         "--arch", default=d.get("arch", "resnet18"), help="timm architecture for --encoder scratch"
@@ -750,6 +875,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-size", type=int, default=d.get("image_size"), help="default: the encoder's contract"
     )
+    frames_mod.add_tiling_arguments(parser, d)
     parser.add_argument("--batch-size", type=int, default=d.get("batch_size", 16))
     parser.add_argument(
         "--steps", type=int, default=d.get("steps", 200), help="fine-tuning steps (pretrained encoder)"

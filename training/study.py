@@ -35,6 +35,7 @@ import numpy as np
 
 from nanomorph.atomic import atomic_path, atomic_write_text
 from nanomorph.config import save_resolved, yaml_defaults
+from training.frames import add_tiling_arguments
 
 log = logging.getLogger("nanomorph.study")
 
@@ -54,7 +55,8 @@ def parse_encoders(value: str | Sequence[str] | None) -> dict[str, str]:
 
     A bare path is named after its run folder. ``scratch`` is reserved for the baseline.
     """
-    items = value.split(",") if isinstance(value, str) else list(value or [])
+    raw = [value] if isinstance(value, str) else list(value or [])
+    items = [part for v in raw for part in str(v).split(",")]  # --encoder A --encoder B,C
     out: dict[str, str] = {}
     for item in (i.strip() for i in items):
         if not item:
@@ -342,6 +344,7 @@ def study_cls(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from training import finetune_cls as fc
+    from training.frames import tiling_summary
     from training.splits import make_split, parse_labels_per_class
 
     out = Path(cfg["out"])
@@ -353,12 +356,13 @@ def study_cls(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     seed = int(cfg["seed"])
     specs = {
-        name: fc.resolve_encoder(path, "resnet18", cfg.get("image_size")) for name, path in encoders.items()
+        name: fc.resolve_encoder(path, cfg.get("arch") or "resnet18", cfg.get("image_size"), cfg)
+        for name, path in encoders.items()
     }
     first = next(iter(specs.values()), None)
     arch = cfg.get("arch") or (first.architecture if first else "resnet18")
     image_size = int(cfg.get("image_size") or (first.contract.image_size if first else 224))
-    specs["scratch"] = fc.resolve_encoder("scratch", arch, image_size)
+    specs["scratch"] = fc.resolve_encoder("scratch", arch, image_size, cfg)
     if first is not None:  # the baseline sees exactly the pretrained encoder's preprocessing
         specs["scratch"].contract = first.contract
     for name, spec in specs.items():
@@ -373,6 +377,11 @@ def study_cls(cfg: dict[str, Any]) -> dict[str, Any]:
         "group_column": cfg.get("group_column"), "image_size": image_size, "scratch_arch": arch,
         "encoders": {n: s.source for n, s in specs.items()},
     }  # fmt: skip
+    tiled = {n: s.contract for n, s in specs.items() if s.contract.cls_tiling}
+    if tiled:  # K counts frames either way; the inputs (and so the numbers) depend on the tiling
+        identity["cls_tiling"] = {n: tiling_summary(c) for n, c in tiled.items()}
+        for name, spec in specs.items():
+            log.info("%s: %s", name, tiling_summary(spec.contract))
     out.mkdir(parents=True, exist_ok=True)
     _check_study_file(out, identity)
     save_resolved(cfg, out)  # after the check: a refused rerun leaves the folder as it was
@@ -419,7 +428,7 @@ def study_cls(cfg: dict[str, Any]) -> dict[str, Any]:
         if key not in feature_cache:
             imgs = images_for(spec)
             pool = np.setdiff1d(np.arange(len(y)), splits[(repeat, labels[0])].test)
-            backbone = spec.build(seed + repeat, calibration=imgs.x[pool])
+            backbone = spec.build(seed + repeat, calibration=imgs.x[imgs.rows(pool)])
             feature_cache[key] = fc.extract_features(backbone, imgs.x, device=device)
             if spec.is_scratch:  # the previous repeat's random features are not needed again
                 for old in [k for k in feature_cache if k[0] == name and k[1] not in (None, repeat)]:
@@ -463,6 +472,10 @@ def study_cls(cfg: dict[str, Any]) -> dict[str, Any]:
         f"({float(cfg['test_fraction']):.0%}{', grouped by ' + cfg['group_column'] if cfg.get('group_column') else ''}) "
         "and labeled subsets, the same for every encoder",
         "labels = labeled images per class (validation carved from them); metrics on the test split only",
+        *[
+            f"{n}: {tiling_summary(c)}; every tile of a labeled image trains, evaluation per image"
+            for n, c in tiled.items()
+        ],
         "scratch = same architecture from random init (BatchNorm statistics recalibrated on the non-test images)",
         "finetune = LP-FT (linear probe, then the whole network with a lower encoder learning rate)",
         "mean ± sample std over repeats (n repeats in brackets)",
@@ -584,6 +597,17 @@ def study_seg(cfg: dict[str, Any]) -> dict[str, Any]:
 # CLI
 
 
+class _Repeatable(argparse.Action):
+    """A repeatable option whose command-line values replace (not extend) its default."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        current = getattr(ns, self.dest, None)
+        items = [] if current is self.default or not isinstance(current, list) else current
+        setattr(ns, self.dest, [*items, values])
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = yaml_defaults(COMMAND)
     a = parser.add_argument
@@ -600,8 +624,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a(
         "--encoders",
+        "--encoder",
+        dest="encoders",
+        action=_Repeatable,
         default=d.get("encoders"),
-        help="name=RUNS/X/backbone.safetensors[,other=PATH...] (scratch is always added)",
+        help="name=SOURCE[,other=SOURCE...], repeatable; SOURCE: RUNS/X, its backbone.safetensors, "
+        "imagenet[@ARCH] or a checkpoint file[@ARCH] (docs/encoders.md); scratch is always added",
     )
     a(
         "--labels-per-class",
@@ -637,6 +665,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cls fine-tuning steps from random init",
     )
     a("--batch-size", type=int, default=d.get("batch_size"))
+    add_tiling_arguments(parser, d)
     a("--eval-every", type=int, default=d.get("eval_every"))
     a("--classes", default=d.get("classes"), help="seg: class names, background first")
     a("--tile", type=int, default=d.get("tile"), help="seg: tile size")

@@ -5,6 +5,13 @@ from the :class:`Contract` stored inside each exported ONNX file, so the two can
 See docs/architecture.md.
 """
 
+from nanomorph.contract.frames import (
+    FrameTiles,
+    aggregate_embeddings,
+    aggregate_probabilities,
+    frame_tiles,
+    tile_geometry,
+)
 from nanomorph.contract.io import (
     DEFAULT_MAX_PIXELS,
     SUPPORTED_SUFFIXES,
@@ -29,19 +36,24 @@ __all__ = [
     "Contract",
     "CorruptImageError",
     "EmptyImageError",
+    "FrameTiles",
     "ImageDimensionError",
     "ImageMeta",
     "ImageReadError",
     "ImageTooLargeError",
     "NonFiniteImageError",
     "UnsupportedFormatError",
+    "aggregate_embeddings",
+    "aggregate_probabilities",
     "blend_window",
+    "frame_tiles",
     "list_images",
     "normalise",
     "peek_shape",
     "read_image",
     "resize",
     "tile",
+    "tile_geometry",
     "tile_positions",
     "to_model_input",
     "untile",

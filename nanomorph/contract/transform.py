@@ -7,6 +7,7 @@ recorded in the run and in the exported ONNX file, so the two can never drift ap
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 CONTRACT_VERSION = 1
+CLS_AGGREGATES = ("mean",)
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,16 @@ class Contract:
         p_high: upper percentile of the robust intensity clip.
         tile_size: side of the tiles ``segment`` models run on (multiple of 32).
         tile_overlap: overlap of neighbouring tiles in pixels.
+        cls_tile: classification at the encoder's scale: side (native pixels) of the tiles a
+            frame larger than this is cut into before each tile is resized to ``image_size``;
+            0 = the whole frame is resized to ``image_size`` (see :mod:`nanomorph.contract.frames`).
+        cls_stride: native pixels between neighbouring classification tiles; 0 = ``cls_tile``.
+        cls_pixel_size: nm per native pixel at which ``cls_tile`` was defined; when > 0 and an
+            image's pixel size is known, its tiles span the same nm (resampled to the encoder's
+            nm per model pixel); 0 = tiles are ``cls_tile`` pixels whatever the calibration.
+        cls_aggregate: how tile probabilities make the frame's (``mean``).
+        cls_min_std: tiles whose normalised intensity std is below this carry no structure and
+            are left out of training and of the frame's aggregate (0 = every tile counts).
     """
 
     in_chans: int = 1
@@ -35,6 +47,11 @@ class Contract:
     p_high: float = 99.5
     tile_size: int = 256
     tile_overlap: int = 64
+    cls_tile: int = 0
+    cls_stride: int = 0
+    cls_pixel_size: float = 0.0
+    cls_aggregate: str = "mean"
+    cls_min_std: float = 0.0
     version: int = CONTRACT_VERSION
 
     def __post_init__(self) -> None:
@@ -48,6 +65,26 @@ class Contract:
             raise ValueError(f"tile_size must be a multiple of 32, got {self.tile_size}")
         if not 0 <= self.tile_overlap < self.tile_size:
             raise ValueError(f"tile_overlap must be in [0, tile_size), got {self.tile_overlap}")
+        if self.cls_tile and self.cls_tile < 8:
+            raise ValueError(f"cls_tile must be 0 (whole frame) or >= 8 pixels, got {self.cls_tile}")
+        if self.cls_stride < 0 or self.cls_stride > max(self.cls_tile, 0):
+            raise ValueError(f"cls_stride must be in [0, cls_tile], got {self.cls_stride}")
+        if not (self.cls_pixel_size >= 0 and math.isfinite(self.cls_pixel_size)):
+            raise ValueError(f"cls_pixel_size must be >= 0 nm/px, got {self.cls_pixel_size}")
+        if self.cls_aggregate not in CLS_AGGREGATES:
+            raise ValueError(f"cls_aggregate must be one of {CLS_AGGREGATES}, got {self.cls_aggregate!r}")
+        if not 0.0 <= self.cls_min_std < 1.0:
+            raise ValueError(f"cls_min_std must be in [0, 1), got {self.cls_min_std}")
+
+    @property
+    def cls_tiling(self) -> bool:
+        """True when large frames are classified as tiles at the encoder's scale."""
+        return self.cls_tile > 0
+
+    @property
+    def cls_scale(self) -> float:
+        """Native pixels per model pixel of a classification tile (0 without tiling)."""
+        return self.cls_tile / self.image_size if self.cls_tile else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
