@@ -34,6 +34,16 @@ def pretraining_tile(backbone: str | Path) -> int:
     bare backbone file) gives 0.
     """
     path = Path(backbone)
+    file = path / "backbone.safetensors" if path.is_dir() else path
+    if file.is_file():  # nanomorph pretrain records its crop in the backbone's metadata
+        from training.backbones import read_metadata
+
+        try:
+            crop_meta = int(read_metadata(file).get("crop_size") or 0)
+        except (OSError, ValueError):
+            crop_meta = 0
+        if crop_meta >= 8:
+            return crop_meta
     run = path if path.is_dir() else path.parent
     config = run / "config.yaml"
     if not config.is_file():

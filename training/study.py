@@ -194,9 +194,15 @@ def aggregate(
 
 
 def write_summary(
-    path: Path, rows: list[dict[str, str]], metrics: Sequence[str], title: str, notes: Sequence[str]
+    path: Path,
+    rows: list[dict[str, str]],
+    metrics: Sequence[str],
+    title: str,
+    notes: Sequence[str],
+    extra: Sequence[str] = (),
 ) -> None:
-    """Markdown tables (one per metric): rows encoder/mode, columns label counts, ``mean ± std (n)``."""
+    """Markdown tables (one per metric): rows encoder/mode, columns label counts, ``mean ± std (n)``;
+    ``extra`` lines (another table) close the file."""
     labels = sorted({r["labels"] for r in rows}, key=_x_value)
     lines = [f"# {title}", ""]
     lines += [f"- {n}" for n in notes]
@@ -218,6 +224,7 @@ def write_summary(
                     cells.append("–")
             lines.append(f"| {enc} | {mode} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += list(extra)
     atomic_write_text(path, "\n".join(lines))
 
 
@@ -480,14 +487,48 @@ def study_cls(cfg: dict[str, Any]) -> dict[str, Any]:
         "finetune = LP-FT (linear probe, then the whole network with a lower encoder learning rate)",
         "mean ± sample std over repeats (n repeats in brackets)",
     ]
+    quality = quality_table(specs, results.rows)
+    for line in quality[2:]:
+        log.info("%s", line)
     write_summary(
-        out / "summary.md", results.rows, CLS_METRICS, "Label-efficiency study (classification)", notes
+        out / "summary.md",
+        results.rows,
+        CLS_METRICS,
+        "Label-efficiency study (classification)",
+        notes,
+        quality,
     )
     plot_curve(
         out / "curve.png", results.rows, ("accuracy", "balanced_accuracy"), "labeled images per class",
         all_pos, f"Label efficiency: {Path(cfg['data']).name}",
     )  # fmt: skip
     return {"results": str(out / "results.csv"), "cells": len(cells), "rows": len(results.rows)}
+
+
+def quality_table(specs: dict[str, Any], rows: list[dict[str, str]]) -> list[str]:
+    """The encoders' label-free quality signals (written by ``nanomorph pretrain`` into the backbone's
+    metadata) beside their linear-probe balanced accuracy at the largest label count, so a reader can
+    see whether the signals track accuracy."""
+    agg = aggregate(rows, "balanced_accuracy")
+    lines = [
+        "## label-free quality signals (pretraining, no labels) vs accuracy",
+        "",
+        "| encoder | verdict | effective rank | alignment | uniformity | linear balanced accuracy (most labels) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, spec in specs.items():
+        signals = json.loads(spec.meta.get("quality") or "{}") if getattr(spec, "meta", None) else {}
+        end = signals.get("end", {})
+        by_label = agg.get((name, "linear"), {})
+        best = max(by_label, key=_x_value) if by_label else None
+        acc = f"{by_label[best][0]:.3f} ({best})" if best else "–"
+        verdict = signals.get("verdict", "not measured").split(":")[0]
+        cells = [
+            f"{end[k]:.{d}f}" if k in end else "–"
+            for k, d in (("effective_rank", 0), ("alignment", 3), ("uniformity", 3))
+        ]
+        lines.append(f"| {name} | {verdict} | " + " | ".join(cells) + f" | {acc} |")
+    return lines
 
 
 def parse_grid_modes(value: str | Sequence[str], allowed: Sequence[str]) -> list[str]:

@@ -46,6 +46,7 @@ def test_study_cls_grid_resume_and_shared_splits(tmp_path: Path, capsys: pytest.
             assert 0.0 <= float(r[key]) <= 1.0
     summary = (out / "summary.md").read_text()
     assert "| ssl | linear |" in summary and "| scratch | finetune |" in summary and "±" in summary
+    assert "## label-free quality signals" in summary and "| ssl | not measured |" in summary
     with Image.open(out / "curve.png") as im:
         assert im.format == "PNG" and im.width > 300
 
@@ -128,3 +129,23 @@ def test_study_seg_writes_every_cell(tmp_path: Path) -> None:
     for r in rows:
         assert 0.0 <= float(r["mean_iou_foreground"]) <= 1.0 and r["iou_particle"] != ""
     assert (out / "summary.md").is_file() and (out / "curve.png").is_file()
+
+
+def test_quality_table_puts_the_signals_beside_accuracy() -> None:
+    from types import SimpleNamespace
+
+    from training.study import quality_table
+
+    signals = {"verdict": "learned: effective rank 35 of 512", "end": {"effective_rank": 35.2, "alignment": 0.29,
+               "uniformity": -1.07, "embedding_dim": 512}}  # fmt: skip
+    specs = {
+        "ssl": SimpleNamespace(meta={"quality": json.dumps(signals)}),
+        "scratch": SimpleNamespace(meta={}),
+    }
+    rows = [
+        {"encoder": "ssl", "mode": "linear", "labels": lab, "repeat": "0", "balanced_accuracy": acc}
+        for lab, acc in (("1", "0.5"), ("8", "0.75"))
+    ]
+    table = quality_table(specs, rows)
+    assert "| ssl | learned | 35 | 0.290 | -1.070 | 0.750 (8) |" in table
+    assert "| scratch | not measured | – | – | – | – |" in table
