@@ -35,7 +35,7 @@ def pretraining_tile(backbone: str | Path) -> int:
     """
     path = Path(backbone)
     file = path / "backbone.safetensors" if path.is_dir() else path
-    if file.is_file():  # nanomorph pretrain records its crop in the backbone's metadata
+    if file.is_file() and file.suffix == ".safetensors":  # nanomorph pretrain records its crop there
         from training.backbones import read_metadata
 
         try:
