@@ -6,6 +6,7 @@ See docs/architecture.md.
 """
 
 from nanomorph.contract.io import (
+    COMPANION_SUFFIXES,
     DEFAULT_MAX_PIXELS,
     SUPPORTED_SUFFIXES,
     CorruptImageError,
@@ -16,6 +17,9 @@ from nanomorph.contract.io import (
     ImageTooLargeError,
     NonFiniteImageError,
     UnsupportedFormatError,
+    is_companion,
+    is_supported,
+    list_files,
     list_images,
     peek_shape,
     read_image,
@@ -24,6 +28,7 @@ from nanomorph.contract.tiling import blend_window, tile, tile_positions, untile
 from nanomorph.contract.transform import Contract, normalise, resize, to_model_input
 
 __all__ = [
+    "COMPANION_SUFFIXES",
     "DEFAULT_MAX_PIXELS",
     "SUPPORTED_SUFFIXES",
     "Contract",
@@ -36,6 +41,9 @@ __all__ = [
     "NonFiniteImageError",
     "UnsupportedFormatError",
     "blend_window",
+    "is_companion",
+    "is_supported",
+    "list_files",
     "list_images",
     "normalise",
     "peek_shape",
