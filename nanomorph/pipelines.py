@@ -250,13 +250,14 @@ class LocalBackend:
         pixel_size: float | None = None,
         pixel_unit: str | None = None,
         overlays: bool = True,
+        threads: int = 0,
     ) -> None:
         from nanomorph.runtime import Classifier, Embedder, OnnxModel, Segmenter
         from nanomorph.store import resolve
 
         self.task = task
         stored = resolve(tag or f"nanomorph-{task}:latest", store)
-        onnx = OnnxModel(stored, providers=providers or None)
+        onnx = OnnxModel(stored, providers=providers or None, threads=threads)
         self.model = stored.tag
         self.contract = stored.contract
         self.classes = list(stored.classes)
@@ -687,6 +688,7 @@ def make_backend(args: argparse.Namespace, remote: bool) -> Backend:
         pixel_size=args.pixel_size,
         pixel_unit=args.pixel_unit,
         overlays=not args.no_overlays,
+        threads=getattr(args, "threads", 0) or 0,
     )
 
 
@@ -939,6 +941,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--tag", default=d.get("tag"), help="model tag (default nanomorph-<task>:latest)")
         parser.add_argument(
             "--providers", default=d.get("providers"), help="onnxruntime providers, comma list"
+        )
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=d.get("threads", 0),
+            help="onnxruntime threads (default 0: all cores; set it to the CPUs a cluster job got)",
         )
     if name in ("client", "watch"):
         parser.add_argument(

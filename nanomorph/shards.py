@@ -12,7 +12,9 @@ task and it skips what is done. ``nanomorph merge OUT`` then joins ``OUT/shard-*
 ``OUT`` itself: ``results.jsonl`` (rows in listing order), ``results.csv``, ``errors.csv``, every
 per-image file (hard links where the file system allows, else copies), ``model.json`` and a
 ``report.html`` over everything. Merging refuses missing shards (unless ``--partial``), shards of
-different ``N``, models or tasks, and rows that are in the wrong shard.
+different ``N``, models or tasks, rows that are in the wrong shard, and shards that are not
+finished: from the ``config.yaml`` each shard wrote, the input folder is listed again and every
+file of the shard must have a row or an ``errors.csv`` line.
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ def merge(out: Path, dest: Path | None = None, partial: bool = False) -> dict[st
             f"{out}: shards {', '.join(map(str, missing))} of {count} are missing; run them first "
             "(or merge what is there with --partial)"
         )
+    if not partial:
+        _check_finished(shards, count)
     rows: dict[str, dict[str, Any]] = {}
     errors: dict[str, dict[str, str]] = {}
     tasks, cards = set(), {}
@@ -200,6 +204,39 @@ def merge(out: Path, dest: Path | None = None, partial: bool = False) -> dict[st
 
     write_report(dest)
     return {"shards": len(shards), "of": count, "rows": len(ordered), "errors": len(errors)}
+
+
+def _check_finished(shards: dict[int, Path], count: int) -> None:
+    """Every file of each shard's part of its input folder has a row or an error line."""
+    import yaml
+
+    from nanomorph.pipelines import list_items
+
+    listings: dict[tuple[str, bool], list[str]] = {}
+    unfinished = []
+    for index, folder in sorted(shards.items()):
+        config_path = folder / "config.yaml"
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        input_dir = (config or {}).get("input_dir")
+        if not input_dir or not Path(input_dir).is_dir():
+            log.warning(
+                "%s: input folder %s not found; cannot check that the shard is complete", folder, input_dir
+            )
+            continue
+        key = (str(input_dir), bool(config.get("no_recursive")))
+        if key not in listings:
+            items = list_items(Path(input_dir), folder.parent, recursive=not key[1])
+            listings[key] = [it.rel for it in items]
+        done = {str(r.get("path")) for r in _read_jsonl(folder / "results.jsonl")}
+        done |= {e["path"] for e in _read_errors(folder / "errors.csv")}
+        todo = [rel for rel in listings[key] if shard_of(rel, count) == index and rel not in done]
+        if todo:
+            unfinished.append(f"shard {index}: {len(todo)} files not done (e.g. {todo[0]})")
+    if unfinished:
+        raise ValueError(
+            "unfinished shards; rerun them (they resume) or merge what is there with --partial: "
+            + "; ".join(unfinished)
+        )
 
 
 def _write_errors(path: Path, errors: list[dict[str, str]], columns: tuple[str, ...]) -> None:

@@ -341,6 +341,13 @@ def test_shards_in_separate_processes_merge_into_the_unsharded_results(
     mine, theirs = _files(sharded), _files(whole)
     assert sorted(mine) == sorted(theirs)
     assert [k for k in mine if mine[k] != theirs[k]] == []  # csv, errors, masks, report: byte for byte
+    # An unfinished shard (here: one row short) is refused unless asked for; rerun, it completes.
+    biggest = sharded / parts[counts.index(max(counts))] / "results.jsonl"
+    full = biggest.read_text()
+    biggest.write_text("".join(full.splitlines(keepends=True)[:-1]))
+    unfinished = nanomorph("merge", sharded)
+    assert unfinished.returncode == 2 and "1 files not done" in unfinished.stderr
+    biggest.write_text(full)
     # A missing shard is refused unless asked for.
     (sharded / "shard-2-of-3").rename(tmp_path / "away")
     refused = nanomorph("merge", sharded)
