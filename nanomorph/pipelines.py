@@ -900,6 +900,7 @@ def run_watch(args: argparse.Namespace) -> int:
                 total.failed += tally.failed
                 total.transient += tally.transient
                 writer.write_csv()
+                _write_report(out)  # kept current for whoever opens it during the session
                 retry = tally.transient
                 if not args.once:
                     pending += tally.transient

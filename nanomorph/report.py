@@ -177,7 +177,7 @@ def _card_section(card: dict[str, Any]) -> str:
             rows.append((f"test {key}", value))
     if card.get("ood_threshold") is not None:
         rows.append(("OOD threshold", card["ood_threshold"]))
-    return "<h2>Model</h2>" + _table(["", ""], rows)
+    return "<h2>Model</h2>" + _table(["", "value"], rows)
 
 
 def _classify_section(rows: list[dict[str, Any]]) -> str:

@@ -4,7 +4,8 @@ A shard is the set of files whose relative path hashes to ``I`` modulo ``N`` (th
 of its SHA-256, big endian). The partition depends on nothing but the path and ``N``: every array
 task computes it alone from the same sorted listing, a file added to the archive while tasks are
 queued lands in exactly one shard (a block split of the sorted list would shift every later
-file), and with 10^5 files the shards differ in size by well under 1 %.
+file). The price is a binomial spread of shard sizes: 10^5 files in 16 shards put at most 2 %
+more than the mean in one shard, 10^6 files 0.7 % (computed on synthetic archive paths).
 
 Shard ``I`` of ``N`` writes a complete pipeline output folder ``OUT/shard-I-of-N/`` (results,
 errors, masks, overlays, report), so it resumes like any ``predict`` run: rerun the same array
