@@ -158,7 +158,7 @@ def merge(out: Path, dest: Path | None = None, partial: bool = False) -> dict[st
     rows: dict[str, dict[str, Any]] = {}
     errors: dict[str, dict[str, str]] = {}
     tasks, cards = set(), {}
-    placed: dict[str, Path] = {}
+    placed: dict[str, list[Path]] = {}
     for index, folder in sorted(shards.items()):
         for row in _read_jsonl(folder / "results.jsonl"):
             rel = str(row["path"])
@@ -177,10 +177,7 @@ def merge(out: Path, dest: Path | None = None, partial: bool = False) -> dict[st
             rel_file = path.relative_to(folder).as_posix()
             if rel_file in BOOKKEEPING or path.name.startswith("."):
                 continue
-            other = placed.get(rel_file)
-            if other is not None and other.read_bytes() != path.read_bytes():
-                raise ValueError(f"{rel_file} differs between {other.parent} and {folder}")
-            placed[rel_file] = path
+            placed.setdefault(rel_file, []).append(path)
     if len(tasks) > 1:
         raise ValueError(f"{out}: shards hold results of different tasks ({sorted(map(str, tasks))})")
     if len(set(cards.values())) > 1:
@@ -190,8 +187,13 @@ def merge(out: Path, dest: Path | None = None, partial: bool = False) -> dict[st
     for rel in rows:
         errors.pop(rel, None)  # a file fixed and redone: its old error is gone
     dest.mkdir(parents=True, exist_ok=True)
-    for rel_file, path in placed.items():
-        _place(path, dest / rel_file)
+    for rel_file, paths in placed.items():
+        if len(paths) == 1 or all(p.read_bytes() == paths[0].read_bytes() for p in paths[1:]):
+            _place(paths[0], dest / rel_file)
+        elif rel_file.endswith(".csv"):
+            _merge_csv(paths, dest / rel_file)  # a per-batch table (one row per image or object)
+        else:
+            raise ValueError(f"{rel_file} differs between shards ({', '.join(str(p.parent) for p in paths)})")
     ordered = sorted(rows.values(), key=lambda r: PurePosixPath(str(r["path"])).parts)
     atomic_write_text(
         dest / "results.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered)
@@ -205,6 +207,28 @@ def merge(out: Path, dest: Path | None = None, partial: bool = False) -> dict[st
 
     write_report(dest)
     return {"shards": len(shards), "of": count, "rows": len(ordered), "errors": len(errors)}
+
+
+def _merge_csv(paths: list[Path], dest: Path) -> None:
+    """One table from the shards' tables of the same name: same header required; rows sorted by
+    their ``path`` column in listing order (stable, so a file's rows keep their order)."""
+    header: list[str] | None = None
+    rows: list[dict[str, str]] = []
+    for path in paths:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if header is None:
+                header = list(reader.fieldnames or [])
+            elif list(reader.fieldnames or []) != header:
+                raise ValueError(f"{path}: columns differ from {paths[0]}")
+            rows.extend(reader)
+    if header and "path" in header:
+        rows.sort(key=lambda r: PurePosixPath(r.get("path") or "").parts)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header or [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(dest, buf.getvalue())
 
 
 def _check_finished(shards: dict[int, Path], count: int) -> None:
