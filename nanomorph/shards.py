@@ -282,7 +282,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="the --out folder of the `predict --shard I/N` runs")
     parser.add_argument("--into", default=None, help="write the merged results here (default: OUT itself)")
     parser.add_argument(
-        "--partial", action="store_true", help="merge the shards present even if some are missing"
+        "--partial",
+        action="store_true",
+        help="merge what is there even if shards are missing or unfinished",
     )
 
 
