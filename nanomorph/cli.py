@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("nanomorph.pipelines", "offline batch prediction over a folder (no server)"),
     "client": ("nanomorph.pipelines", "batch prediction over a folder through a running server"),
     "watch": ("nanomorph.pipelines", "watched-folder mode for acquisition"),
+    "merge": ("nanomorph.shards", "merge the outputs of `predict --shard I/N` runs"),
     "index": ("nanomorph.index", "similar-image search index (build / query)"),
     "suggest": ("nanomorph.suggest", "which images to label next (active learning)"),
     "map": ("nanomorph.datamap", "2-D map of the embeddings of a folder"),

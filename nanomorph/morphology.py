@@ -595,8 +595,18 @@ def overlay(image01: np.ndarray, mask: np.ndarray, n_classes: int, alpha: float 
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
+def palette_256() -> np.ndarray:
+    """(256, 3) uint8 colour of each class index: 0 black, then :data:`PALETTE` cycled as in
+    :func:`overlay`."""
+    idx = np.arange(256)
+    return PALETTE[np.where(idx == 0, 0, (idx - 1) % (len(PALETTE) - 1) + 1)].astype(np.uint8)
+
+
 def mask_to_png_bytes(mask: np.ndarray) -> bytes:
-    """Encode a class mask losslessly as PNG: 8-bit when all values < 256, else 16-bit.
+    """Encode a class mask losslessly as PNG: 8-bit palette when all values < 256, else 16-bit grey.
+
+    The palette PNG stores the class index per pixel (what every PNG reader returns as the array)
+    and colours it like :func:`overlay` in any image viewer; a plain 0/1 grey PNG looks black.
 
     Args:
         mask: (H, W) non-negative integer mask with values < 65536.
@@ -613,7 +623,11 @@ def mask_to_png_bytes(mask: np.ndarray) -> bytes:
     hi = int(m.max())
     if hi > 65535:
         raise ValueError(f"mask value {hi} does not fit a 16-bit PNG")
-    img = Image.fromarray(m.astype(np.uint8)) if hi < 256 else Image.fromarray(m.astype(np.uint16))
+    if hi < 256:
+        img = Image.fromarray(m.astype(np.uint8))
+        img.putpalette(palette_256().tobytes())  # L -> P: same indices, shown in colour
+    else:
+        img = Image.fromarray(m.astype(np.uint16))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()

@@ -14,9 +14,16 @@ All three write the same outputs through one :class:`ResultWriter`, so running a
     ``path, reason, message, size, mtime_ns`` of every image that failed. Files refused for their
     content (corrupt, unsupported, too large...) are not retried unless they change (or
     ``--retry-errors``); failures of the server (unreachable, 503, 5xx) are retried by the next run.
-``OUT/embeddings/<path>.npy`` (embed), ``OUT/masks/<path>.png`` and ``OUT/overlays/<path>.png``
-(segment), ``OUT/config.yaml`` (resolved options, never the token), and for ``watch``
-``OUT/watch_state.json`` (files done, with size and mtime; written atomically).
+``OUT/embeddings/<path>.npy`` (embed); ``OUT/masks/<stem>_mask.png`` (palette PNG),
+``OUT/masks/<stem>_labels.tif`` (calibrated ImageJ TIFF) and ``OUT/overlays/<stem>_overlay.png``
+(segment, see :mod:`nanomorph.outputs`); ``OUT/model.json`` (the model card's key numbers),
+``OUT/report.html`` (self-contained summary, :mod:`nanomorph.report`), ``OUT/config.yaml``
+(resolved options, never the token), and for ``watch`` ``OUT/watch_state.json`` (files done, with
+size and mtime; written atomically).
+
+Every file under INPUT_DIR is accounted for: read, or a row in ``errors.csv`` (unsupported
+suffixes too), except companions read with an image (a TIA ``.emi`` beside its ``.ser``).
+``predict --shard I/N`` processes one deterministic part of the folder (:mod:`nanomorph.shards`).
 
 Floats in the rows are rounded to 6 significant digits, so that the last bits of a batched
 onnxruntime call cannot make the in-process and the served results differ.
@@ -42,9 +49,19 @@ from typing import Any
 
 import numpy as np
 
+from nanomorph import outputs, report, shards
 from nanomorph.atomic import atomic_write_bytes, atomic_write_text
 from nanomorph.config import save_resolved, yaml_defaults
-from nanomorph.contract import Contract, ImageReadError, list_images, normalise, read_image
+from nanomorph.contract import (
+    SUPPORTED_SUFFIXES,
+    Contract,
+    ImageReadError,
+    is_companion,
+    is_supported,
+    list_files,
+    normalise,
+    read_image,
+)
 from nanomorph.contract.frames import nm_per_px
 from nanomorph.progress import Progress
 
@@ -68,10 +85,16 @@ SIGNIFICANT_DIGITS = 6
 
 @dataclass
 class Item:
-    """One input file: its path and its path relative to the input folder (the row key)."""
+    """One input file: its path, its path relative to the input folder (the row key), the stem
+    its output files are named after, and whether its suffix is one nanomorph reads."""
 
     path: Path
     rel: str
+    stem: str = ""
+    supported: bool = True
+
+    def __post_init__(self) -> None:
+        self.stem = self.stem or outputs.output_stem(self.rel)
 
 
 @dataclass
@@ -128,14 +151,6 @@ def embedding_file(rel: str) -> str:
     return f"embeddings/{rel}.npy"
 
 
-def mask_file(rel: str) -> str:
-    return f"masks/{rel}.png"
-
-
-def overlay_file(rel: str) -> str:
-    return f"overlays/{rel}.png"
-
-
 def classify_row(rel: str, model: str, shape: Sequence[int], result: dict[str, Any]) -> dict[str, Any]:
     """The row of one classified image (``result`` as from ``Classifier.predict`` or the server)."""
     return clean(
@@ -170,16 +185,16 @@ def embed_outcome(rel: str, model: str, shape: Sequence[int], embedding: np.ndar
     return Outcome(rel, row, {embedding_file(rel): buf.getvalue()})
 
 
-def overlay_png(image: np.ndarray, contract: Contract, mask: np.ndarray, n_classes: int) -> bytes:
-    """PNG of the class colours over the normalised image (same in every pipeline)."""
-    from PIL import Image
-
-    from nanomorph.morphology import overlay
-
-    rgb = overlay(normalise(image, contract), mask, max(n_classes, int(mask.max()) + 1))
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
+def overlay_png(
+    image: np.ndarray,
+    contract: Contract,
+    mask: np.ndarray,
+    classes: Sequence[str],
+    pixel_size: float | None,
+    pixel_unit: str | None,
+) -> bytes:
+    """Overlay PNG (legend, scale bar) over the normalised image (same in every pipeline)."""
+    return outputs.overlay_png(normalise(image, contract), mask, classes, pixel_size, pixel_unit)
 
 
 def segment_outcome(
@@ -187,27 +202,28 @@ def segment_outcome(
     model: str,
     classes: Sequence[str],
     mask: np.ndarray,
-    png: bytes,
     pixel_size: float | None,
     pixel_unit: str | None,
     morphology: dict[str, Any],
     overlay: bytes | None,
+    stem: str | None = None,
 ) -> Outcome:
+    stem = stem or outputs.output_stem(rel)
+    unit = pixel_unit if pixel_size is not None else None
     row = {
         "path": rel,
         "task": "segment",
         "model": model,
         "shape": [int(mask.shape[0]), int(mask.shape[1])],
         "pixel_size": pixel_size,
-        "pixel_unit": pixel_unit if pixel_size is not None else None,
+        "pixel_unit": unit,
         "classes": list(classes),
-        "mask_file": mask_file(rel),
-        "overlay_file": overlay_file(rel) if overlay is not None else None,
+        "mask_file": outputs.mask_file(stem),
+        "labels_file": outputs.labels_file(stem),
+        "overlay_file": outputs.overlay_file(stem) if overlay is not None else None,
         "morphology": morphology,
     }
-    files = {mask_file(rel): png}
-    if overlay is not None:
-        files[overlay_file(rel)] = overlay
+    files = outputs.segment_files(stem, mask, classes, pixel_size, unit, overlay)
     return Outcome(rel, clean(row), files)
 
 
@@ -235,19 +251,34 @@ class LocalBackend:
         pixel_size: float | None = None,
         pixel_unit: str | None = None,
         overlays: bool = True,
+        threads: int = 0,
     ) -> None:
         from nanomorph.runtime import Classifier, Embedder, OnnxModel, Segmenter
         from nanomorph.store import resolve
 
         self.task = task
         stored = resolve(tag or f"nanomorph-{task}:latest", store)
-        onnx = OnnxModel(stored, providers=providers or None)
+        onnx = OnnxModel(stored, providers=providers or None, threads=threads)
         self.model = stored.tag
         self.contract = stored.contract
         self.classes = list(stored.classes)
         self.helper: Any = {"classify": Classifier, "embed": Embedder, "segment": Segmenter}[task](onnx)
         self.pixel_size, self.pixel_unit, self.overlays = pixel_size, pixel_unit, overlays
         self.describe = f"{self.model} in-process on {', '.join(onnx.providers)}"
+        threshold = (stored.ood or {}).get("threshold")
+        sha = (stored.manifest.get("files") or {}).get("model.onnx")
+        self._card = report.model_card(
+            stored.tag,
+            task,
+            self.classes,
+            sha,
+            stored.metrics,
+            None if threshold is None else float(threshold),
+        )
+
+    def card(self) -> dict[str, Any]:
+        """The model card's key numbers (``model.json``)."""
+        return self._card
 
     def process(self, items: Sequence[Item]) -> list[Outcome]:
         """Processes a chunk of files; read errors become error outcomes, the rest run as one batch."""
@@ -271,18 +302,18 @@ class LocalBackend:
                 outcomes[i] = embed_outcome(items[i].rel, self.model, meta.shape[:2], v)
         else:
             for i, image, meta in decoded:
-                outcomes[i] = self._segment(items[i].rel, image, meta)
+                outcomes[i] = self._segment(items[i], image, meta)
         return [o for o in outcomes if o is not None]
 
-    def _segment(self, rel: str, image: np.ndarray, meta: Any) -> Outcome:
-        from nanomorph.morphology import mask_to_png_bytes, measure
+    def _segment(self, item: Item, image: np.ndarray, meta: Any) -> Outcome:
+        from nanomorph.morphology import measure
 
         mask = self.helper.predict(image)["mask"]
         size, unit = resolve_pixel_size(self.pixel_size, self.pixel_unit, meta.pixel_size, meta.pixel_unit)
         numbers = measure(mask, self.classes, size, unit)
-        over = overlay_png(image, self.contract, mask, len(self.classes)) if self.overlays else None
+        over = overlay_png(image, self.contract, mask, self.classes, size, unit) if self.overlays else None
         return segment_outcome(
-            rel, self.model, self.classes, mask, mask_to_png_bytes(mask), size, unit, numbers, over
+            item.rel, self.model, self.classes, mask, size, unit, numbers, over, stem=item.stem
         )
 
     def close(self) -> None:
@@ -345,6 +376,18 @@ class RemoteBackend:
             self._info = info
         return self._info
 
+    def card(self) -> dict[str, Any]:
+        """The model card's key numbers (``model.json``), from the server's ``/models``."""
+        info = self.info()
+        return report.model_card(
+            info["tag"],
+            self.task,
+            info.get("classes") or [],
+            info.get("sha256"),
+            info.get("metrics"),
+            info.get("ood_threshold"),
+        )
+
     def process(self, items: Sequence[Item]) -> list[Outcome]:
         """Processes a chunk of files concurrently; results come back in input order."""
         return list(self._pool.map(self._one, items))
@@ -365,27 +408,20 @@ class RemoteBackend:
             body = self.client.segment(upload, pixel_size=self.pixel_size, pixel_unit=self.pixel_unit or "nm")
         except (NanomorphError, OSError) as exc:
             return failure(item.rel, exc)
-        import base64
-
         mask = body["mask"]
         classes = [e["name"] for e in sorted(body["legend"], key=lambda e: e["index"])]
+        size, unit = body.get("pixel_size"), body.get("pixel_unit")
         over = None
         if self.overlays:
             try:  # the overlay needs the pixels here too: decoded with the same contract reader
                 image, _ = read_image(data, name=item.rel)
-                over = overlay_png(image, Contract.from_dict(info["contract"]), mask, len(classes))
+                contract = Contract.from_dict(info["contract"])
+                over = overlay_png(image, contract, mask, classes, size, unit)
             except (ImageReadError, ValueError) as exc:
                 log.warning("%s: no overlay (%s)", item.rel, exc)
+        morphology = body.get("morphology") or {}
         return segment_outcome(
-            item.rel,
-            body["model"],
-            classes,
-            mask,
-            base64.b64decode(body["mask_png"]),
-            body.get("pixel_size"),
-            body.get("pixel_unit"),
-            body.get("morphology") or {},
-            over,
+            item.rel, body["model"], classes, mask, size, unit, morphology, over, stem=item.stem
         )
 
     def close(self) -> None:
@@ -566,15 +602,26 @@ def _chunks(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
 
 
 def list_items(input_dir: Path, out_dir: Path, recursive: bool = True) -> list[Item]:
-    """Supported images under ``input_dir`` (never the pipeline's own outputs, should OUT lie inside)."""
+    """Every file under ``input_dir``, sorted: images, and files that will be reported as not read
+    (``supported=False``). Left out: hidden files, companions read with an image (TIA ``.emi``),
+    and the pipeline's own outputs, should OUT lie inside."""
     out = out_dir.resolve()
-    items = []
-    for path in list_images(input_dir, recursive=recursive):
-        resolved = path.resolve()
-        if out in resolved.parents:
+    found = []
+    for path in list_files(input_dir, recursive=recursive):
+        if out in path.resolve().parents or is_companion(path):
             continue
-        items.append(Item(path, path.relative_to(input_dir).as_posix()))
-    return items
+        found.append((path, path.relative_to(input_dir).as_posix()))
+    stems = outputs.output_stems([rel for _, rel in found])
+    return [Item(path, rel, stems[rel], is_supported(path)) for path, rel in found]
+
+
+def unsupported(item: Item) -> Outcome:
+    """The error row of a file nanomorph does not read (by its suffix): listed, never dropped."""
+    suffix = item.path.suffix.lower() or "(no suffix)"
+    message = (
+        f"{item.rel}: {suffix} is not a supported image format (supported: {' '.join(SUPPORTED_SUFFIXES)})"
+    )
+    return Outcome(item.rel, reason="unsupported_format", message=message)
 
 
 @dataclass
@@ -599,7 +646,9 @@ def process_items(
     for group in _chunks(items, chunk):
         if stop is not None and stop.is_set():
             break
-        for outcome in backend.process(group):
+        images = [it for it in group if it.supported]
+        found = [unsupported(it) for it in group if not it.supported]
+        for outcome in found + (backend.process(images) if images else []):
             item = by_rel[outcome.rel]
             if outcome.ok:
                 tally.ok += 1
@@ -642,7 +691,22 @@ def make_backend(args: argparse.Namespace, remote: bool) -> Backend:
         pixel_size=args.pixel_size,
         pixel_unit=args.pixel_unit,
         overlays=not args.no_overlays,
+        threads=getattr(args, "threads", 0) or 0,
     )
+
+
+def _write_card(backend: Backend, out: Path) -> None:
+    try:
+        report.write_model_card(out, backend.card())
+    except Exception as exc:  # the card is a convenience: never fail a batch on it
+        log.warning("no model.json (%s)", exc)
+
+
+def _write_report(out: Path) -> None:
+    try:
+        log.info("report: %s", report.write_report(out))
+    except Exception as exc:  # e.g. a disk full: the results themselves are already safe
+        log.warning("no report.html (%s)", exc)
 
 
 def _save_config(args: argparse.Namespace, out: Path) -> None:
@@ -660,8 +724,13 @@ def run_batch(args: argparse.Namespace) -> int:
     input_dir, out = Path(args.input_dir), Path(args.out)
     items = list_items(input_dir, out, recursive=not args.no_recursive)
     if not items:
-        log.error("no supported images under %s", input_dir)
+        log.error("no files under %s", input_dir)
         return 1
+    shard = shards.parse_shard(getattr(args, "shard", None))
+    if shard is not None:
+        items = shards.select(items, *shard)
+        out = shards.shard_dir(out, *shard)
+        log.info("shard %d/%d: %d files; results in %s", *shard, len(items), out)
     writer = ResultWriter(out, args.task)
     todo = [
         it
@@ -672,9 +741,11 @@ def run_batch(args: argparse.Namespace) -> int:
     _save_config(args, out)
     if not todo:
         writer.close()
+        _write_report(out)
         log.info("nothing new: all %d images under %s are done (results in %s)", len(items), input_dir, out)
         return 0
     backend = make_backend(args, remote=args.command == "client")
+    _write_card(backend, out)
     log.info(
         "%s: %d images to do, %d already done; using %s", args.task, len(todo), skipped, backend.describe
     )
@@ -692,6 +763,7 @@ def run_batch(args: argparse.Namespace) -> int:
         progress.close()
         backend.close()
         writer.close()
+        _write_report(out)
     seconds = time.perf_counter() - t0
     log.info(
         "done: %d processed, %d failed, %d to retry in %.1f s (%.1f img/s); results in %s",
@@ -778,6 +850,7 @@ def run_watch(args: argparse.Namespace) -> int:
     state = WatchState(out / STATE_FILE)
     _save_config(args, out)
     backend = make_backend(args, remote=bool(args.url))
+    _write_card(backend, out)
     tracker = StabilityTracker(args.stable_seconds)
     stop = threading.Event()
     previous: dict[signal.Signals, Any] = {}
@@ -830,6 +903,7 @@ def run_watch(args: argparse.Namespace) -> int:
                 total.failed += tally.failed
                 total.transient += tally.transient
                 writer.write_csv()
+                _write_report(out)  # kept current for whoever opens it during the session
                 retry = tally.transient
                 if not args.once:
                     pending += tally.transient
@@ -842,6 +916,7 @@ def run_watch(args: argparse.Namespace) -> int:
         backend.close()
         writer.close()
         state.save()
+        _write_report(out)
     log.info("watch stopped: %d processed, %d failed", total.ok, total.failed)
     if args.once and retry:
         log.error("%d file(s) could not be processed for now (server unavailable?); run again", retry)
@@ -870,6 +945,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--tag", default=d.get("tag"), help="model tag (default nanomorph-<task>:latest)")
         parser.add_argument(
             "--providers", default=d.get("providers"), help="onnxruntime providers, comma list"
+        )
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=d.get("threads", 0),
+            help="onnxruntime threads (default 0: all cores; set it to the CPUs a cluster job got)",
         )
     if name in ("client", "watch"):
         parser.add_argument(
@@ -947,6 +1028,13 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
             action="store_true",
             help="also retry files that failed before and have not changed",
         )
+        parser.add_argument(
+            "--shard",
+            default=d.get("shard"),
+            metavar="I/N",
+            help="process only part I of N (0 <= I < N) into OUT/shard-I-of-N/; "
+            "join the parts with `nanomorph merge OUT`",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -959,6 +1047,7 @@ def run(args: argparse.Namespace) -> int:
     for attr in ("concurrency",):
         if getattr(args, attr, 1) < 1:
             raise ValueError(f"--{attr} must be >= 1")
+    shards.parse_shard(getattr(args, "shard", None))  # a bad --shard fails before any work
     if args.command == "watch":
         return run_watch(args)
     return run_batch(args)

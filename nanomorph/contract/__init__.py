@@ -13,6 +13,7 @@ from nanomorph.contract.frames import (
     tile_geometry,
 )
 from nanomorph.contract.io import (
+    COMPANION_SUFFIXES,
     DEFAULT_MAX_PIXELS,
     SUPPORTED_SUFFIXES,
     CorruptImageError,
@@ -23,6 +24,9 @@ from nanomorph.contract.io import (
     ImageTooLargeError,
     NonFiniteImageError,
     UnsupportedFormatError,
+    is_companion,
+    is_supported,
+    list_files,
     list_images,
     peek_shape,
     read_image,
@@ -31,6 +35,7 @@ from nanomorph.contract.tiling import blend_window, tile, tile_positions, untile
 from nanomorph.contract.transform import Contract, normalise, resize, to_model_input
 
 __all__ = [
+    "COMPANION_SUFFIXES",
     "DEFAULT_MAX_PIXELS",
     "SUPPORTED_SUFFIXES",
     "Contract",
@@ -47,6 +52,9 @@ __all__ = [
     "aggregate_probabilities",
     "blend_window",
     "frame_tiles",
+    "is_companion",
+    "is_supported",
+    "list_files",
     "list_images",
     "normalise",
     "peek_shape",

@@ -8,11 +8,17 @@ Formats and readers:
 
 * PNG, JPEG: Pillow. TIFF (8/16/32-bit integer, float, multi-page, BigTIFF): tifffile, with a
   Pillow fallback for compressions tifffile cannot decode without ``imagecodecs`` (LZW, PackBits).
-* Gatan DigitalMicrograph DM3/DM4 and MRC: rosettasciio (``rsciio``). It is the HyperSpy project's
-  reader library, actively maintained, tested against files from many instruments, and it returns
-  the calibrated axes (``scale`` and ``units``), which is where these formats keep the pixel size
-  that morphology numbers in nm depend on. Its readers want a file name, so uploaded bytes go
-  through a temporary file that is always removed.
+  TIFF calibration, first found wins: ImageJ (``unit`` + XResolution), OME-XML
+  (``Pixels/@PhysicalSizeX`` and its unit, default µm), FEI/Thermo Fisher SEM/FIB tags
+  (``[Scan] PixelWidth`` in metres, tag 34680 FEI_HELIOS or 34682 FEI_SFEG).
+* Gatan DigitalMicrograph DM3/DM4, MRC, Thermo Fisher Velox EMD (and Berkeley EMD) and TIA SER:
+  rosettasciio (``rsciio``). It is the HyperSpy project's reader library, actively maintained,
+  tested against files from many instruments, and it returns the calibrated axes (``scale`` and
+  ``units``), which is where these formats keep the pixel size that morphology numbers in nm
+  depend on. Its DM/MRC/TIA readers want a file name, so uploaded bytes go through a temporary
+  file that is always removed; EMD (HDF5, needs h5py) is opened from memory. A ``.ser`` read from
+  a folder also reads its ``.emi`` companion (``name.emi`` beside ``name_1.ser``), which tells a
+  diffraction pattern (reciprocal pixel size) from an image.
 
 The format comes from the file's magic bytes, never from its suffix alone (the suffix only settles
 old MRC files that lack the ``MAP`` stamp). Every size check happens on the header, before any
@@ -32,7 +38,7 @@ import struct
 import tempfile
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
@@ -41,7 +47,12 @@ import numpy as np
 from PIL import Image
 
 DEFAULT_MAX_PIXELS = 16384 * 16384
-SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dm3", ".dm4", ".mrc")
+SUPPORTED_SUFFIXES = (
+    ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dm3", ".dm4", ".mrc", ".emd", ".ser",
+)  # fmt: skip
+#: Files read together with an image rather than on their own (TIA: ``name.emi`` with ``name_1.ser``).
+COMPANION_SUFFIXES = (".emi",)
+_FORMAT_NAMES = "PNG, JPEG, TIFF, DM3, DM4, MRC, EMD (Velox), SER (TIA)"
 
 # ITU-R BT.601 luma weights: the classic RGB -> grey conversion (also Pillow's "L").
 _LUMA_601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -69,6 +80,9 @@ _TO_NM = {
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_SER_MAGIC = struct.pack("<HH", 0x4949, 0x0197)  # TIA: little-endian byte order mark, series id
+_SER_IMAGE, _SER_SPECTRUM = 0x4122, 0x4120
 _MRC_MODES = {0: np.uint8, 1: np.int16, 2: np.float32, 6: np.uint16, 12: np.float16}  # as rsciio reads them
 
 
@@ -127,12 +141,12 @@ class ImageMeta:
     """What :func:`read_image` knows about the file besides its pixels.
 
     Attributes:
-        source_format: ``png``, ``jpeg``, ``tiff``, ``dm3``, ``dm4`` or ``mrc``.
+        source_format: ``png``, ``jpeg``, ``tiff``, ``dm3``, ``dm4``, ``mrc``, ``emd`` or ``ser``.
         dtype: the pixel dtype stored in the file (before conversion to float32).
         shape: the array shape stored in the file (before squeezing / colour conversion).
         pixel_size: the width of one pixel in ``pixel_unit`` (x spacing), when the file is calibrated.
         pixel_unit: ``nm`` for any length unit (converted), else the file's unit verbatim.
-        n_pages: pages (TIFF) or images (DM) in the file; only the first one is read.
+        n_pages: pages (TIFF) or images (DM, EMD) in the file; only the first one is read.
         name: the file path or the upload name, as given.
     """
 
@@ -223,6 +237,10 @@ def _detect_format(src: _Source) -> str:
         return "jpeg"
     if head[:4] in _TIFF_MAGICS:
         return "tiff"
+    if head.startswith(_HDF5_MAGIC):
+        return "emd"  # the only HDF5 flavour read; others are refused by the EMD probe
+    if head[:4] == _SER_MAGIC:
+        return "ser"
     # DM3/DM4: big-endian version 3 or 4, then the file size (4 or 8 bytes), then a byte-order flag 0/1.
     if (
         head[:4] == b"\x00\x00\x00\x03"
@@ -249,8 +267,13 @@ def _probe(src: _Source) -> _Probe:
         raise EmptyImageError(f"{src.label}: empty file (0 bytes)")
     fmt = _detect_format(src)
     if fmt == "unknown":
+        hint = (
+            " (TIA .emi files hold metadata only; read the matching name_1.ser)"
+            if src.suffix == ".emi"
+            else ""
+        )
         raise UnsupportedFormatError(
-            f"{src.label}: not a supported image format (supported: PNG, JPEG, TIFF, DM3, DM4, MRC); "
+            f"{src.label}: not a supported image format{hint} (supported: {_FORMAT_NAMES}); "
             f"first bytes {src.head[:8]!r}"
         )
     try:
@@ -260,6 +283,10 @@ def _probe(src: _Source) -> _Probe:
             return _probe_tiff(src)
         if fmt in ("dm3", "dm4"):
             return _probe_dm(src, fmt)
+        if fmt == "emd":
+            return _probe_emd(src)
+        if fmt == "ser":
+            return _probe_ser(src)
         return _probe_mrc(src)
     except ImageReadError:
         raise
@@ -374,21 +401,58 @@ def _probe_tiff(src: _Source) -> _Probe:
 
 
 def _tiff_pixel_size(tif: Any, page: Any) -> tuple[float, str] | None:
-    """Pixel size from ImageJ metadata (unit + XResolution), the one unambiguous TIFF calibration."""
-    try:
-        meta = tif.imagej_metadata or {}
-        unit = str(meta.get("unit", "")).strip()
-        if not unit or unit.lower() in ("pixel", "pixels", "inch", "cm"):
-            return None  # uncalibrated, or print DPI rather than a microscope calibration
-        tag = page.tags.get("XResolution")
-        if tag is None:
-            return None
-        num, den = tag.value
-        if not num or not den:
-            return None
-        return float(den) / float(num), unit
-    except Exception:
-        return None  # calibration is optional: never fail a read on it
+    """Pixel size from the TIFF's microscope calibration: ImageJ, then OME-XML, then FEI/TFS tags.
+
+    Plain TIFF resolution tags alone are ignored: without a length unit they are print DPI.
+    """
+    for reader in (_imagej_pixel_size, _ome_pixel_size, _fei_pixel_size):
+        try:
+            pixel = reader(tif, page)
+        except Exception:
+            pixel = None  # calibration is optional: never fail a read on it
+        if pixel is not None and math.isfinite(pixel[0]) and pixel[0] > 0:
+            return pixel
+    return None
+
+
+def _imagej_pixel_size(tif: Any, page: Any) -> tuple[float, str] | None:
+    """ImageJ metadata: ``unit`` + XResolution (pixels per unit)."""
+    meta = tif.imagej_metadata or {}
+    unit = str(meta.get("unit", "")).strip()
+    if not unit or unit.lower() in ("pixel", "pixels", "inch", "cm"):
+        return None  # uncalibrated, or print DPI rather than a microscope calibration
+    tag = page.tags.get("XResolution")
+    if tag is None:
+        return None
+    num, den = tag.value
+    if not num or not den:
+        return None
+    return float(den) / float(num), unit
+
+
+def _ome_pixel_size(tif: Any, page: Any) -> tuple[float, str] | None:
+    """OME-XML: the first ``Pixels`` element's ``PhysicalSizeX`` (unit default µm, per the schema)."""
+    if not tif.is_ome:
+        return None
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(tif.ome_metadata)
+    for element in root.iter():
+        if element.tag.rsplit("}", 1)[-1] == "Pixels" and element.get("PhysicalSizeX"):
+            return float(element.get("PhysicalSizeX", "")), element.get("PhysicalSizeXUnit") or "µm"
+    return None
+
+
+def _fei_pixel_size(tif: Any, page: Any) -> tuple[float, str] | None:
+    """FEI/Thermo Fisher SEM/FIB TIFF (tags FEI_HELIOS / FEI_SFEG): ``[Scan] PixelWidth`` in metres."""
+    if not tif.is_fei:
+        return None
+    meta = tif.fei_metadata or {}
+    for section in ("Scan", "EScan"):
+        width = (meta.get(section) or {}).get("PixelWidth")
+        if width:
+            return float(width), "m"
+    return None
 
 
 def _decode_tiff(src: _Source) -> tuple[np.ndarray, str, tuple[int, ...]]:
@@ -461,8 +525,14 @@ def _probe_dm(src: _Source, fmt: str) -> _Probe:
     return probe
 
 
-def _read_rsciio(src: _Source, fmt: str) -> tuple[np.ndarray, str, tuple[int, ...], tuple[float, str] | None]:
-    if fmt == "mrc":
+def _read_rsciio(
+    src: _Source, fmt: str, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, str, tuple[int, ...], tuple[float, str] | None]:
+    if fmt == "emd":
+        signals = _read_emd(src, max_pixels)
+    elif fmt == "ser":
+        signals = _read_ser(src)
+    elif fmt == "mrc":
         from rsciio.mrc import file_reader as mrc_reader
 
         with src.as_file(".mrc") as fname, warnings.catch_warnings():
@@ -484,7 +554,8 @@ def _read_rsciio(src: _Source, fmt: str) -> tuple[np.ndarray, str, tuple[int, ..
     if arr.dtype.names:  # DM RGB(A): a structured array of R, G, B, A bytes
         rgb = np.stack([arr[c].astype(np.float32) for c in ("R", "G", "B")], axis=-1)
         arr = rgb @ _LUMA_601
-    return arr, dtype, shape, _axes_pixel_size(signal.get("axes") or [])
+    pixel = None if signal.get("uncalibrated") else _axes_pixel_size(signal.get("axes") or [])
+    return arr, dtype, shape, pixel
 
 
 def _axes_pixel_size(axes: list[dict[str, Any]]) -> tuple[float, str] | None:
@@ -498,6 +569,158 @@ def _axes_pixel_size(axes: list[dict[str, Any]]) -> tuple[float, str] | None:
     if not unit or unit in ("<undefined>", "px", "pixel") or not math.isfinite(scale) or scale <= 0:
         return None
     return scale, unit
+
+
+# --------------------------------------------------------------------------------------------------
+# EMD (Velox / Berkeley, HDF5): header from h5py, pixels by rosettasciio's readers on our handle.
+
+
+@contextmanager
+def _h5_open(src: _Source) -> Iterator[Any]:
+    try:
+        import h5py
+    except ImportError as exc:  # rosettasciio's "hdf5" extra; a dependency of nanomorph
+        raise UnsupportedFormatError(f"{src.label}: reading EMD (HDF5) files needs h5py") from exc
+    with src.open() as fh, h5py.File(fh, "r") as f:
+        yield f
+
+
+def _velox_images(f: Any) -> list[Any]:
+    group = f.get("Data/Image")
+    return [group[k]["Data"] for k in group] if group is not None else []
+
+
+def _ncem_first_shape(f: Any) -> tuple[int, ...] | None:
+    """Shape of the first Berkeley EMD data group (attribute ``emd_group_type == 1``)."""
+    found: list[tuple[int, ...]] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if not found and int(obj.attrs.get("emd_group_type", 0)) == 1 and "data" in obj:
+            found.append(tuple(int(s) for s in obj["data"].shape))
+
+    f.visititems(visit)
+    return found[0] if found else None
+
+
+def _probe_emd(src: _Source) -> _Probe:
+    with _h5_open(src) as f:
+        from rsciio.emd._api import is_EMD_NCEM, is_EMD_Velox
+
+        if is_EMD_Velox(f):
+            images = _velox_images(f)
+            if not images:
+                raise UnsupportedFormatError(f"{src.label}: Velox EMD file holds no image (spectra only)")
+            first = images[0]
+            if first.dtype.names:
+                raise UnsupportedFormatError(
+                    f"{src.label}: complex-valued EMD data (FFT / DPC) is not supported"
+                )
+            height, width, frames = (int(s) for s in first.shape)  # Velox stores (y, x, frame)
+            _two_d(src, (frames, height, width), "emd")
+            return _Probe("emd", height, width, height * width * frames, n_pages=len(images))
+        if is_EMD_NCEM(f):
+            shape = _ncem_first_shape(f)
+            if shape is None:
+                raise UnsupportedFormatError(f"{src.label}: Berkeley EMD file holds no data group")
+            height, width = _two_d(src, shape, "emd")
+            return _Probe("emd", height, width, height * width)
+    raise UnsupportedFormatError(
+        f"{src.label}: an HDF5 file that is not an EMD file (Velox or Berkeley); supported: {_FORMAT_NAMES}"
+    )
+
+
+def _read_emd(src: _Source, max_pixels: int) -> list[dict[str, Any]]:
+    """rosettasciio's EMD readers, lazily on our own h5py handle: only the first image is decoded."""
+    with _h5_open(src) as f:
+        from rsciio.emd._api import is_EMD_Velox
+
+        if is_EMD_Velox(f):
+            from rsciio.emd._emd_velox import FeiEMDReader
+
+            reader: Any = FeiEMDReader(lazy=True, select_type="images")
+            # An EDS spectrum image needs `sparse`; the images were read before rsciio asks for it.
+            with suppress(ModuleNotFoundError):
+                reader.read_file(f)
+        else:
+            from rsciio.emd._emd_ncem import EMD_NCEM
+
+            reader = EMD_NCEM()
+            reader.read_file(f, lazy=True)
+        signals = [d for d in reader.dictionaries if len(d["data"].shape) >= 2]
+        if not signals:
+            raise UnsupportedFormatError(f"{src.label}: EMD file holds no image")
+        first = dict(signals[0])
+        shape = tuple(int(s) for s in first["data"].shape)
+        height, width = _two_d(src, shape, "emd")
+        if height * width > max_pixels:  # checked on the header already; rsciio may see more
+            raise ImageTooLargeError(
+                f"{src.label}: image is {width}x{height}, more than the limit of {max_pixels} pixels"
+            )
+        first["data"] = np.asarray(first["data"])  # decodes while the file is open
+        binary = (first.get("original_metadata") or {}).get("BinaryResult")
+        if isinstance(binary, dict) and not binary.get("PixelSize"):
+            first["uncalibrated"] = True  # rsciio reports 1 (metre) per pixel when Velox has no size
+        first["n_images"] = len(signals)
+        return [first]
+
+
+# --------------------------------------------------------------------------------------------------
+# TIA SER: the series header parsed here, pixels by rosettasciio (with the .emi beside it, if any).
+
+
+def _probe_ser(src: _Source) -> _Probe:
+    with src.open() as fh:
+        head = fh.read(34)
+        if len(head) < 30:
+            raise CorruptImageError(f"{src.label}: SER file shorter than its header")
+        version, data_type, _tag, _total, valid = struct.unpack_from("<HIIII", head, 4)
+        if data_type == _SER_SPECTRUM:
+            raise UnsupportedFormatError(f"{src.label}: TIA spectrum series, not an image")
+        if data_type != _SER_IMAGE:
+            raise CorruptImageError(f"{src.label}: unknown TIA data type 0x{data_type:04x}")
+        if valid < 1:
+            raise CorruptImageError(f"{src.label}: TIA series holds no image")
+        wide = version > 0x0210  # offsets are 8 bytes from series version 0x0220 on
+        (offsets_at,) = struct.unpack_from("<Q" if wide else "<I", head, 22)
+        fh.seek(offsets_at)
+        raw = fh.read(8 if wide else 4)
+        (data_at,) = struct.unpack("<Q" if wide else "<I", raw)
+        fh.seek(data_at + 40)
+        element = fh.read(10)
+        if len(element) < 10:
+            raise CorruptImageError(f"{src.label}: SER file is truncated (no image element)")
+        pixel_type, width, height = struct.unpack("<HII", element)
+    if pixel_type in (9, 10):
+        raise UnsupportedFormatError(f"{src.label}: complex-valued TIA data is not supported")
+    _two_d(src, (valid, height, width), "ser")
+    itemsize = {1: 1, 2: 2, 3: 4, 4: 1, 5: 2, 6: 4, 7: 4, 8: 8}.get(pixel_type)
+    if itemsize is None or width <= 0 or height <= 0:
+        raise CorruptImageError(f"{src.label}: TIA image element of type {pixel_type}, size {width}x{height}")
+    probe = _Probe("ser", height, width, height * width)
+    end = data_at + 50 + width * height * itemsize
+    if end > src.size:
+        probe.extra["truncated"] = f"{src.label}: SER file is truncated ({src.size} of {end} bytes)"
+    return probe
+
+
+def _emi_companion(path: Path | None) -> Path | None:
+    """``name.emi`` for ``name_1.ser``: TIA writes one .emi per acquisition, one .ser per signal."""
+    if path is None or "_" not in path.stem:
+        return None
+    emi = path.with_name(path.stem.rsplit("_", 1)[0] + ".emi")
+    return emi if emi.is_file() else None
+
+
+def _read_ser(src: _Source) -> list[dict[str, Any]]:
+    from rsciio.tia._api import get_xml_info_from_emi, ser_reader
+
+    emi = _emi_companion(src.path)
+    objects = get_xml_info_from_emi(str(emi)) if emi is not None else None
+    with src.as_file(".ser") as fname, warnings.catch_warnings():
+        # Without the .emi, rsciio warns that it assumes a spatial (metre) calibration: that is
+        # the documented behaviour here too.
+        warnings.simplefilter("ignore", UserWarning)
+        return list(ser_reader(fname, objects=objects or None))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -590,7 +813,7 @@ def read_image(
     Raises:
         FileNotFoundError: the path does not exist.
         EmptyImageError: 0 bytes.
-        UnsupportedFormatError: not PNG/JPEG/TIFF/DM3/DM4/MRC (by content), or complex data.
+        UnsupportedFormatError: not PNG/JPEG/TIFF/DM3/DM4/MRC/EMD/SER (by content), or complex data.
         CorruptImageError: truncated or malformed.
         ImageTooLargeError: more than ``max_pixels``.
         ImageDimensionError: not a 2-D image after squeezing.
@@ -610,7 +833,7 @@ def read_image(
             arr, dtype, shape = _decode_tiff(src)
             pixel = probe.extra.get("pixel")
         else:
-            arr, dtype, shape, pixel = _read_rsciio(src, fmt)
+            arr, dtype, shape, pixel = _read_rsciio(src, fmt, max_pixels)
             if fmt == "mrc" and not probe.extra.get("calibrated"):
                 pixel = None  # rsciio reports scale 1 nm when the header has no cell size
     except ImageReadError:
@@ -674,6 +897,46 @@ def _finite_float32(arr: np.ndarray, label: str) -> np.ndarray:
     return image
 
 
+def _walk(root: str | os.PathLike[str], recursive: bool) -> Iterator[Path]:
+    """Every non-hidden file under ``root`` (hidden folders pruned, folder links not followed)."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: not a folder")
+    # Symlinked files are listed; symlinked folders are not followed (a link cycle would never end).
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Hidden folders (.git, .ipynb_checkpoints, ...) are pruned in place, so never walked.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fname in filenames:
+            path = Path(dirpath) / fname
+            if not fname.startswith(".") and path.is_file():
+                yield path
+        if not recursive:
+            break
+
+
+def is_supported(path: str | os.PathLike[str]) -> bool:
+    """True when ``path``'s suffix is one nanomorph reads (the content is checked when read)."""
+    return Path(path).suffix.lower() in SUPPORTED_SUFFIXES
+
+
+def is_companion(path: str | os.PathLike[str]) -> bool:
+    """True for a file read together with an image, not on its own: a TIA ``name.emi`` beside
+    at least one ``name_<n>.ser``."""
+    path = Path(path)
+    if path.suffix.lower() not in COMPANION_SUFFIXES:
+        return False
+    return any(p.suffix.lower() == ".ser" for p in path.parent.glob(f"{glob_escape(path.stem)}_*"))
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob wildcards escaped (file names may hold ``[``, ``*``, ``?``)."""
+    import glob
+
+    return glob.escape(text)
+
+
 def list_images(root: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
     """Supported image files under ``root`` (by suffix), sorted; hidden files and folders skipped.
 
@@ -681,20 +944,15 @@ def list_images(root: str | os.PathLike[str], recursive: bool = True) -> list[Pa
         FileNotFoundError: ``root`` does not exist.
         NotADirectoryError: ``root`` is not a folder.
     """
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"{root}: no such folder")
-    if not root.is_dir():
-        raise NotADirectoryError(f"{root}: not a folder")
-    found: list[Path] = []
-    # Symlinked files are listed; symlinked folders are not followed (a link cycle would never end).
-    for dirpath, dirnames, filenames in os.walk(root):
-        # Hidden folders (.git, .ipynb_checkpoints, ...) are pruned in place, so never walked.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fname in filenames:
-            path = Path(dirpath) / fname
-            if not fname.startswith(".") and path.suffix.lower() in SUPPORTED_SUFFIXES and path.is_file():
-                found.append(path)
-        if not recursive:
-            break
-    return sorted(found)
+    return sorted(p for p in _walk(root, recursive) if is_supported(p))
+
+
+def list_files(root: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
+    """Every file under ``root`` that is not hidden, sorted: what a folder job must account for
+    (an image, a companion such as a TIA ``.emi``, or a file it reports as not read).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        NotADirectoryError: ``root`` is not a folder.
+    """
+    return sorted(_walk(root, recursive))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -17,6 +18,7 @@ from skimage.measure import regionprops
 
 from nanomorph.morphology import (
     N_ORIENTATION_BINS,
+    PALETTE,
     _distance_to_background,
     class_kind,
     mask_to_png_bytes,
@@ -357,3 +359,15 @@ def test_mask_png_roundtrip(tmp_path) -> None:
         png_bytes_to_mask(buf.read_bytes())
     with pytest.raises(ValueError, match="16-bit"):
         mask_to_png_bytes(np.full((4, 4), 70000))
+
+
+def test_mask_png_is_a_palette_image_viewers_show_in_class_colours() -> None:
+    mask = np.zeros((6, 8), np.uint8)
+    mask[2:4, 2:6] = 1
+    mask[5, :] = 2
+    with Image.open(io.BytesIO(mask_to_png_bytes(mask))) as im:
+        assert im.mode == "P"
+        assert np.array_equal(np.asarray(im), mask)  # the indices, as every reader sees them
+        rgb = np.asarray(im.convert("RGB"))
+    assert (rgb[0, 0] == 0).all()
+    assert tuple(rgb[2, 2]) == tuple(PALETTE[1]) and tuple(rgb[5, 0]) == tuple(PALETTE[2])

@@ -19,6 +19,7 @@ import tifffile
 from PIL import Image
 
 from tests.fixtures.cli import run_nanomorph as nanomorph
+from tests.fixtures.emfiles import emi_bytes, fei_tiff_bytes, ome_tiff_bytes, ser_bytes
 from tests.fixtures.server import Server, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,7 +74,9 @@ def test_predict_and_client_write_identical_results(
         "client", "--url", nm_server.url, "--task", task, data, "--out", served, "--concurrency", "3"
     )
     assert c.returncode == 0, c.stderr
-    same_tree(local, served)
+    same_tree(local, served)  # report.html and model.json included
+    assert json.loads((local / "model.json").read_text())["tag"] == f"nanomorph-{task}:1"
+    assert "run2/broken.png" in (local / "report.html").read_text()
 
     by_path = {r["path"]: r for r in rows(local)}
     assert sorted(by_path) == ["bright.png", "dark.png", "run2/wire.tif"]
@@ -89,8 +92,14 @@ def test_predict_and_client_write_identical_results(
         assert vec.dtype == np.float32 and vec.shape == (4,) and abs(np.linalg.norm(vec) - 1) < 1e-5
     else:
         wire = by_path["run2/wire.tif"]
-        mask = np.array(Image.open(local / wire["mask_file"]))
+        assert wire["mask_file"] == "masks/run2/wire_mask.png"
+        assert wire["labels_file"] == "masks/run2/wire_labels.tif"
+        assert wire["overlay_file"] == "overlays/run2/wire_overlay.png"
+        with Image.open(local / wire["mask_file"]) as im:  # a palette PNG: indices, shown in colour
+            assert im.mode == "P"
+            mask = np.array(im)
         assert mask.shape == (48, 80) and (mask[20:26] == 1).all() and (mask[:18] == 0).all()
+        assert np.array_equal(tifffile.imread(local / wire["labels_file"]), mask)
         assert (local / wire["overlay_file"]).is_file()
         assert wire["morphology"]["classes"]["wire"]["area_fraction"] == pytest.approx(6 / 48)
         assert "wire.area_fraction" in header
@@ -230,3 +239,119 @@ def test_watch_once_through_the_server(tmp_path: Path, nm_server: Server) -> Non
     assert first.returncode == 0, first.stderr
     assert {r["path"]: r["label"] for r in rows(out)} == {"a.png": "singular", "b.png": "network"}
     assert nanomorph(*args).returncode == 0 and len(rows(out)) == 2
+
+
+def test_every_file_in_a_folder_is_read_or_listed_in_errors(
+    tmp_path: Path, nm_store: tuple[Path, dict[str, str]]
+) -> None:
+    data = tmp_path / "in"
+    (data / "tia").mkdir(parents=True)
+    wire = np.zeros((48, 80), dtype=np.uint16)
+    wire[20:26, :] = 50000
+    (data / "sem.tif").write_bytes(fei_tiff_bytes(wire, 1.5e-9))
+    (data / "ome.tif").write_bytes(ome_tiff_bytes(wire, 0.002, "µm"))
+    (data / "tia" / "wire_1.ser").write_bytes(ser_bytes(wire, 4e-10))
+    (data / "tia" / "wire.emi").write_bytes(emi_bytes("TEM Imaging"))  # read with the .ser
+    (data / "tia" / "wire_1.tif").write_bytes(fei_tiff_bytes(wire, 4e-10))  # same stem, other suffix
+    (data / "notes.txt").write_text("beam current 1 nA")
+    (data / "orphan.emi").write_bytes(emi_bytes())
+    out = tmp_path / "out"
+    run = nanomorph("predict", "--models", nm_store[0], "--task", "segment", data, "--out", out)
+    assert run.returncode == 0, run.stderr
+    by_path = {r["path"]: r for r in rows(out)}
+    assert sorted(by_path) == ["ome.tif", "sem.tif", "tia/wire_1.ser", "tia/wire_1.tif"]
+    assert {p: (r["pixel_size"], r["pixel_unit"]) for p, r in by_path.items()} == {
+        "ome.tif": (2.0, "nm"),
+        "sem.tif": (1.5, "nm"),
+        "tia/wire_1.ser": (0.4, "nm"),
+        "tia/wire_1.tif": (0.4, "nm"),
+    }
+    assert by_path["tia/wire_1.ser"]["mask_file"] == "masks/tia/wire_1_ser_mask.png"
+    assert by_path["tia/wire_1.tif"]["mask_file"] == "masks/tia/wire_1_tif_mask.png"
+    assert [(e["path"], e["reason"]) for e in errors(out)] == [
+        ("notes.txt", "unsupported_format"),
+        ("orphan.emi", "unsupported_format"),
+    ]
+    assert ".txt is not a supported image format" in errors(out)[0]["message"]
+    # Every length in the rows and the label TIFFs is in nm, as Fiji reads the TIFF.
+    with tifffile.TiffFile(out / by_path["sem.tif"]["labels_file"]) as tif:
+        assert (tif.imagej_metadata or {})["unit"] == "nm"
+        num, den = tif.pages[0].tags["XResolution"].value
+        assert den / num == pytest.approx(1.5)
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "notes.txt" in page
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every output file under ``root`` but the shard folders and config.yaml, with its bytes."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "config.yaml" and not p.relative_to(root).parts[0].startswith("shard-")
+    }
+
+
+def test_shards_in_separate_processes_merge_into_the_unsharded_results(
+    tmp_path: Path, nm_store: tuple[Path, dict[str, str]]
+) -> None:
+    data = make_inputs(tmp_path / "in")
+    for i in range(6):
+        Image.fromarray(dark_speck(24 + 4 * i) if i % 2 else 255 - dark_speck(24 + 4 * i)).save(
+            data / f"f{i}.png"
+        )
+    (data / "notes.txt").write_text("not an image")
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    common = ["--models", str(nm_store[0]), "--task", "segment", str(data)]
+    assert nanomorph("predict", *common, "--out", whole).returncode == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nanomorph.cli",
+                "predict",
+                *common,
+                "--out",
+                str(sharded),
+                "--shard",
+                f"{i}/3",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(3)
+    ]
+    for proc in procs:
+        log, _ = proc.communicate(timeout=120)
+        assert proc.returncode in (0, 1), log  # 1: a shard whose only files were unreadable
+    parts = sorted(p.name for p in sharded.iterdir())
+    assert parts == ["shard-0-of-3", "shard-1-of-3", "shard-2-of-3"]
+    counts = [len(rows(sharded / p)) if (sharded / p / "results.jsonl").exists() else 0 for p in parts]
+    assert sum(counts) == len(rows(whole)) == 9 and max(counts) < 9
+    # Resumable per shard: the same array task run again has nothing left to do.
+    again = nanomorph("predict", *common, "--out", sharded, "--shard", "1/3")
+    assert again.returncode == 0 and "nothing new" in again.stderr
+    merged = nanomorph("merge", sharded)
+    assert merged.returncode == 0, merged.stderr
+    assert rows(sharded) == rows(whole)  # row for row, in the same order
+    mine, theirs = _files(sharded), _files(whole)
+    assert sorted(mine) == sorted(theirs)
+    assert [k for k in mine if mine[k] != theirs[k]] == []  # csv, errors, masks, report: byte for byte
+    # An unfinished shard (here: one row short) is refused unless asked for; rerun, it completes.
+    biggest = sharded / parts[counts.index(max(counts))] / "results.jsonl"
+    full = biggest.read_text()
+    biggest.write_text("".join(full.splitlines(keepends=True)[:-1]))
+    unfinished = nanomorph("merge", sharded)
+    assert unfinished.returncode == 2 and "1 files not done" in unfinished.stderr
+    biggest.write_text(full)
+    # A missing shard is refused unless asked for.
+    (sharded / "shard-2-of-3").rename(tmp_path / "away")
+    refused = nanomorph("merge", sharded)
+    assert refused.returncode == 2 and "shards 2 of 3 are missing" in refused.stderr
+    assert nanomorph("merge", sharded, "--partial").returncode == 0
+    bad = nanomorph("predict", *common, "--out", sharded, "--shard", "3/3")
+    assert bad.returncode == 2 and "0 <= I < N" in bad.stderr
