@@ -191,6 +191,7 @@ def segment_outcome(
     pixel_unit: str | None,
     morphology: dict[str, Any],
     overlay: bytes | None,
+    particles: tuple[list[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Outcome:
     row = {
         "path": rel,
@@ -207,6 +208,15 @@ def segment_outcome(
     files = {mask_file(rel): png}
     if overlay is not None:
         files[overlay_file(rel)] = overlay
+    if particles is not None:
+        from nanomorph import particles as pt
+
+        rows, summary = particles
+        row["particles"] = summary
+        row["particles_file"] = pt.table_file(rel)
+        files[pt.table_file(rel)] = pt.table_csv(rows).encode("utf-8")
+        if overlay is not None:  # the picture is a report, like the overlay
+            files[pt.picture_file(rel)] = pt.size_distribution_png(rows, rel)
     return Outcome(rel, clean(row), files)
 
 
@@ -245,6 +255,8 @@ class LocalBackend:
         self.contract = stored.contract
         self.classes = list(stored.classes)
         self.helper: Any = {"classify": Classifier, "embed": Embedder, "segment": Segmenter}[task](onnx)
+        if isinstance(self.helper, Segmenter):
+            self.classes = list(self.helper.classes)  # without a boundary channel
         self.pixel_size, self.pixel_unit, self.overlays = pixel_size, pixel_unit, overlays
         self.describe = f"{self.model} in-process on {', '.join(onnx.providers)}"
 
@@ -273,13 +285,16 @@ class LocalBackend:
 
     def _segment(self, rel: str, image: np.ndarray, meta: Any) -> Outcome:
         from nanomorph.morphology import mask_to_png_bytes, measure
+        from nanomorph.particles import report
 
-        mask = self.helper.predict(image)["mask"]
+        result = self.helper.predict(image)
+        mask = result["mask"]
         size, unit = resolve_pixel_size(self.pixel_size, self.pixel_unit, meta.pixel_size, meta.pixel_unit)
         numbers = measure(mask, self.classes, size, unit)
         over = overlay_png(image, self.contract, mask, len(self.classes)) if self.overlays else None
+        particles = report(result["instances"], mask, self.classes, size, unit, rel)
         return segment_outcome(
-            rel, self.model, self.classes, mask, mask_to_png_bytes(mask), size, unit, numbers, over
+            rel, self.model, self.classes, mask, mask_to_png_bytes(mask), size, unit, numbers, over, particles
         )
 
     def close(self) -> None:
@@ -359,7 +374,9 @@ class RemoteBackend:
             if self.task == "embed":
                 r = self.client.embed([upload])[0]
                 return embed_outcome(item.rel, info["tag"], r["shape"], r["embedding"])
-            body = self.client.segment(upload, pixel_size=self.pixel_size, pixel_unit=self.pixel_unit or "nm")
+            body = self.client.segment(
+                upload, pixel_size=self.pixel_size, pixel_unit=self.pixel_unit or "nm", particles=True
+            )
         except (NanomorphError, OSError) as exc:
             return failure(item.rel, exc)
         import base64
@@ -383,6 +400,7 @@ class RemoteBackend:
             body.get("pixel_unit"),
             body.get("morphology") or {},
             over,
+            (body["particles"], body["particle_summary"]) if body.get("particles") is not None else None,
         )
 
     def close(self) -> None:
@@ -552,6 +570,10 @@ class ResultWriter:
             if not self._fh.closed:
                 self._fh.close()
             self.write_csv()
+            if self.task == "segment":
+                from nanomorph.particles import write_batch
+
+                write_batch(self.out, sorted(self.done))
 
 
 # ----------------------------------------------------------------------------------------- running
