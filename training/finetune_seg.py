@@ -609,6 +609,13 @@ def _write_card(out: Path, metrics: dict[str, Any], enc_info: dict[str, str]) ->
                 "encoder training": "frozen" if cfg["freeze_encoder"] else "fine-tuned",
                 "classes": ", ".join(metrics["classes"]),
                 "tile / overlap": f"{metrics['contract']['tile_size']} / {metrics['contract']['tile_overlap']} px",
+                "particles": (
+                    "connected components of the mask (no instances/ labels)"
+                    if cfg.get("instances", "off") == "off"
+                    else "boundary-watershed: trained on instances/ with a boundary class (each particle's "
+                    "rim), so touching particles are split by a watershed seeded from the interiors "
+                    f"(nanomorph.particles; parameters {cfg['instances']})"
+                ),
             },
             "Data": {
                 "data": cfg["data"],
