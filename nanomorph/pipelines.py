@@ -563,6 +563,10 @@ class ResultWriter:
         writer.writerows(rows)
         path = self.out / RESULTS_CSV
         atomic_write_text(path, buf.getvalue())
+        if self.task == "segment":  # particles.csv + particles.png, rebuilt like results.csv
+            from nanomorph.particles import write_batch
+
+            write_batch(self.out, [str(r["path"]) for r in rows])
         return path
 
     def close(self) -> None:
@@ -570,10 +574,6 @@ class ResultWriter:
             if not self._fh.closed:
                 self._fh.close()
             self.write_csv()
-            if self.task == "segment":
-                from nanomorph.particles import write_batch
-
-                write_batch(self.out, sorted(self.done))
 
 
 # ----------------------------------------------------------------------------------------- running
