@@ -341,6 +341,7 @@ class NanomorphClient:
         image: ImageInput,
         pixel_size: float | None = None,
         pixel_unit: str = "nm",
+        particles: bool = False,
     ) -> dict[str, Any]:
         """Segments one image of any size.
 
@@ -348,6 +349,7 @@ class NanomorphClient:
             image: a path, file bytes, ``(name, bytes)`` or a numpy array.
             pixel_size: physical size of one pixel; default the file's own calibration.
             pixel_unit: unit of ``pixel_size``.
+            particles: also ask for the per-particle table (``particles``, ``particle_summary``).
 
         Returns:
             The server's answer (``model``, ``filename``, ``shape``, ``legend``, ``pixel_size``,
@@ -363,6 +365,7 @@ class NanomorphClient:
         def files() -> list[tuple[str, tuple[str, bytes, str]]]:
             return [("image", (name, data, "application/octet-stream"))]
 
-        body = dict(self._request("POST", "/segment", files=files, data=form).json())
+        params = {"particles": "true"} if particles else None
+        body = dict(self._request("POST", "/segment", files=files, data=form, params=params).json())
         body["mask"] = decode_png(base64.b64decode(body["mask_png"]))
         return body

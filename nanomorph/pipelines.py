@@ -207,6 +207,7 @@ def segment_outcome(
     morphology: dict[str, Any],
     overlay: bytes | None,
     stem: str | None = None,
+    particles: tuple[list[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Outcome:
     stem = stem or outputs.output_stem(rel)
     unit = pixel_unit if pixel_size is not None else None
@@ -224,6 +225,15 @@ def segment_outcome(
         "morphology": morphology,
     }
     files = outputs.segment_files(stem, mask, classes, pixel_size, unit, overlay)
+    if particles is not None:
+        from nanomorph import particles as pt
+
+        rows, summary = particles
+        row["particles"] = summary
+        row["particles_file"] = pt.table_file(stem)
+        files[pt.table_file(stem)] = pt.table_csv(rows).encode("utf-8")
+        if overlay is not None:  # the picture is a report, like the overlay
+            files[pt.picture_file(stem)] = pt.size_distribution_png(rows, rel)
     return Outcome(rel, clean(row), files)
 
 
@@ -263,6 +273,8 @@ class LocalBackend:
         self.contract = stored.contract
         self.classes = list(stored.classes)
         self.helper: Any = {"classify": Classifier, "embed": Embedder, "segment": Segmenter}[task](onnx)
+        if isinstance(self.helper, Segmenter):
+            self.classes = list(self.helper.classes)  # without a boundary channel
         self.pixel_size, self.pixel_unit, self.overlays = pixel_size, pixel_unit, overlays
         self.describe = f"{self.model} in-process on {', '.join(onnx.providers)}"
         threshold = (stored.ood or {}).get("threshold")
@@ -307,13 +319,25 @@ class LocalBackend:
 
     def _segment(self, item: Item, image: np.ndarray, meta: Any) -> Outcome:
         from nanomorph.morphology import measure
+        from nanomorph.particles import report as particle_report
 
-        mask = self.helper.predict(image)["mask"]
+        result = self.helper.predict(image)
+        mask = result["mask"]
         size, unit = resolve_pixel_size(self.pixel_size, self.pixel_unit, meta.pixel_size, meta.pixel_unit)
         numbers = measure(mask, self.classes, size, unit)
         over = overlay_png(image, self.contract, mask, self.classes, size, unit) if self.overlays else None
+        particles = particle_report(result["instances"], mask, self.classes, size, unit, item.rel)
         return segment_outcome(
-            item.rel, self.model, self.classes, mask, size, unit, numbers, over, stem=item.stem
+            item.rel,
+            self.model,
+            self.classes,
+            mask,
+            size,
+            unit,
+            numbers,
+            over,
+            stem=item.stem,
+            particles=particles,
         )
 
     def close(self) -> None:
@@ -405,7 +429,9 @@ class RemoteBackend:
             if self.task == "embed":
                 r = self.client.embed([upload])[0]
                 return embed_outcome(item.rel, info["tag"], r["shape"], r["embedding"])
-            body = self.client.segment(upload, pixel_size=self.pixel_size, pixel_unit=self.pixel_unit or "nm")
+            body = self.client.segment(
+                upload, pixel_size=self.pixel_size, pixel_unit=self.pixel_unit or "nm", particles=True
+            )
         except (NanomorphError, OSError) as exc:
             return failure(item.rel, exc)
         mask = body["mask"]
@@ -421,7 +447,18 @@ class RemoteBackend:
                 log.warning("%s: no overlay (%s)", item.rel, exc)
         morphology = body.get("morphology") or {}
         return segment_outcome(
-            item.rel, body["model"], classes, mask, size, unit, morphology, over, stem=item.stem
+            item.rel,
+            body["model"],
+            classes,
+            mask,
+            size,
+            unit,
+            morphology,
+            over,
+            stem=item.stem,
+            particles=(body["particles"], body["particle_summary"])
+            if body.get("particles") is not None
+            else None,
         )
 
     def close(self) -> None:
@@ -584,6 +621,10 @@ class ResultWriter:
         writer.writerows(rows)
         path = self.out / RESULTS_CSV
         atomic_write_text(path, buf.getvalue())
+        if self.task == "segment":  # particles.csv + particles.png, rebuilt like results.csv
+            from nanomorph.particles import write_batch
+
+            write_batch(self.out, [str(r["particles_file"]) for r in rows if r.get("particles_file")])
         return path
 
     def close(self) -> None:

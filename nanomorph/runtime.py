@@ -325,9 +325,14 @@ class Segmenter:
         providers: Sequence[str] | None = None,
         batch_size: int = 8,
     ) -> None:
+        from nanomorph.particles import InstanceParams, semantic_classes
+
         self.model = _as_model(model, providers, task="segment")
         self.contract = self.model.stored.contract
-        self.classes = list(self.model.stored.classes)
+        #: post-processing of a boundary-aware model (``nanomorph.instances``), else None
+        self.instances = InstanceParams.from_dict(self.model.stored.metadata.get("instances"))
+        self.model_classes = list(self.model.stored.classes)  # the output channels
+        self.classes = semantic_classes(self.model_classes, self.instances)  # what masks hold
         self.batch_size = batch_size
 
     def tile_geometry(self, shape: tuple[int, int]) -> tuple[int, int]:
@@ -353,9 +358,15 @@ class Segmenter:
         return untile(preds, positions, (norm.shape[0], norm.shape[1]), side)
 
     def predict(self, image: np.ndarray) -> dict[str, Any]:
-        """Raw 2-D image -> ``{"mask": uint8 (H, W) class index, "probabilities": float32 (C, H, W)}``."""
+        """Raw 2-D image -> ``{"mask": uint8 (H, W) class index into .classes, "instances": int32
+        (H, W) particle ids, "probabilities": float32 (C, H, W) over .model_classes}``.
+
+        Mask and instances come from :func:`nanomorph.particles.segment_probs` (the service's too).
+        """
+        from nanomorph.particles import segment_probs
+
         probs = self.probabilities(image)
-        mask = np.argmax(probs, axis=0).astype(np.uint8 if probs.shape[0] <= 256 else np.int32)
-        return {"mask": mask, "probabilities": probs}
+        mask, instances, _ = segment_probs(probs, self.model_classes, self.instances)
+        return {"mask": mask, "instances": instances, "probabilities": probs}
 
     __call__ = predict

@@ -47,7 +47,7 @@ DEFAULT_PREFIX = "nanomorph"
 _TAG_PART = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
 META_PREFIX = "nanomorph."
 # metadata_props keys whose values are JSON (the others are plain strings).
-JSON_KEYS = ("contract", "classes", "metrics", "ood", "encoder", "provenance")
+JSON_KEYS = ("contract", "classes", "metrics", "ood", "encoder", "provenance", "instances")
 
 
 class IntegrityError(ValueError):
@@ -137,6 +137,7 @@ def metadata_props(
     ood: Mapping[str, Any] | None = None,
     encoder: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    instances: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """The ONNX ``metadata_props`` of an exported model (all strings; docs/architecture.md §4).
 
@@ -156,6 +157,8 @@ def metadata_props(
     }
     if ood is not None:
         props["ood"] = dict(ood)
+    if instances:  # segment post-processing (nanomorph.particles.InstanceParams)
+        props["instances"] = dict(instances)
     return {
         META_PREFIX + k: (v if isinstance(v, str) else json.dumps(v, sort_keys=True))
         for k, v in props.items()

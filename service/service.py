@@ -49,6 +49,8 @@ from nanomorph.contract import ImageMeta, normalise, tile, untile
 from nanomorph.contract.frames import nm_per_px
 from nanomorph.index import SimilarityIndex
 from nanomorph.morphology import mask_to_png_bytes, measure
+from nanomorph.particles import report as particle_report
+from nanomorph.particles import segment_probs
 from nanomorph.runtime import Classifier, Embedder, OnnxModel, Segmenter
 from nanomorph.store import StoredModel, resolve
 from service import metrics
@@ -155,6 +157,18 @@ class SegmentResponse(BaseModel):
     morphology: dict[str, Any] = Field(
         description="numbers from the mask (nanomorph.morphology.measure): per class area fraction, "
         "domains, sizes, and for wire classes length, width and orientation order"
+    )
+    particles: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="with ?particles=true: one row per particle (nanomorph.particles.COLUMNS: id, class, "
+        "area_px, diameter_px (equivalent circular), major/minor_axis_px, aspect_ratio, circularity, "
+        "orientation_deg, centroid_x/y_px, touches_border, and area/diameter/axes in pixel_unit when "
+        "calibrated); ids are the particle ids of the instance map",
+    )
+    particle_summary: dict[str, Any] | None = Field(
+        default=None,
+        description="with ?particles=true: count (particles not touching the border), n_border, "
+        "number_density, diameter mean/median/std, log-normal fit (mu, sigma of ln d)",
     )
 
 
@@ -599,6 +613,11 @@ class Nanomorph:
             default=None, max_length=16, description="unit of pixel_size (default nm)"
         ),
         format: Literal["json", "png"] = Query(default="json", description="png: return only the mask PNG"),
+        particles: bool = Query(
+            default=False,
+            description="also return the per-particle table and its summary (instances: watershed for "
+            "models with a boundary class, else connected components of the mask)",
+        ),
     ) -> Any:
         """Class mask, legend and morphology numbers (area fractions, domain sizes, wire length/width/orientation)."""
         slot = self._slot("segment")
@@ -609,12 +628,12 @@ class Nanomorph:
         preds = await slot.batcher.submit(tiles[:, None].astype(np.float32, copy=False))  # type: ignore[union-attr]
         tag = slot.stored.tag  # type: ignore[union-attr]
 
-        def finish() -> tuple[np.ndarray, bytes]:
+        def finish() -> tuple[np.ndarray, np.ndarray, bytes]:
             probs = untile(np.stack(preds), positions, (norm.shape[0], norm.shape[1]), side)
-            mask = np.argmax(probs, axis=0).astype(np.uint8 if probs.shape[0] <= 256 else np.uint16)
-            return mask, mask_to_png_bytes(mask)
+            mask, instances, _ = segment_probs(probs, seg.model_classes, seg.instances)
+            return mask, instances, mask_to_png_bytes(mask)
 
-        mask, png = await asyncio.to_thread(finish)
+        mask, instances, png = await asyncio.to_thread(finish)
         metrics.IMAGES.labels(endpoint="segment").inc()
         headers = {"X-Nanomorph-Model": tag}
         if format == "png":
@@ -622,6 +641,11 @@ class Nanomorph:
         size = pixel_size if pixel_size is not None else meta.pixel_size
         unit = pixel_unit or (meta.pixel_unit if pixel_size is None else None) or "nm"
         numbers = await asyncio.to_thread(measure, mask, seg.classes, size, unit)
+        rows, summary = (
+            await asyncio.to_thread(particle_report, instances, mask, seg.classes, size, unit, name)
+            if particles
+            else (None, None)
+        )
         body = SegmentResponse(
             model=tag,
             filename=name,
@@ -631,6 +655,8 @@ class Nanomorph:
             pixel_size=size,
             pixel_unit=unit if size is not None else None,
             morphology=numbers,
+            particles=rows,
+            particle_summary=summary,
         )
         return JSONResponse(body.model_dump(mode="json"), headers=headers)
 

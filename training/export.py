@@ -122,6 +122,7 @@ class ExportJob:
     data: dict[str, Any] = field(default_factory=dict)
     images: list[Path] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    instances: dict[str, Any] | None = None  # segment: nanomorph.particles.InstanceParams
 
     @property
     def dynamic_hw(self) -> bool:
@@ -328,6 +329,7 @@ def load_segmenter_job(path: str | Path, data: str | Path | None = None) -> Expo
         data={"folder": str(config.get("data", "")), **counts},
         images=_training_images(run_dir, data),
         config=config,
+        instances=json.loads(meta["instances"]) if meta.get("instances") else None,
     )
 
 
@@ -654,6 +656,7 @@ def model_card(job: ExportJob, tag: str, parity: dict[str, Any], quant: dict[str
             "embed": "Embeddings of TEM images for similarity search, maps and label suggestions.",
             "segment": "Per-pixel classes of TEM frames like those in the training data, at native resolution.",
         }[job.task],
+        *_instances_card(job),
         "",
         "## Limitations",
         "",
@@ -688,6 +691,19 @@ def model_card(job: ExportJob, tag: str, parity: dict[str, Any], quant: dict[str
         "",
     ]
     return "\n".join(lines)
+
+
+def _instances_card(job: ExportJob) -> list[str]:
+    if not job.instances:
+        return []
+    return [
+        "",
+        f"Particles: method `{job.instances.get('method')}` (nanomorph.particles): the U-Net also predicts "
+        "each particle's rim (`boundary` class, so touching particles are split by a band of rim pixels); "
+        "connected interiors seed a watershed on the rim probability over the foreground. Chosen because it "
+        "runs on the same U-Net, without torch at inference, deterministically in predict, the service and "
+        f"training. Parameters (ONNX metadata `nanomorph.instances`): `{json.dumps(job.instances, sort_keys=True)}`.",
+    ]
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -788,7 +804,14 @@ def export_runs(
                 "quantize": job_quant,
             }
             props = metadata_props(
-                job.task, job.contract, job.classes, job.metrics, job.ood, job.encoder, provenance
+                job.task,
+                job.contract,
+                job.classes,
+                job.metrics,
+                job.ood,
+                job.encoder,
+                provenance,
+                instances=job.instances,
             )
             set_metadata(fp32, props)
             chosen, quant = fp32, None
@@ -798,7 +821,14 @@ def export_runs(
                 set_metadata(
                     chosen,
                     metadata_props(
-                        job.task, job.contract, job.classes, job.metrics, job.ood, job.encoder, provenance
+                        job.task,
+                        job.contract,
+                        job.classes,
+                        job.metrics,
+                        job.ood,
+                        job.encoder,
+                        provenance,
+                        instances=job.instances,
                     ),
                 )
             extra = {

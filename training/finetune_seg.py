@@ -33,6 +33,7 @@ from torch import nn
 from nanomorph.atomic import atomic_path, atomic_write_text
 from nanomorph.config import resolved, save_resolved, yaml_defaults
 from nanomorph.contract import Contract, normalise, read_image, tile, untile
+from nanomorph.particles import BOUNDARY_CLASS
 from training.backbones import create_backbone, git_commit, load_backbone
 from training.models import build_unet, load_encoder_into_unet
 from training.runio import (
@@ -47,10 +48,10 @@ from training.seg_data import (
     check_pairs,
     classes_from_data,
     find_pairs,
-    load_pair,
     read_mask,
     split_indices,
 )
+from training.seg_instances import instance_params, load_target_pair, target_mask
 from training.seg_losses import DiceCELoss, pixel_confusion, scores_from_confusion
 
 log = logging.getLogger("nanomorph.finetune_seg")
@@ -65,7 +66,7 @@ METRIC_NOTE = (
 _RESULT_KEYS = (
     "encoder", "arch", "data", "classes", "labeled_images", "freeze_encoder", "tile", "tile_overlap",
     "test_fraction", "val_fraction", "seed", "epochs", "steps", "batch_size", "lr", "encoder_lr_scale",
-    "decoder_warmup", "weight_decay", "fg_fraction", "dice_weight",
+    "decoder_warmup", "weight_decay", "fg_fraction", "dice_weight", "instances",
 )  # fmt: skip
 
 
@@ -79,7 +80,7 @@ def default_config() -> dict[str, Any]:
         "encoder_lr_scale": 0.1, "decoder_warmup": 0.1, "weight_decay": 1e-4, "fg_fraction": 0.5,
         "dice_weight": 1.0, "max_val_evals": 5, "overlays": 4, "device": "auto", "workers": 0,
         "infer_batch_size": 8, "out": "runs/segmenter", "overwrite": False, "save_model": True,
-        "keep_checkpoint": True, "checkpoint_every_s": 60,
+        "keep_checkpoint": True, "checkpoint_every_s": 60, "instances": "auto",
     }  # fmt: skip
     base.update(yaml_defaults(COMMAND))
     return base
@@ -269,6 +270,7 @@ def _check_finished(out: Path, config: dict[str, Any]) -> dict[str, Any] | None:
         return None
     metrics = json.loads(metrics_path.read_text())
     saved = metrics.get("config", {})
+    saved.setdefault("instances", "off")  # runs from before instance training had none
     clash = {k: (saved.get(k), config.get(k)) for k in _RESULT_KEYS if saved.get(k) != config.get(k)}
     if clash:
         if config.get("overwrite"):
@@ -319,6 +321,9 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"--tile must be a multiple of 32 (U-Net downsamples 5 times), got {tile_size}")
 
     check_pairs(pairs, len(classes))
+    inst = instance_params(cfg, data, pairs, len(classes))
+    cfg["instances"] = json.dumps(inst.to_dict(), sort_keys=True) if inst else "off"
+    model_classes = classes + [BOUNDARY_CLASS] if inst else classes
     finished = _check_finished(out, cfg)
     if finished is not None:
         log.info("%s: finished run with the same settings found, not retraining", out)
@@ -328,7 +333,7 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
     save_resolved(cfg, out)
     torch.manual_seed(int(cfg["seed"]))
     device = _device(str(cfg["device"]))
-    n_classes = len(classes)
+    n_classes = len(model_classes)
     unet, enc_info = build_segmenter(str(cfg["encoder"]), cfg["arch"], n_classes)
     base_contract = (
         Contract.from_json(enc_info["backbone_contract"]) if enc_info.get("backbone_contract") else Contract()
@@ -350,8 +355,9 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
         "%d pairs: %d train, %d validation, %d test (seed %s); classes %s",
         len(pairs), len(split.train), len(split.val), len(split.test), cfg["seed"], classes,
     )  # fmt: skip
-    train_data = [load_pair(pairs[i], contract, n_classes) for i in split.train]
-    val_data = [load_pair(pairs[i], contract, n_classes) for i in split.val]
+    train_data = [load_target_pair(data, pairs[i], contract, len(classes), inst) for i in split.train]
+    val_data = [load_target_pair(data, pairs[i], contract, len(classes), inst) for i in split.val]
+    classes = model_classes  # from here on: the model's channels (with the boundary class)
 
     # Steps: --steps wins; else epochs of about one pass over the labeled area in tiles.
     batch = int(cfg["batch_size"])
@@ -508,7 +514,7 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
     for j, i in enumerate(split.test):
         pair = pairs[i]
         raw, _ = read_image(pair.image)
-        truth = read_mask(pair.mask, n_classes)
+        truth = target_mask(data, pair, read_mask(pair.mask, len(classes) - (1 if inst else 0)), inst)
         if raw.shape != truth.shape:
             raise ValueError(f"mask {pair.mask} has shape {truth.shape}, its image {pair.image} {raw.shape}")
         pred, _ = segment_image(unet, raw, contract, device, int(cfg["infer_batch_size"]))
@@ -562,6 +568,7 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
                 "architecture": enc_info["architecture"], "classes": classes, "contract": contract.to_json(),
                 "encoder_source": enc_info["encoder_source"], "method": enc_info["method"],
                 "n_classes": str(n_classes), "task": "segment",
+                **({"instances": inst.to_dict()} if inst else {}),
                 "metrics": {"mean_iou_foreground": scores["mean_iou_foreground"],
                             "mean_dice_foreground": scores["mean_dice_foreground"], "metric_type": "hard (argmax)"},
             },
@@ -602,6 +609,13 @@ def _write_card(out: Path, metrics: dict[str, Any], enc_info: dict[str, str]) ->
                 "encoder training": "frozen" if cfg["freeze_encoder"] else "fine-tuned",
                 "classes": ", ".join(metrics["classes"]),
                 "tile / overlap": f"{metrics['contract']['tile_size']} / {metrics['contract']['tile_overlap']} px",
+                "particles": (
+                    "connected components of the mask (no instances/ labels)"
+                    if cfg.get("instances", "off") == "off"
+                    else "boundary-watershed: trained on instances/ with a boundary class (each particle's "
+                    "rim), so touching particles are split by a watershed seeded from the interiors "
+                    f"(nanomorph.particles; parameters {cfg['instances']})"
+                ),
             },
             "Data": {
                 "data": cfg["data"],
@@ -695,6 +709,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--device", default=d["device"], help="auto, cpu or cuda[:N]")
     a("--workers", type=int, default=d["workers"], help="data loader workers (0 = in process)")
     a("--infer-batch-size", type=int, default=d["infer_batch_size"], help="tiles per inference batch")
+    a("--instances", default=d["instances"],
+      help="auto: train instance-aware (boundary class + watershed) when DATA/instances/ exists; off: never")  # fmt: skip
     a("--out", type=Path, default=Path(d["out"]), help="run folder")
     a("--overwrite", action="store_true", default=d["overwrite"], help="retrain even if --out holds a run")
 

@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""Particle instances on real EM (EMPS): connected components of a semantic mask vs the instance method.
+
+EMPS (``/work/shared/data/emps-train``; Yildirim & Cole, J. Chem. Inf. Model. 2021): RGB PNGs in
+``images/``, uint16 instance maps in ``segmaps/``, ``metadata.csv`` (filename, doi). Images of one
+paper (doi) never straddle splits: dois are shuffled with ``--seed`` and taken in that order into
+test, then val, until each holds its share of the images; the rest is train. The split is written
+to ``WORK/split.json`` (and can be committed).
+
+Per cell (method x encoder x number of labelled images), ``finetune-seg`` (the Python API) trains on
+``WORK/data`` (train + val images; masks = ids > 0; ``instances/`` = the id maps), its own held-out
+part for model selection, then the doi-test images are segmented here with the same
+post-processing as ``predict`` and the service (``nanomorph.particles.segment_probs``):
+
+* ``cc``: a 2-class U-Net (``--instances off``), particles = connected components of its mask;
+* ``instance``: the U-Net with a boundary class, particles = seeded watershed.
+
+Metrics on the test images (per image, then mean / median over images): instance AP at IoU 0.5 and
+0.75 (one-to-one matches; TP / (TP + FP + FN)), |count error| / true count, |median diameter error|
+/ true median (equivalent circular diameter; particles touching the frame left out on both sides).
+
+Usage::
+
+    nice -n 15 python scripts/eval_particles.py --data /work/shared/data/emps-train --work runs/emps \\
+        --cells instance:scratch:all,cc:scratch:all --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nanomorph.particles import (  # noqa: E402
+    InstanceParams,
+    average_precision,
+    match_instances,
+    particle_table,
+    segment_probs,
+    summarize,
+)
+
+log = logging.getLogger("eval_particles")
+FIELDS = (
+    "method", "encoder", "labels", "n_test", "ap50_mean", "ap75_mean", "count_err_median",
+    "diam_err_median", "ap50_pooled", "ap75_pooled", "train_seconds", "steps", "date",
+)  # fmt: skip
+
+
+def make_split(data: Path, seed: int, test: float, val: float) -> dict[str, list[str]]:
+    """Train / val / test filenames, grouped by doi, deterministic for a seed."""
+    rows = list(csv.DictReader((data / "metadata.csv").read_text().splitlines()))
+    by_doi: dict[str, list[str]] = {}
+    for r in rows:
+        by_doi.setdefault(r["doi"], []).append(r["filename"])
+    dois = sorted(by_doi)
+    order = [dois[i] for i in np.random.default_rng(seed).permutation(len(dois))]
+    n = len(rows)
+    split: dict[str, list[str]] = {"test": [], "val": [], "train": []}
+    for doi in order:
+        name = "test" if len(split["test"]) < test * n else "val" if len(split["val"]) < val * n else "train"
+        split[name].extend(by_doi[doi])
+    return {k: sorted(v) for k, v in split.items()}
+
+
+def prepare(data: Path, work: Path, split: dict[str, list[str]]) -> Path:
+    """``WORK/data/{images,masks,instances}`` for train + val (links to images, derived masks)."""
+    from PIL import Image
+
+    root = work / "data"
+    for sub in ("images", "masks", "instances"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for name in split["train"] + split["val"]:
+        img, ids = root / "images" / name, root / "instances" / name
+        if not img.exists():
+            img.symlink_to((data / "images" / name).resolve())
+        if not ids.exists():
+            ids.symlink_to((data / "segmaps" / name).resolve())
+        mask = root / "masks" / name
+        if not mask.exists():
+            arr = np.asarray(Image.open(data / "segmaps" / name))
+            Image.fromarray((arr > 0).astype(np.uint8)).save(mask)
+    return root
+
+
+def train_cell(
+    root: Path, work: Path, method: str, encoder: str, labels: str, args: argparse.Namespace
+) -> Path:
+    from training.finetune_seg import train_segmenter
+
+    out = work / "runs" / f"{method}_{Path(encoder).name if encoder != 'scratch' else 'scratch'}_{labels}"
+    train_segmenter(
+        {
+            "data": str(root), "classes": "background,particle", "encoder": encoder, "arch": "resnet18",
+            "labeled_images": labels, "instances": "off" if method == "cc" else "on", "tile": args.tile,
+            "steps": args.steps, "batch_size": args.batch_size, "test_fraction": 0.01, "val_fraction": 0.1,
+            "max_val_evals": 2, "overlays": 2, "seed": args.seed, "out": str(out), "device": "cpu",
+            "checkpoint_every_s": 120,
+        }
+    )  # fmt: skip
+    return out
+
+
+def evaluate_run(run: Path, data: Path, test: list[str], limit: int | None) -> dict[str, Any]:
+    """Segments the doi-test images with the run's U-Net and scores the particles."""
+    import torch
+    from PIL import Image
+
+    from nanomorph.contract import Contract, read_image
+    from training.finetune_seg import load_segmenter, segment_image
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    unet, meta = load_segmenter(run)
+    contract = Contract.from_json(meta["contract"])
+    classes = json.loads(meta["classes"])
+    params = InstanceParams.from_dict(meta.get("instances"))
+    ap50, ap75, cerr, derr = [], [], [], []
+    tp50 = fp50 = fn50 = tp75 = fp75 = fn75 = 0
+    for name in test[:limit]:
+        raw, _ = read_image(data / "images" / name)
+        truth = np.asarray(Image.open(data / "segmaps" / name)).astype(np.int64)
+        _, probs = segment_image(unet, raw, contract, "cpu")
+        mask, inst, sem = segment_probs(probs, classes, params)
+        iou = match_instances(truth, inst)
+        a50, a75 = average_precision(iou, 0.5), average_precision(iou, 0.75)
+        ap50.append(a50["ap"])
+        ap75.append(a75["ap"])
+        tp50, fp50, fn50 = tp50 + a50["tp"], fp50 + a50["fp"], fn50 + a50["fn"]
+        tp75, fp75, fn75 = tp75 + a75["tp"], fp75 + a75["fp"], fn75 + a75["fn"]
+        st = summarize(
+            particle_table(truth, (truth > 0).astype(np.uint8), ["background", "particle"]), truth.shape
+        )
+        sp = summarize(particle_table(inst, mask, sem), truth.shape)
+        if st["count"]:
+            cerr.append(abs(sp["count"] - st["count"]) / st["count"])
+            if sp["diameter_median"] is not None:
+                derr.append(abs(sp["diameter_median"] - st["diameter_median"]) / st["diameter_median"])
+            else:
+                derr.append(1.0)  # no particle found: the whole size is wrong
+    return {
+        "n_test": len(ap50),
+        "ap50_mean": float(np.mean(ap50)),
+        "ap75_mean": float(np.mean(ap75)),
+        "count_err_median": float(np.median(cerr)) if cerr else None,
+        "diam_err_median": float(np.median(derr)) if derr else None,
+        "ap50_pooled": tp50 / max(1, tp50 + fp50 + fn50),
+        "ap75_pooled": tp75 / max(1, tp75 + fp75 + fn75),
+    }
+
+
+def pretrain(work: Path, data: Path, split: dict[str, list[str]], epochs: int) -> Path:
+    """``nanomorph pretrain`` on the train images only (subprocess); the backbone file."""
+    import subprocess
+
+    unl = work / "unlabeled"
+    unl.mkdir(parents=True, exist_ok=True)
+    for name in split["train"]:
+        link = unl / name
+        if not link.exists():
+            link.symlink_to((data / "images" / name).resolve())
+    out = work / "pretrain"
+    if not (out / "backbone.safetensors").is_file():
+        cmd = [sys.executable, "-m", "nanomorph.cli", "pretrain", "--data", str(unl), "--out", str(out),
+               "--arch", "resnet18", "--epochs", str(epochs), "--device", "cpu"]  # fmt: skip
+        log.info("pretraining: %s", " ".join(cmd))
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    return out / "backbone.safetensors"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--cells", default="instance:scratch:all,cc:scratch:all",
+                   help="method:encoder:labels,... (method cc|instance, encoder scratch|ssl, labels N|all)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-epochs", type=int, default=5)
+    p.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.work.mkdir(parents=True, exist_ok=True)
+    split = make_split(args.data, args.seed, 0.15, 0.15)
+    (args.work / "split.json").write_text(json.dumps({"seed": args.seed, **split}, indent=1) + "\n")
+    log.info("split by doi: %s", {k: len(v) for k, v in split.items()})
+    root = prepare(args.data, args.work, split)
+    results = args.work / "results.csv"
+    done = (
+        {(r["method"], r["encoder"], r["labels"]) for r in csv.DictReader(results.read_text().splitlines())}
+        if results.is_file()
+        else set()
+    )
+    for cell in args.cells.split(","):
+        method, enc, labels = cell.split(":")
+        if (method, enc, labels) in done:
+            continue
+        encoder = (
+            str(pretrain(args.work, args.data, split, args.pretrain_epochs)) if enc == "ssl" else "scratch"
+        )
+        t0 = time.perf_counter()
+        run = train_cell(root, args.work, method, encoder, labels, args)
+        metrics = json.loads((run / "metrics.json").read_text())
+        row = {"method": method, "encoder": enc, "labels": labels, **evaluate_run(run, args.data, split["test"], args.test_limit),
+               "train_seconds": metrics["train"]["seconds"], "steps": metrics["train"]["steps"],
+               "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}  # fmt: skip
+        log.info("%s (%.0f s): %s", cell, time.perf_counter() - t0, row)
+        new = not results.is_file()
+        with open(results, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(FIELDS), extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""Particle instances, tables and size distributions on drawn discs and rods with known ids."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from skimage.draw import disk, ellipse
+
+from nanomorph.particles import (
+    InstanceParams,
+    average_precision,
+    connected_instances,
+    fold_mask,
+    instance_target,
+    instances_from_probs,
+    lognormal_fit,
+    match_instances,
+    particle_table,
+    segment_probs,
+    semantic_classes,
+    size_distribution_png,
+    summarize,
+    table_csv,
+)
+
+CLASSES = ["background", "particle"]
+PARAMS = InstanceParams(boundary_class=2)
+
+
+def drawing() -> tuple[np.ndarray, dict[int, dict[str, float]]]:
+    """Touching discs (a pair and a chain of three), two touching rods, one disc cut by the frame."""
+    ids = np.zeros((200, 240), np.int32)
+    truth: dict[int, dict[str, float]] = {}
+
+    def put(label: int, rr: np.ndarray, cc: np.ndarray, **facts: float) -> None:
+        ids[rr, cc] = label
+        truth[label] = facts
+
+    put(1, *disk((40, 40), 15), r=15)
+    put(2, *disk((40, 69), 15), r=15)  # touches 1 (centres 29 px apart)
+    for k, x in enumerate((120, 141, 162)):  # a chain of three r=11 discs, overlapping by 1 px
+        put(3 + k, *disk((40, x), 11, shape=ids.shape), r=11)
+    # Rods: ellipses with semi-axes 24 x 7, horizontal and at 30 degrees, their tips touching.
+    put(6, *ellipse(120, 60, 7, 24, shape=ids.shape), a=24, b=7, angle=0.0)
+    put(7, *ellipse(120, 97, 7, 24, shape=ids.shape, rotation=math.radians(30)), a=24, b=7, angle=30.0)
+    put(8, *disk((190, 200), 20, shape=ids.shape), r=20)  # cut by the bottom edge
+    return ids, truth
+
+
+def probs_from(ids: np.ndarray, blur: float = 0.0) -> np.ndarray:
+    """What a perfect boundary-aware model would output for ``ids`` (one-hot of the 3-class target)."""
+    target = instance_target(ids, (ids > 0).astype(np.uint8), PARAMS.boundary_class, PARAMS.boundary_width)
+    p = np.eye(3, dtype=np.float32)[target].transpose(2, 0, 1)
+    if blur:
+        from scipy.ndimage import gaussian_filter
+
+        p = np.stack([gaussian_filter(c, blur) for c in p])
+        p /= p.sum(0, keepdims=True)
+    return p
+
+
+def test_instance_target_puts_a_rim_between_touching_particles() -> None:
+    ids, _ = drawing()
+    target = instance_target(ids, (ids > 0).astype(np.uint8), 2, width=2)
+    assert set(np.unique(target)) == {0, 1, 2}
+    # Along the row through the touching pair: rim pixels where 1 meets 2, interior on both sides.
+    row = target[40, 20:90]
+    contact = 69 - 14 - 20  # first column of disc 2 (skimage's disk is open), relative to the slice
+    assert (row[contact - 1 : contact + 1] == 2).all()  # width 2: one rim pixel on each side
+    assert row[contact - 2] == 1 and row[contact + 1] == 1
+    # The frame edge is not a rim: disc 8 keeps interior on the last row.
+    assert target[199, 200] == 1
+
+
+@pytest.mark.parametrize("blur", [0.0, 1.0])
+def test_touching_discs_and_rods_separate(blur: float) -> None:
+    ids, truth = drawing()
+    probs = probs_from(ids, blur)
+    found = instances_from_probs(probs, PARAMS)
+    iou = match_instances(ids, found)
+    assert found.max() == len(truth)
+    assert average_precision(iou, 0.75)["ap"] == 1.0
+    # Connected components of the same mask merge the touching ones: what the boundary class fixes.
+    merged = connected_instances(fold_mask(probs, PARAMS))
+    assert merged.max() == 4  # pair, chain, two rods, cut disc
+
+
+def test_table_matches_the_drawing() -> None:
+    ids, truth = drawing()
+    mask, found, classes = segment_probs(probs_from(ids), ["background", "particle", "boundary"], PARAMS)
+    assert classes == CLASSES and set(np.unique(mask)) == {0, 1}
+    rows = particle_table(found, mask, classes, image="drawn.png")
+    by_truth = {int(np.bincount(ids[found == r["id"]]).argmax()): r for r in rows}
+    for label, facts in truth.items():
+        r = by_truth[label]
+        assert r["image"] == "drawn.png" and r["class"] == "particle"
+        assert r["area_px"] == int((ids == label).sum())  # every pixel comes back to its particle
+        if "r" in facts and label != 8:
+            radius = facts["r"]
+            assert abs(r["diameter_px"] - 2 * radius) <= 1.0
+            assert abs(r["area_px"] - math.pi * radius**2) <= 2 * math.pi * radius  # a pixel's worth
+            assert abs(r["aspect_ratio"] - 1.0) < 0.1 and r["circularity"] > 0.85
+            assert not r["touches_border"]
+        elif "a" in facts:
+            a, b = facts["a"], facts["b"]
+            assert abs(r["major_axis_px"] - 2 * a) <= 1.0 and abs(r["minor_axis_px"] - 2 * b) <= 1.0
+            assert abs(r["aspect_ratio"] - a / b) <= (2 * a + 1) / (2 * b - 1) - a / b
+            # 30 degrees counter-clockwise as displayed (skimage's rotation is in (row, col) axes).
+            assert (
+                min(
+                    abs(r["orientation_deg"] - facts["angle"]),
+                    180 - abs(r["orientation_deg"] - facts["angle"]),
+                )
+                < 2
+            )
+    assert by_truth[8]["touches_border"]
+    cx, cy = by_truth[1]["centroid_x_px"], by_truth[1]["centroid_y_px"]
+    assert abs(cx - 40) < 0.5 and abs(cy - 40) < 0.5
+
+
+def test_units_convert_and_border_particles_leave_the_statistics() -> None:
+    ids, truth = drawing()
+    mask = (ids > 0).astype(np.uint8)
+    px = particle_table(ids, mask, CLASSES)
+    nm = particle_table(ids, mask, CLASSES, pixel_size=2.5, pixel_unit="nm")
+    for a, b in zip(px, nm, strict=True):
+        assert a["diameter"] is None and a["unit"] is None
+        assert b["unit"] == "nm" and b["pixel_size"] == 2.5
+        assert b["diameter"] == pytest.approx(a["diameter_px"] * 2.5, rel=1e-5)
+        assert b["area"] == pytest.approx(a["area_px"] * 6.25, rel=1e-5)
+        assert b["major_axis"] == pytest.approx(a["major_axis_px"] * 2.5, rel=1e-5)
+    s_px, s_nm = summarize(px, ids.shape), summarize(nm, ids.shape, 2.5)
+    assert s_px["count"] == len(truth) - 1 and s_px["n_border"] == 1
+    assert s_px["unit"] == "px" and s_nm["unit"] == "nm"
+    assert s_nm["diameter_median"] == pytest.approx(s_px["diameter_median"] * 2.5, rel=1e-5)
+    assert s_px["number_density"] == pytest.approx(7 / (200 * 240), rel=1e-5)
+    assert s_nm["number_density"] == pytest.approx(7 / (200 * 240 * 6.25), rel=1e-5)
+    assert summarize(px, ids.shape, include_border=True)["count"] == len(truth)
+    text = table_csv(nm)
+    assert text.splitlines()[0].startswith("image,id,class,area_px,diameter_px")
+    assert len(text.splitlines()) == len(truth) + 1
+    png = size_distribution_png(nm, "drawn")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lognormal_fit_recovers_known_parameters() -> None:
+    d = np.random.default_rng(0).lognormal(mean=math.log(20), sigma=0.3, size=20000)
+    fit = lognormal_fit(d)
+    assert fit["geometric_mean"] == pytest.approx(20, rel=0.01)
+    assert fit["sigma"] == pytest.approx(0.3, rel=0.02)
+    assert lognormal_fit(np.array([5.0]))["mu"] is None
+
+
+def test_matching_is_one_to_one() -> None:
+    truth = np.zeros((10, 20), int)
+    truth[:, :10], truth[:, 10:] = 1, 2
+    merged = (truth > 0).astype(int)  # one prediction over two particles: IoU 0.5 each, no match
+    r = average_precision(match_instances(truth, merged), 0.5)
+    assert (r["tp"], r["fp"], r["fn"]) == (0, 1, 2)
+    assert average_precision(match_instances(truth, truth * 7), 0.75)["ap"] == 1.0
+
+
+def test_params_round_trip_and_semantic_model_falls_back_to_components() -> None:
+    assert InstanceParams.from_dict(PARAMS.to_dict()) == PARAMS
+    assert InstanceParams.from_dict(None) is None
+    with pytest.raises(ValueError, match="unknown instance method"):
+        InstanceParams.from_dict({"method": "magic"})
+    assert semantic_classes(["background", "particle", "boundary"], PARAMS) == CLASSES
+    ids, _ = drawing()
+    probs = np.eye(2, dtype=np.float32)[(ids > 0).astype(int)].transpose(2, 0, 1)
+    mask, found, classes = segment_probs(probs, CLASSES, None)
+    assert classes == CLASSES and found.max() == 4
