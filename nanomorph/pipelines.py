@@ -282,7 +282,7 @@ class LocalBackend:
         self._card = report.model_card(
             stored.tag,
             task,
-            self.classes,
+            list(stored.classes),  # the model's own channels, as the server's /models lists them
             sha,
             stored.metrics,
             None if threshold is None else float(threshold),

@@ -47,6 +47,8 @@ BOOKKEEPING = {
     "report.html",
     "model.json",
     "watch_state.json",
+    "particles.csv",  # rebuilt with results.csv from the per-image particles/ tables
+    "particles.png",
 }
 T = TypeVar("T")
 

@@ -89,7 +89,7 @@ def test_service_and_predict_give_the_same_particle_table(
     assert abs(float(by[("a.png", "1")]["diameter_px"]) - 20) <= 1
     assert by[("a.png", "1")]["unit"] == "nm" and abs(float(by[("a.png", "1")]["diameter"]) - 10) <= 0.5
     assert by[("sub/b.png", "1")]["touches_border"] == "True"  # ids in raster order: the cut disc is first
-    assert (local / "particles.png").is_file() and (local / "particles" / "a.png.png").is_file()
+    assert (local / "particles.png").is_file() and (local / "particles" / "a_particles.png").is_file()
     # The summary is in results.csv; the border particle is left out of the count.
     with open(local / "results.csv", newline="") as fh:
         summary = {r["path"]: r for r in csv.DictReader(fh)}
@@ -102,7 +102,7 @@ def test_service_and_predict_give_the_same_particle_table(
         body = client.segment(data / "a.png", pixel_size=0.5, particles=True)
     assert [e["name"] for e in body["legend"]] == ["background", "particle"]
     answer = table_csv([{**r, "image": "a.png"} for r in body["particles"]])
-    assert answer == (local / "particles" / "a.png.csv").read_text()
+    assert answer == (local / "particles" / "a_particles.csv").read_text()
     assert body["particle_summary"]["count"] == 3
 
 

@@ -38,7 +38,7 @@ def _shard(root: Path, index: int, count: int, rels: list[str]) -> Path:
     (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for r in rels:
         (folder / "masks" / f"{r}_mask.png").write_bytes(r.encode())
-    with open(folder / "particles.csv", "w", newline="") as fh:
+    with open(folder / "objects.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "particle", "area_nm2"])
         for r in rels:
@@ -57,7 +57,7 @@ def test_merge_joins_rows_files_and_per_batch_tables(tmp_path: Path) -> None:
     merged = [json.loads(line)["path"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert merged == sorted(rels)
     assert all((tmp_path / "masks" / f"{r}_mask.png").read_bytes() == r.encode() for r in rels)
-    with open(tmp_path / "particles.csv", newline="") as fh:
+    with open(tmp_path / "objects.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
     assert [(t["path"], t["particle"]) for t in table] == [(r, p) for r in sorted(rels) for p in ("1", "2")]
     assert (tmp_path / "report.html").is_file() and (tmp_path / "results.csv").is_file()
