@@ -274,7 +274,7 @@ class LocalBackend:
     def _segment(self, rel: str, image: np.ndarray, meta: Any) -> Outcome:
         from nanomorph.morphology import mask_to_png_bytes, measure
 
-        mask = self.helper.predict(image)["mask"]
+        mask = self.helper.mask(image)  # bounded memory: no full-frame probabilities
         size, unit = resolve_pixel_size(self.pixel_size, self.pixel_unit, meta.pixel_size, meta.pixel_unit)
         numbers = measure(mask, self.classes, size, unit)
         over = overlay_png(image, self.contract, mask, len(self.classes)) if self.overlays else None

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from nanomorph.contract import normalise, tile, to_model_input, untile
+from nanomorph.contract import Stitcher, choose_tile, n_tiles, normalise, tile_chunks, to_model_input
 from nanomorph.store import StoredModel, load_model_dir
 
 log = logging.getLogger(__name__)
@@ -238,10 +238,14 @@ class Classifier:
 class Segmenter:
     """Per-pixel class probabilities of one raw image of any size (sliding window).
 
-    The image is normalised with the model's contract, cut into overlapping tiles of
-    ``contract.tile_size`` (an image smaller than a tile runs as one tile padded only up to a
-    multiple of 32), the tiles run in batches and are stitched back with smooth blending
-    (:func:`nanomorph.contract.untile`).
+    The image is normalised with the model's contract and cut into overlapping tiles (an image
+    smaller than a training tile runs as one tile padded only up to a multiple of 32). The U-Net is
+    fully convolutional, so large frames run on tiles up to the contract's inference tile for the
+    provider in use (``infer_tile_cpu`` / ``infer_tile_cuda``; :func:`nanomorph.contract.choose_tile`
+    picks the side that computes the fewest pixels), a few tiles per onnxruntime call, and each
+    call's predictions are blended into the output at once (:class:`nanomorph.contract.Stitcher`),
+    so memory stays bounded for any frame. The service runs the same plan (:meth:`tile_geometry`,
+    :meth:`tiles_per_call`, ``tile_chunks``, ``Stitcher``) through its batcher.
     """
 
     def __init__(
@@ -249,11 +253,15 @@ class Segmenter:
         model: OnnxModel | StoredModel | str | Path,
         providers: Sequence[str] | None = None,
         batch_size: int = 8,
+        max_tile: int | None = None,
     ) -> None:
         self.model = _as_model(model, providers, task="segment")
         self.contract = self.model.stored.contract
         self.classes = list(self.model.stored.classes)
         self.batch_size = batch_size
+        self.provider = "cuda" if CUDA in self.model.providers else "cpu"
+        #: largest inference tile side (the contract's for this provider unless overridden)
+        self.max_tile = max(self.contract.tile_size, max_tile or self.contract.infer_tile(self.provider))
 
     def tile_geometry(self, shape: tuple[int, int]) -> tuple[int, int]:
         """``(tile side, overlap)`` for an image of ``shape``."""
@@ -261,26 +269,41 @@ class Segmenter:
         longest = max(shape)
         if longest <= t:
             return max(32, 32 * math.ceil(longest / 32)), 0
-        return t, self.contract.tile_overlap
+        overlap = self.contract.tile_overlap
+        return choose_tile((int(shape[0]), int(shape[1])), t, self.max_tile, overlap), overlap
 
-    def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """Raw 2-D image -> float32 (C, H, W) class probabilities."""
+    def tiles_per_call(self, side: int, batch_size: int | None = None) -> int:
+        """Tiles of ``side`` per onnxruntime call: ``batch_size`` training tiles' worth of pixels."""
+        pixels = (batch_size or self.batch_size) * self.contract.tile_size**2
+        return max(1, pixels // (side * side))
+
+    def _stitch(self, image: np.ndarray, keep_probabilities: bool) -> Stitcher:
         img = np.asarray(image)
         if img.ndim != 2:
             raise ValueError(f"segmentation takes one 2-D image, got shape {img.shape}")
         norm = normalise(img, self.contract)
         side, overlap = self.tile_geometry(norm.shape)
-        tiles, positions, _ = tile(norm, side, overlap)
-        batch = tiles[:, None, :, :].astype(np.float32, copy=False)
-        preds = np.concatenate(
-            [self.model.run(batch[s])["probabilities"] for s in _batches(len(batch), self.batch_size)]
-        )
-        return untile(preds, positions, (norm.shape[0], norm.shape[1]), side)
+        single = n_tiles(norm.shape, side, overlap) == 1
+        stitcher = Stitcher(norm.shape, side, single_tile=single, keep_probabilities=keep_probabilities)
+        for batch, positions in tile_chunks(norm, side, overlap, self.tiles_per_call(side)):
+            stitcher.add(self.model.run(batch)["probabilities"], positions)
+        return stitcher
+
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """Raw 2-D image -> float32 (C, H, W) class probabilities."""
+        _, probs = self._stitch(image, keep_probabilities=True).finish()
+        assert probs is not None
+        return probs
+
+    def mask(self, image: np.ndarray) -> np.ndarray:
+        """Raw 2-D image -> class index mask (H, W), uint8 (uint16 above 256 classes); the
+        probabilities are never held for the whole frame (1 byte per pixel of output)."""
+        mask, _ = self._stitch(image, keep_probabilities=False).finish()
+        return mask
 
     def predict(self, image: np.ndarray) -> dict[str, Any]:
         """Raw 2-D image -> ``{"mask": uint8 (H, W) class index, "probabilities": float32 (C, H, W)}``."""
-        probs = self.probabilities(image)
-        mask = np.argmax(probs, axis=0).astype(np.uint8 if probs.shape[0] <= 256 else np.int32)
+        mask, probs = self._stitch(image, keep_probabilities=True).finish()
         return {"mask": mask, "probabilities": probs}
 
     __call__ = predict

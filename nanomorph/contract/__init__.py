@@ -20,10 +20,20 @@ from nanomorph.contract.io import (
     peek_shape,
     read_image,
 )
-from nanomorph.contract.tiling import blend_window, tile, tile_positions, untile
-from nanomorph.contract.transform import Contract, normalise, resize, to_model_input
+from nanomorph.contract.tiling import (
+    Stitcher,
+    blend_window,
+    choose_tile,
+    n_tiles,
+    tile,
+    tile_chunks,
+    tile_positions,
+    untile,
+)
+from nanomorph.contract.transform import DEFAULT_INFER_TILE, Contract, normalise, resize, to_model_input
 
 __all__ = [
+    "DEFAULT_INFER_TILE",
     "DEFAULT_MAX_PIXELS",
     "SUPPORTED_SUFFIXES",
     "Contract",
@@ -34,14 +44,18 @@ __all__ = [
     "ImageReadError",
     "ImageTooLargeError",
     "NonFiniteImageError",
+    "Stitcher",
     "UnsupportedFormatError",
     "blend_window",
+    "choose_tile",
     "list_images",
+    "n_tiles",
     "normalise",
     "peek_shape",
     "read_image",
     "resize",
     "tile",
+    "tile_chunks",
     "tile_positions",
     "to_model_input",
     "untile",
