@@ -12,7 +12,9 @@ serialises numpy arrays as JSON lists: measured here at ~46 ms per 224x224 float
 times the ResNet-18 inference itself. The batcher keeps the arrays in memory. Like BentoML's
 dispatcher it sheds load by latency: a request still queued after ``max_latency_ms`` gets a 503
 (:class:`Overloaded`); unlike it, it never sheds on a *predicted* latency, so the default (60 s)
-never rejects a request a client is still waiting for.
+never rejects a request a client is still waiting for. Only a request's first call can be shed:
+the later calls of a large frame (``submit(..., shed=False)``) wait for as long as they need, so a
+request that has started is never refused because its own tiles queued behind each other.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Overloaded(RuntimeError):
 class _Job:
     data: np.ndarray
     future: asyncio.Future[Any]
+    shed: bool = True
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -70,19 +73,21 @@ class Batcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, data: np.ndarray) -> list[Any]:
-        """Runs ``fn`` on ``data`` (batch axis first) batched with other callers; returns its N results."""
+    async def submit(self, data: np.ndarray, shed: bool = True) -> list[Any]:
+        """Runs ``fn`` on ``data`` (batch axis first) batched with other callers; returns its N results.
+
+        ``shed=False``: never refused for waiting (a later call of a request already running)."""
         if len(data) == 0:
             return []
         if len(data) > self.max_batch_size:
             parts = [data[i : i + self.max_batch_size] for i in range(0, len(data), self.max_batch_size)]
-            chunks = await asyncio.gather(*(self.submit(p) for p in parts))
+            chunks = await asyncio.gather(*(self.submit(p, shed) for p in parts))
             return [r for chunk in chunks for r in chunk]
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._run())
-        job = _Job(data, loop.create_future())
+        job = _Job(data, loop.create_future(), shed)
         self._queue.append(job)
         assert self._wake is not None
         self._wake.set()
@@ -98,7 +103,7 @@ class Batcher:
             if job.future.done():  # the client went away
                 self._queue.popleft()
                 continue
-            if now - job.enqueued > self.max_latency:
+            if job.shed and now - job.enqueued > self.max_latency:
                 self._queue.popleft()
                 job.future.set_exception(
                     Overloaded(
