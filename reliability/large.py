@@ -11,6 +11,7 @@ then :func:`burst` sends ``n`` frames at once and samples the server's RSS (proc
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -110,6 +111,7 @@ def run_large(work: Path, side: int = 8192, n: int = 8) -> dict[str, Any]:
                 ready_after=server.ready(),
             )
             out[label] = rep
+            (work / f"large-{label}.json").write_text(json.dumps(rep, indent=1))  # survives a later failure
         finally:
             server.stop()
     return out

@@ -54,6 +54,9 @@ class Batcher:
         batch_wait_ms: after the first request of an idle spell, wait this long for others to join
             its batch (0: run at once; batches still form while a call is running).
         name: thread name (for logs).
+        max_elements: most array elements per call (0: no limit besides ``max_batch_size``): the
+            segment batcher's items are tiles of varying sides, so concurrent large frames must not
+            add up to one huge call (its activations would grow onnxruntime's arena to match).
     """
 
     def __init__(
@@ -63,11 +66,13 @@ class Batcher:
         max_latency_ms: int = 60000,
         batch_wait_ms: float = 0.0,
         name: str = "batcher",
+        max_elements: int = 0,
     ) -> None:
         self.fn = fn
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_latency = max_latency_ms / 1000.0
         self.batch_wait = max(0.0, batch_wait_ms / 1000.0)
+        self.max_elements = max(0, int(max_elements))
         self._queue: deque[_Job] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._wake: asyncio.Event | None = None
@@ -97,7 +102,7 @@ class Batcher:
     def _take(self) -> list[_Job]:
         now = time.monotonic()
         jobs: list[_Job] = []
-        size = 0
+        size = elements = 0
         while self._queue:
             job = self._queue[0]
             if job.future.done():  # the client went away
@@ -113,6 +118,8 @@ class Batcher:
                 continue
             if jobs and size + len(job.data) > self.max_batch_size:
                 break
+            if jobs and self.max_elements and elements + job.data.size > self.max_elements:
+                break
             if jobs and job.data.shape[1:] != jobs[0].data.shape[1:]:
                 # Arrays of another item shape (e.g. a small image's 32x32 segmentation tile
                 # next to 64x64 tiles) cannot share one np.concatenate: next batch.
@@ -120,6 +127,7 @@ class Batcher:
             self._queue.popleft()
             jobs.append(job)
             size += len(job.data)
+            elements += job.data.size
         return jobs
 
     async def _run(self) -> None:

@@ -358,8 +358,16 @@ class Nanomorph:
             t0 = time.perf_counter()
             onnx.run(_model_input(stored, slot.task))
             log.info("%s: warm-up %.0f ms", slot.task, 1000 * (time.perf_counter() - t0))
+        # Segment calls hold at most max_batch_size training tiles' worth of pixels, however large
+        # the inference tiles and however many frames are in flight.
+        elements = s.max_batch_size * stored.contract.tile_size**2 if slot.task == "segment" else 0
         slot.batcher = Batcher(
-            fn, s.max_batch_size, s.max_latency_ms, s.batch_wait_ms, name=f"nanomorph-{slot.task}"
+            fn,
+            s.max_batch_size,
+            s.max_latency_ms,
+            s.batch_wait_ms,
+            name=f"nanomorph-{slot.task}",
+            max_elements=elements,
         )
         slot.error = None
         sha = (stored.manifest.get("files") or {}).get("model.onnx", "")

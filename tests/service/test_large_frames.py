@@ -193,3 +193,22 @@ def test_memory_returns_after_a_burst(large_server: Server) -> None:
     assert statuses == [200] * 4
     after = tree_rss(large_server.proc.pid)
     assert after - before < 100 * 2**20, f"RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MB"
+
+
+def test_concurrent_frames_do_not_add_up_to_one_huge_call() -> None:
+    calls: list[int] = []
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        calls.append(batch.size)
+        time.sleep(0.01)
+        return batch
+
+    async def main() -> None:
+        b = Batcher(fn, max_batch_size=32, max_elements=3 * 100)
+        try:
+            await asyncio.gather(*(b.submit(np.zeros((3, 10, 10))) for _ in range(6)))
+        finally:
+            b.close()
+
+    asyncio.run(main())
+    assert sum(calls) == 6 * 300 and max(calls) <= 300
