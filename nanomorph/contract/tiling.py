@@ -138,6 +138,18 @@ def choose_tile(shape: tuple[int, int], min_tile: int, max_tile: int, overlap: i
     return best
 
 
+def _argmax0(probs: np.ndarray) -> np.ndarray:
+    """``np.argmax(probs, axis=0)`` (first maximum on ties), class by class: numpy's argmax over
+    the first axis of a (C, H, W) array is ~10x slower than C - 1 vectorised comparisons."""
+    best = probs[0].copy()
+    index = np.zeros(best.shape, dtype=np.uint16)
+    for c in range(1, probs.shape[0]):
+        better = probs[c] > best
+        index[better] = c
+        np.maximum(best, probs[c], out=best)
+    return index
+
+
 class Stitcher:
     """Blends tile predictions into the output as they arrive (bounded memory for any frame).
 
@@ -231,7 +243,7 @@ class Stitcher:
         rows = bottom - top
         w = self.out_shape[1]
         probs = self._acc[:, :rows, :w] / self._weight[:rows, :w]
-        self.mask[top:bottom] = np.argmax(probs, axis=0)
+        self.mask[top:bottom] = _argmax0(probs)
         if self.probabilities is not None:
             self.probabilities[:, top:bottom] = probs
 
