@@ -483,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of fuzz, load, faults, training, large (default all); 'large' alone rewrites only "
         "its section of the report",
     )
+    parser.add_argument(
+        "--large-runs", default="trim,no_trim", help="large frames: trim (default config), no_trim, or both"
+    )
     parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "reliability.md"), help="markdown report")
     parser.add_argument("--workdir", default=None, help="scratch folder to keep (default: a temporary one)")
     parser.add_argument(
@@ -519,8 +522,8 @@ def main(argv: list[str] | None = None) -> int:
             from reliability.large import run_large
 
             _say("large frames: 8 concurrent 8192^2 /segment, with and without malloc_trim")
-            results["large"] = run_large(work)
-            for key in ("trim", "no_trim"):
+            results["large"] = run_large(work, runs=tuple(args.large_runs.split(",")))
+            for key in args.large_runs.split(","):
                 r = results["large"][key]
                 _say(
                     f"  {key}: statuses {r['statuses']}, RSS {r['rss_before_mb']} -> peak {r['rss_peak_mb']} -> "
@@ -532,8 +535,9 @@ def main(argv: list[str] | None = None) -> int:
         results["loadavg_end"] = _loadavg()
         (work / "reliability.json").write_text(json.dumps(results, indent=1, default=str))
         out = Path(args.out)
-        if parts == {"large"} and out.exists() and "large" in results:
-            text = _replace_section(out.read_text(), LARGE_SECTION, render_large(results, started))
+        if parts == {"large"} and out.exists():  # only its own section (none if it failed)
+            section = render_large(results, started) if "large" in results else ""
+            text = _replace_section(out.read_text(), LARGE_SECTION, section) if section else out.read_text()
         else:
             text = render(results, mode, started, seconds)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -87,15 +87,18 @@ def burst(url: str, pid: int, data: bytes, n: int) -> dict[str, Any]:
     }
 
 
-def run_large(work: Path, side: int = 8192, n: int = 8) -> dict[str, Any]:
-    """The burst with and without malloc_trim, each on a fresh server."""
+def run_large(
+    work: Path, side: int = 8192, n: int = 8, runs: tuple[str, ...] = ("trim", "no_trim")
+) -> dict[str, Any]:
+    """The burst with (``trim``) and without (``no_trim``) malloc_trim, each on a fresh server."""
     from reliability import target
 
     data = frame_tiff(side)
     out: dict[str, Any] = {"side": side, "upload_bytes": len(data)}
-    for label, trim in (("trim", "1"), ("no_trim", "0")):
+    for label in runs:
+        trim = "1" if label == "trim" else "0"
         env = {"NANOMORPH_MALLOC_TRIM": trim, "NANOMORPH_TIMEOUT_S": "3600"}
-        server = target.start(work / f"large-{label}", env=env)
+        server = target.start(work / f"large-{label}", env=env, timeout=600)  # slow on a loaded box
         try:
             models = httpx.get(server.url + "/models", timeout=30).json()
             budget = int(models["limits"]["pixel_budget"])
