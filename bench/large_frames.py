@@ -13,6 +13,9 @@ direct-detector camera writes them.
   shedding limit, batch size), one ``POST /segment?format=png`` per frame (the mask; JSON adds the
   morphology numbers, which the in-process arm does not compute).
 
+``--tiles`` only times the model per pixel on tiles of 256, 512, 768 and 1024 px (about 2 M pixels
+per call, best of 2): the measurement behind the inference tile sizes.
+
 Prints the seconds of each arm and the ratio served / in-process; ``--record`` writes the table
 into docs/benchmarks.md under "## Large frames". Not a test: run by hand (~5-10 minutes on 2 CPU
 cores)::
@@ -97,6 +100,25 @@ def in_process(store: Path, tag: str, data: bytes, max_tile: int | None = None) 
     return time.perf_counter() - t0
 
 
+def tile_costs(store: Path, tag: str) -> dict[int, float]:
+    """Nanoseconds per pixel of one onnxruntime call on square tiles of each side (~2 M pixels)."""
+    model = OnnxModel(resolve(tag, store))
+    out = {}
+    for side, n in ((256, 32), (512, 8), (768, 4), (1024, 2)):
+        x = np.random.default_rng(0).random((n, 1, side, side), dtype=np.float32)
+        model.run(x)
+        best = min(_timed(model.run, x) for _ in range(2))
+        out[side] = 1e9 * best / x.size
+        print(f"tile {side}: {out[side]:.0f} ns/px", flush=True)
+    return out
+
+
+def _timed(fn: Any, *args: Any) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
 def served(url: str, data: bytes) -> tuple[float, int]:
     t0 = time.perf_counter()
     resp = httpx.post(
@@ -133,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sides", default="8192,4096", help="frame sides to run")
     p.add_argument("--record", action="store_true", help="write the result into docs/benchmarks.md")
+    p.add_argument("--tiles", action="store_true", help="only the model's cost per pixel by tile side")
     args = p.parse_args(argv)
+    if args.tiles:
+        with tempfile.TemporaryDirectory(prefix="nanomorph-bench-large-") as tmp:
+            tile_costs(Path(tmp), build_model(Path(tmp)))
+        return 0
     from tests.fixtures.server import start_server
 
     sides = [int(s) for s in args.sides.split(",")]
