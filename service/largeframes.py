@@ -38,9 +38,10 @@ import numpy as np
 
 from nanomorph.contract import Stitcher, n_tiles, tile_chunks
 
-#: Peak memory of one /segment request per image pixel, measured with the tiny test model on an
-#: 8192 x 8192 frame (decode to float32, normalise, mask, PNG, morphology): ~11 bytes; 16 leaves
-#: headroom. docs/service.md ("Large frames") explains the budget in these terms.
+#: Memory of one /segment request per image pixel that the budget plans with. numpy's share is
+#: measured at ~8 bytes per pixel (tracemalloc peak, tests/nanomorph/test_runtime.py); the rest
+#: (decoder buffers, PNG, morphology) is not traced, hence the headroom. docs/service.md
+#: ("Large frames") explains the budget in these terms.
 BYTES_PER_PIXEL = 16
 #: Share of the machine's memory (or cgroup limit) the default budget may plan for, over all workers.
 MEMORY_SHARE = 0.25

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 TASKS = ("classify", "embed", "segment")
 MIB = 1 << 20
-#: Largest image the service decodes: 8192 x 8192. Segmenting one needs ~11 bytes per pixel at peak
-#: (~0.7 GB), planned as 16 by the pixel budget (service.largeframes, docs/service.md "Large frames").
+#: Largest image the service decodes: 8192 x 8192. Segmenting one is planned at 16 bytes per pixel
+#: (~1 GB) by the pixel budget (service.largeframes, docs/service.md "Large frames").
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
 # name -> (default shown in the docs, one-line description)
