@@ -36,6 +36,9 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/pretrain_step.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/onnx_vs_torch.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/serve_overhead.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/large_frames.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/malloc_trim.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/malloc_trim.py --no-trim
 
 reliability: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m reliability

@@ -321,12 +321,11 @@ class LocalBackend:
         from nanomorph.morphology import measure
         from nanomorph.particles import report as particle_report
 
-        result = self.helper.predict(image)
-        mask = result["mask"]
+        mask, instances = self.helper.mask_and_instances(image)  # bounded memory where it can be
         size, unit = resolve_pixel_size(self.pixel_size, self.pixel_unit, meta.pixel_size, meta.pixel_unit)
         numbers = measure(mask, self.classes, size, unit)
         over = overlay_png(image, self.contract, mask, self.classes, size, unit) if self.overlays else None
-        particles = particle_report(result["instances"], mask, self.classes, size, unit, item.rel)
+        particles = particle_report(instances, mask, self.classes, size, unit, item.rel)
         return segment_outcome(
             item.rel,
             self.model,

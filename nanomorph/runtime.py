@@ -21,13 +21,15 @@ import numpy as np
 
 from nanomorph.contract import (
     FrameTiles,
+    Stitcher,
     aggregate_embeddings,
     aggregate_probabilities,
+    choose_tile,
     frame_tiles,
+    n_tiles,
     normalise,
-    tile,
+    tile_chunks,
     to_model_input,
-    untile,
 )
 from nanomorph.store import StoredModel, load_model_dir
 
@@ -313,10 +315,14 @@ class Classifier:
 class Segmenter:
     """Per-pixel class probabilities of one raw image of any size (sliding window).
 
-    The image is normalised with the model's contract, cut into overlapping tiles of
-    ``contract.tile_size`` (an image smaller than a tile runs as one tile padded only up to a
-    multiple of 32), the tiles run in batches and are stitched back with smooth blending
-    (:func:`nanomorph.contract.untile`).
+    The image is normalised with the model's contract and cut into overlapping tiles (an image
+    smaller than a training tile runs as one tile padded only up to a multiple of 32). The U-Net is
+    fully convolutional, so large frames run on tiles up to the contract's inference tile for the
+    provider in use (``infer_tile_cpu`` / ``infer_tile_cuda``; :func:`nanomorph.contract.choose_tile`
+    picks the side that computes the fewest pixels), a few tiles per onnxruntime call, and each
+    call's predictions are blended into the output at once (:class:`nanomorph.contract.Stitcher`),
+    so memory stays bounded for any frame. The service runs the same plan (:meth:`tile_geometry`,
+    :meth:`tiles_per_call`, ``tile_chunks``, ``Stitcher``) through its batcher.
     """
 
     def __init__(
@@ -324,6 +330,7 @@ class Segmenter:
         model: OnnxModel | StoredModel | str | Path,
         providers: Sequence[str] | None = None,
         batch_size: int = 8,
+        max_tile: int | None = None,
     ) -> None:
         from nanomorph.particles import InstanceParams, semantic_classes
 
@@ -334,6 +341,9 @@ class Segmenter:
         self.model_classes = list(self.model.stored.classes)  # the output channels
         self.classes = semantic_classes(self.model_classes, self.instances)  # what masks hold
         self.batch_size = batch_size
+        self.provider = "cuda" if CUDA in self.model.providers else "cpu"
+        #: largest inference tile side (the contract's for this provider unless overridden)
+        self.max_tile = max(self.contract.tile_size, max_tile or self.contract.infer_tile(self.provider))
 
     def tile_geometry(self, shape: tuple[int, int]) -> tuple[int, int]:
         """``(tile side, overlap)`` for an image of ``shape``."""
@@ -341,21 +351,39 @@ class Segmenter:
         longest = max(shape)
         if longest <= t:
             return max(32, 32 * math.ceil(longest / 32)), 0
-        return t, self.contract.tile_overlap
+        overlap = self.contract.tile_overlap
+        return choose_tile((int(shape[0]), int(shape[1])), t, self.max_tile, overlap), overlap
 
-    def probabilities(self, image: np.ndarray) -> np.ndarray:
-        """Raw 2-D image -> float32 (C, H, W) class probabilities."""
+    def tiles_per_call(self, side: int, batch_size: int | None = None) -> int:
+        """Tiles of ``side`` per onnxruntime call: ``batch_size`` training tiles' worth of pixels."""
+        pixels = (batch_size or self.batch_size) * self.contract.tile_size**2
+        return max(1, pixels // (side * side))
+
+    def _stitch(self, image: np.ndarray, keep_probabilities: bool) -> Stitcher:
         img = np.asarray(image)
         if img.ndim != 2:
             raise ValueError(f"segmentation takes one 2-D image, got shape {img.shape}")
         norm = normalise(img, self.contract)
         side, overlap = self.tile_geometry(norm.shape)
-        tiles, positions, _ = tile(norm, side, overlap)
-        batch = tiles[:, None, :, :].astype(np.float32, copy=False)
-        preds = np.concatenate(
-            [self.model.run(batch[s])["probabilities"] for s in _batches(len(batch), self.batch_size)]
-        )
-        return untile(preds, positions, (norm.shape[0], norm.shape[1]), side)
+        single = n_tiles(norm.shape, side, overlap) == 1
+        stitcher = Stitcher(norm.shape, side, single_tile=single, keep_probabilities=keep_probabilities)
+        for batch, positions in tile_chunks(norm, side, overlap, self.tiles_per_call(side)):
+            stitcher.add(self.model.run(batch)["probabilities"], positions)
+        return stitcher
+
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """Raw 2-D image -> float32 (C, H, W) class probabilities."""
+        _, probs = self._stitch(image, keep_probabilities=True).finish()
+        assert probs is not None
+        return probs
+
+    def mask(self, image: np.ndarray) -> np.ndarray:
+        """Raw 2-D image -> class index mask (H, W), uint8 (uint16 above 256 classes); the
+        probabilities are never held for the whole frame (1 byte per pixel of output)."""
+        if self.instances is not None:  # a rim channel must be folded into its particle class
+            return self.predict(image)["mask"]
+        mask, _ = self._stitch(image, keep_probabilities=False).finish()
+        return mask
 
     def predict(self, image: np.ndarray) -> dict[str, Any]:
         """Raw 2-D image -> ``{"mask": uint8 (H, W) class index into .classes, "instances": int32
@@ -368,5 +396,17 @@ class Segmenter:
         probs = self.probabilities(image)
         mask, instances, _ = segment_probs(probs, self.model_classes, self.instances)
         return {"mask": mask, "instances": instances, "probabilities": probs}
+
+    def mask_and_instances(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(mask, instances)`` as :meth:`predict` gives them, in bounded memory where the model
+        has no boundary channel (the mask streams; instances are its connected components, as
+        :func:`nanomorph.particles.segment_probs` makes them)."""
+        if self.instances is not None:
+            result = self.predict(image)
+            return result["mask"], result["instances"]
+        from nanomorph.particles import connected_instances
+
+        mask = self.mask(image)
+        return mask, connected_instances(mask)
 
     __call__ = predict

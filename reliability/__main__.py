@@ -6,7 +6,9 @@ Runs, in order, against servers it starts itself on 127.0.0.1 with tiny ONNX mod
 1. hostile uploads (:mod:`reliability.hostile`) and schemathesis over ``/docs.json``;
 2. load/soak: ``/classify`` requests at 32 concurrent clients, RSS before/after;
 3. faults: ``kill -9`` of the serving worker under load; a start with a corrupted model file;
-   ``nanomorph pretrain`` and ``nanomorph study`` killed mid-run and resumed.
+   ``nanomorph pretrain`` and ``nanomorph study`` killed mid-run and resumed;
+4. large frames: 8 concurrent 8192 x 8192 ``/segment`` requests (:mod:`reliability.large`), with
+   and without ``malloc_trim``: server errors, peak RSS, RSS after the burst.
 
 Writes ``docs/reliability.md`` (figures, date, mode) and ``reliability.json`` in the work folder,
 and prints the figures. ``--quick`` is the development mode (fewer requests, same checks).
@@ -244,7 +246,71 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool]]:
     for key in ("pretrain_resume", "study_resume"):
         if key in results:
             out.append((f"{key.replace('_', ' ')}: nothing finished lost", bool(results[key]["ok"])))
+    out.extend(large_targets(results))
     return out
+
+
+def large_targets(results: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Targets of the large-frames burst (issue 17); the trim run is the default configuration."""
+    r = (results.get("large") or {}).get("trim")
+    if not r:
+        return []
+    n = f"{r['requests']} concurrent {results['large']['side']}^2 /segment"
+    return [
+        (
+            f"large frames: {n}: 0 responses >= 500, all answered 200",
+            r["server_errors"] == 0 and r["ok"] == r["requests"],
+        ),
+        (
+            "large frames: peak RSS under RSS before + the pixel budget's memory",
+            r["rss_peak_mb"] <= r["rss_before_mb"] + r["budget_mb"],
+        ),
+        (
+            "large frames: RSS after the burst within 10% of before",
+            abs(r["rss_after_vs_before_pct"] or 0) <= 10,
+        ),
+    ]
+
+
+def render_large(results: dict[str, Any], started: str) -> str:
+    """The "## Large frames" section (also rewritten alone by ``--parts large``)."""
+    large = results["large"]
+    L = [f"{LARGE_SECTION}\n"]
+    L.append(
+        f"`python -m reliability --parts large` ({started} UTC, load average {results.get('loadavg_start')} at the "
+        f"start): {large['trim']['requests']} concurrent `POST /segment?format=png` of one {large['side']} x "
+        f"{large['side']} uint16 zlib TIFF ({large['upload_bytes'] / 2**20:.1f} MB), after one warm-up frame, on a "
+        "server with the tiny models (per-pixel segment model: the figures are decoding, tiling, stitching, "
+        "budget and memory, not a network's compute) and the default configuration except "
+        "`NANOMORPH_TIMEOUT_S=3600`. Default pixel budget on this machine: "
+        f"{large['trim']['pixel_budget']} pixels = {large['trim']['frames_in_budget']} such frames at once "
+        f"(~{large['trim']['budget_mb']} MB at 16 bytes per pixel); the rest wait in line. RSS = the "
+        "server's process tree, sampled every 0.25 s.\n"
+    )
+    L.append("| target | met |\n|---|---|")
+    for desc, ok in large_targets(results):
+        L.append(f"| {desc} | {'yes' if ok else '**NO**'} |")
+    L.append("")
+    L.append(
+        "| run | statuses | burst (s) | latencies (s) | RSS before (MB) | peak (MB) | after (MB) | after vs before |"
+    )
+    L.append("|---|---|---|---|---|---|---|---|")
+    for key, label in (
+        ("trim", "malloc_trim after large requests (default)"),
+        ("no_trim", "NANOMORPH_MALLOC_TRIM=0"),
+    ):
+        r = large.get(key)
+        if r:
+            counts = ", ".join(f"{s}: {r['statuses'].count(s)}" for s in sorted(set(r["statuses"])))
+            L.append(
+                f"| {label} | {counts} | {r['seconds']} | {r['latency_s'][0]}-{r['latency_s'][-1]} | "
+                f"{r['rss_before_mb']} | {r['rss_peak_mb']} | {r['rss_after_mb']} | {r['rss_after_vs_before_pct']}% |"
+            )
+    L.append("")
+    return "\n".join(L)
+
+
+LARGE_SECTION = "## Large frames (burst)"
 
 
 def _table(counter: dict[str, int]) -> str:
@@ -376,6 +442,8 @@ def render(results: dict[str, Any], mode: str, started: str, seconds: float) -> 
                 f"duplicates; every pre-kill row present unchanged: {s['pre_kill_rows_kept']}."
             )
         L.append("")
+    if "large" in results:
+        L.append(render_large(results, started))
     L.append("## Bugs this harness found (fixed)\n")
     L.extend(f"- {b}" for b in FOUND)
     L.append("")
@@ -393,13 +461,30 @@ def render(results: dict[str, Any], mode: str, started: str, seconds: float) -> 
     return "\n".join(L)
 
 
+def _replace_section(doc: str, heading: str, section: str) -> str:
+    """``doc`` with the section under ``heading`` replaced (or inserted before the bugs list)."""
+    if heading in doc:
+        head, rest = doc.split(heading, 1)
+        nxt = rest.find("\n## ")
+        return head + section + (rest[nxt + 1 :] if nxt >= 0 else "")
+    anchor = "## Bugs this harness found"
+    if anchor in doc:
+        head, rest = doc.split(anchor, 1)
+        return head + section + "\n" + anchor + rest
+    return doc.rstrip("\n") + "\n\n" + section
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reliability", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="development mode: fewer requests")
     parser.add_argument(
         "--parts",
-        default="fuzz,load,faults,training",
-        help="comma list of fuzz, load, faults, training (default all)",
+        default="fuzz,load,faults,training,large",
+        help="comma list of fuzz, load, faults, training, large (default all); 'large' alone rewrites only "
+        "its section of the report",
+    )
+    parser.add_argument(
+        "--large-runs", default="trim,no_trim", help="large frames: trim (default config), no_trim, or both"
     )
     parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "reliability.md"), help="markdown report")
     parser.add_argument("--workdir", default=None, help="scratch folder to keep (default: a temporary one)")
@@ -414,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 1 if any(not ok for _, ok in targets(saved)) else 0
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    unknown = parts - {"fuzz", "load", "faults", "training"}
+    unknown = parts - {"fuzz", "load", "faults", "training", "large"}
     if unknown:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -433,14 +518,30 @@ def main(argv: list[str] | None = None) -> int:
             _server_faults(work, results)
         if "training" in parts:
             _training_faults(work, results)
+        if "large" in parts:
+            from reliability.large import run_large
+
+            _say("large frames: 8 concurrent 8192^2 /segment, with and without malloc_trim")
+            results["large"] = run_large(work, runs=tuple(args.large_runs.split(",")))
+            for key in args.large_runs.split(","):
+                r = results["large"][key]
+                _say(
+                    f"  {key}: statuses {r['statuses']}, RSS {r['rss_before_mb']} -> peak {r['rss_peak_mb']} -> "
+                    f"{r['rss_after_mb']} MB"
+                )
     finally:
         seconds = time.monotonic() - t0
         results["seconds"] = round(seconds, 1)
         results["loadavg_end"] = _loadavg()
         (work / "reliability.json").write_text(json.dumps(results, indent=1, default=str))
-        text = render(results, mode, started, seconds)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        if parts == {"large"} and out.exists():  # only its own section (none if it failed)
+            section = render_large(results, started) if "large" in results else ""
+            text = _replace_section(out.read_text(), LARGE_SECTION, section) if section else out.read_text()
+        else:
+            text = render(results, mode, started, seconds)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
         print(text)
         _say(f"wrote {args.out} and {work / 'reliability.json'}")
         if not args.workdir:

@@ -12,7 +12,9 @@ serialises numpy arrays as JSON lists: measured here at ~46 ms per 224x224 float
 times the ResNet-18 inference itself. The batcher keeps the arrays in memory. Like BentoML's
 dispatcher it sheds load by latency: a request still queued after ``max_latency_ms`` gets a 503
 (:class:`Overloaded`); unlike it, it never sheds on a *predicted* latency, so the default (60 s)
-never rejects a request a client is still waiting for.
+never rejects a request a client is still waiting for. Only a request's first call can be shed:
+the later calls of a large frame (``submit(..., shed=False)``) wait for as long as they need, so a
+request that has started is never refused because its own tiles queued behind each other.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Overloaded(RuntimeError):
 class _Job:
     data: np.ndarray
     future: asyncio.Future[Any]
+    shed: bool = True
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -51,6 +54,9 @@ class Batcher:
         batch_wait_ms: after the first request of an idle spell, wait this long for others to join
             its batch (0: run at once; batches still form while a call is running).
         name: thread name (for logs).
+        max_elements: most array elements per call (0: no limit besides ``max_batch_size``): the
+            segment batcher's items are tiles of varying sides, so concurrent large frames must not
+            add up to one huge call (its activations would grow onnxruntime's arena to match).
     """
 
     def __init__(
@@ -60,29 +66,33 @@ class Batcher:
         max_latency_ms: int = 60000,
         batch_wait_ms: float = 0.0,
         name: str = "batcher",
+        max_elements: int = 0,
     ) -> None:
         self.fn = fn
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_latency = max_latency_ms / 1000.0
         self.batch_wait = max(0.0, batch_wait_ms / 1000.0)
+        self.max_elements = max(0, int(max_elements))
         self._queue: deque[_Job] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, data: np.ndarray) -> list[Any]:
-        """Runs ``fn`` on ``data`` (batch axis first) batched with other callers; returns its N results."""
+    async def submit(self, data: np.ndarray, shed: bool = True) -> list[Any]:
+        """Runs ``fn`` on ``data`` (batch axis first) batched with other callers; returns its N results.
+
+        ``shed=False``: never refused for waiting (a later call of a request already running)."""
         if len(data) == 0:
             return []
         if len(data) > self.max_batch_size:
             parts = [data[i : i + self.max_batch_size] for i in range(0, len(data), self.max_batch_size)]
-            chunks = await asyncio.gather(*(self.submit(p) for p in parts))
+            chunks = await asyncio.gather(*(self.submit(p, shed) for p in parts))
             return [r for chunk in chunks for r in chunk]
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._run())
-        job = _Job(data, loop.create_future())
+        job = _Job(data, loop.create_future(), shed)
         self._queue.append(job)
         assert self._wake is not None
         self._wake.set()
@@ -92,13 +102,13 @@ class Batcher:
     def _take(self) -> list[_Job]:
         now = time.monotonic()
         jobs: list[_Job] = []
-        size = 0
+        size = elements = 0
         while self._queue:
             job = self._queue[0]
             if job.future.done():  # the client went away
                 self._queue.popleft()
                 continue
-            if now - job.enqueued > self.max_latency:
+            if job.shed and now - job.enqueued > self.max_latency:
                 self._queue.popleft()
                 job.future.set_exception(
                     Overloaded(
@@ -108,6 +118,8 @@ class Batcher:
                 continue
             if jobs and size + len(job.data) > self.max_batch_size:
                 break
+            if jobs and self.max_elements and elements + job.data.size > self.max_elements:
+                break
             if jobs and job.data.shape[1:] != jobs[0].data.shape[1:]:
                 # Arrays of another item shape (e.g. a small image's 32x32 segmentation tile
                 # next to 64x64 tiles) cannot share one np.concatenate: next batch.
@@ -115,6 +127,7 @@ class Batcher:
             self._queue.popleft()
             jobs.append(job)
             size += len(job.data)
+            elements += job.data.size
         return jobs
 
     async def _run(self) -> None:

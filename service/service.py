@@ -45,17 +45,18 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanomorph.contract import ImageMeta, normalise, tile, untile
+from nanomorph.contract import ImageMeta, normalise, peek_shape
 from nanomorph.contract.frames import nm_per_px
 from nanomorph.index import SimilarityIndex
 from nanomorph.morphology import mask_to_png_bytes, measure
+from nanomorph.particles import connected_instances, segment_probs
 from nanomorph.particles import report as particle_report
-from nanomorph.particles import segment_probs
 from nanomorph.runtime import Classifier, Embedder, OnnxModel, Segmenter
 from nanomorph.store import StoredModel, resolve
 from service import metrics
 from service.batching import Batcher, Overloaded
 from service.guard import GuardError, GuardMiddleware, decode_upload
+from service.largeframes import Busy, PixelBudget, segment_tiles, trim_memory
 from service.settings import TASKS, Settings
 from service.webui import install as install_web_page
 
@@ -64,6 +65,8 @@ from service.webui import install as install_web_page
 log = logging.getLogger("bentoml.nanomorph")
 
 SETTINGS = Settings.from_env()
+#: Frames at least this large (pixels) hand freed memory back to the system when they finish.
+LARGE_FRAME = 2048 * 2048
 
 # ------------------------------------------------------------------------------------------ schemas
 
@@ -75,7 +78,8 @@ class ErrorResponse(BaseModel):
     reason: str = Field(
         description="machine-readable code: empty, undecodable, corrupt, unsupported_format, too_large, "
         "too_many_pixels, too_many_files, request_too_large, unsupported_media_type, missing_field, "
-        "invalid_field, non_finite, dimensions, unauthorized, model_unavailable, index_unavailable, overloaded"
+        "invalid_field, non_finite, dimensions, unauthorized, model_unavailable, index_unavailable, overloaded, "
+        "over_budget, busy"
     )
 
 
@@ -187,6 +191,12 @@ class ModelInfo(BaseModel):
     sha256: str | None = Field(default=None, description="sha256 of model.onnx, verified at load")
     metrics: dict[str, Any] = Field(default_factory=dict, description="evaluation metrics recorded at export")
     ood_threshold: float | None = Field(default=None, description="classify: the OOD flag threshold")
+    precision: str | None = Field(
+        default=None, description="weights served: fp32, or int8 when export kept a quantised model"
+    )
+    inference_tile: int | None = Field(
+        default=None, description="segment: largest inference tile side (px) on the providers in use"
+    )
 
 
 class ModelsResponse(BaseModel):
@@ -195,7 +205,9 @@ class ModelsResponse(BaseModel):
     max_batch_size: int
     max_latency_ms: int
     batch_wait_ms: float
-    limits: dict[str, int] = Field(description="max_upload_bytes, max_request_bytes, max_files, max_pixels")
+    limits: dict[str, int] = Field(
+        description="max_upload_bytes, max_request_bytes, max_files, max_pixels, pixel_budget, pixel_queue"
+    )
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -203,10 +215,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, desc in {
         400: "empty or undecodable upload",
         401: "missing or wrong bearer token (when NANOMORPH_API_TOKENS is set)",
-        413: "upload, request or image too large",
+        413: "upload, request or image too large; /segment frame over the pixel budget",
         415: "unsupported image format or request media type",
         422: "missing or invalid form field",
-        503: "the task's model is not loaded, or the server is overloaded",
+        503: "the task's model is not loaded, the server is overloaded, or the pixel budget's queue is full",
     }.items()
 }
 
@@ -244,7 +256,14 @@ class ModelSlot:
             sha256=(stored.manifest.get("files") or {}).get("model.onnx") if stored else None,
             metrics=stored.metrics if stored else {},
             ood_threshold=float(ood["threshold"]) if "threshold" in ood else None,
+            precision=_precision(stored) if stored else None,
+            inference_tile=getattr(self.helper, "max_tile", None) if self.task == "segment" else None,
         )
+
+
+def _precision(stored: StoredModel) -> str:
+    quant = stored.manifest.get("quantization") or {}
+    return "int8" if isinstance(quant, dict) and quant.get("kept") else "fp32"
 
 
 def _model_input(stored: StoredModel, task: str) -> np.ndarray:
@@ -279,6 +298,16 @@ async def _guard_error(request: Request, exc: GuardError) -> JSONResponse:
 async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
     metrics.record_rejection(request.url.path, "overloaded")
     return _error(503, "overloaded", str(exc))
+
+
+@app.exception_handler(Busy)
+async def _busy(request: Request, exc: Busy) -> JSONResponse:
+    metrics.record_rejection(request.url.path, "busy")
+    return JSONResponse(
+        {"error": str(exc), "reason": "busy"},
+        status_code=503,
+        headers={"Retry-After": str(exc.retry_after_s)},
+    )
 
 
 _HTTP_REASONS = {400: "malformed_request", 404: "not_found", 405: "method_not_allowed"}
@@ -332,6 +361,8 @@ class Nanomorph:
         self.index_error = (
             "no index configured: set NANOMORPH_INDEX to a folder made by `nanomorph index build`"
         )
+        # /segment pixels in flight (service.largeframes): bounds the memory of large frames.
+        self.pixels = PixelBudget(self.settings.pixel_budget, self.settings.pixel_queue)
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._loader = threading.Thread(target=self._load_models, name="nanomorph-loader", daemon=True)
@@ -351,14 +382,22 @@ class Nanomorph:
         elif slot.task == "embed":
             helper, fn = Embedder(onnx), self.embed_batch
         else:
-            helper, fn = Segmenter(onnx), self.segment_batch
+            helper, fn = Segmenter(onnx, max_tile=s.segment_tile or None), self.segment_batch
         slot.stored, slot.onnx, slot.helper = stored, onnx, helper
         if s.warmup:
             t0 = time.perf_counter()
             onnx.run(_model_input(stored, slot.task))
             log.info("%s: warm-up %.0f ms", slot.task, 1000 * (time.perf_counter() - t0))
+        # Segment calls hold at most max_batch_size training tiles' worth of pixels, however large
+        # the inference tiles and however many frames are in flight.
+        elements = s.max_batch_size * stored.contract.tile_size**2 if slot.task == "segment" else 0
         slot.batcher = Batcher(
-            fn, s.max_batch_size, s.max_latency_ms, s.batch_wait_ms, name=f"nanomorph-{slot.task}"
+            fn,
+            s.max_batch_size,
+            s.max_latency_ms,
+            s.batch_wait_ms,
+            name=f"nanomorph-{slot.task}",
+            max_elements=elements,
         )
         slot.error = None
         sha = (stored.manifest.get("files") or {}).get("model.onnx", "")
@@ -465,6 +504,54 @@ class Nanomorph:
         out: np.ndarray = self.slots["segment"].onnx.run(tiles)["probabilities"]  # type: ignore[union-attr]
         self._observe("segment", len(tiles), time.perf_counter() - t0)
         return out
+
+    # ------------------------------------------------------------------- large frames
+
+    def _frame_pixels(self, data: bytes, name: str) -> int:
+        """Pixels of the uploaded frame, from its header; a bad or over-limit upload raises its
+        usual 4xx here (decode_upload), before any budget is taken."""
+        try:
+            h, w = peek_shape(data, name=name)
+        except Exception:
+            h, w = 0, 0
+        if h * w == 0 or h * w > self.settings.max_pixels:
+            image, _ = decode_upload(data, name, self.settings)  # raises the precise refusal
+            h, w = image.shape[:2]
+        return int(h * w)
+
+    async def _segment_frame(
+        self, slot: ModelSlot, data: bytes, name: str, with_instances: bool
+    ) -> tuple[ImageMeta, np.ndarray, np.ndarray | None, bytes]:
+        """Decodes, normalises and segments one frame tile chunk by tile chunk (service.largeframes).
+
+        Returns ``(meta, mask, instances or None, mask PNG)``, post-processed exactly as
+        :meth:`nanomorph.runtime.Segmenter.mask_and_instances`: a boundary-aware model keeps its
+        probabilities for the watershed; otherwise the mask streams and instances, when asked
+        for, are its connected components."""
+        seg: Segmenter = slot.helper
+        batcher = slot.batcher
+        assert batcher is not None
+
+        def prepare() -> tuple[ImageMeta, np.ndarray]:
+            image, meta = decode_upload(data, name, self.settings)
+            return meta, normalise(image, seg.contract)  # the raw frame is freed on return
+
+        meta, norm = await asyncio.to_thread(prepare)
+        side, overlap = seg.tile_geometry(norm.shape)
+        per_call = seg.tiles_per_call(side, self.settings.max_batch_size)
+        boundary = seg.instances is not None
+        mask, probs = await segment_tiles(norm, side, overlap, per_call, batcher.submit, boundary)
+        del norm
+
+        def finish() -> tuple[np.ndarray, np.ndarray | None, bytes]:
+            if boundary:
+                assert probs is not None
+                folded, ids, _ = segment_probs(probs, seg.model_classes, seg.instances)
+                return folded, ids, mask_to_png_bytes(folded)
+            return mask, connected_instances(mask) if with_instances else None, mask_to_png_bytes(mask)
+
+        folded, instances, png = await asyncio.to_thread(finish)
+        return meta, folded, instances, png
 
     # ------------------------------------------------------------------- upload handling
 
@@ -621,31 +708,39 @@ class Nanomorph:
     ) -> Any:
         """Class mask, legend and morphology numbers (area fractions, domain sizes, wire length/width/orientation)."""
         slot = self._slot("segment")
+        data, name = await self._read_upload(image)
+        pixels = await asyncio.to_thread(self._frame_pixels, data, name)
+        budget = self.pixels.budget
+        if pixels > budget:
+            raise GuardError(
+                413,
+                "over_budget",
+                f"{name}: {pixels} pixels is over the compute budget of {budget} pixels per request "
+                "(NANOMORPH_PIXEL_BUDGET)",
+            )
         seg: Segmenter = slot.helper
-        ((name, meta, norm),) = await self._decode([image], lambda im: normalise(im, seg.contract))
-        side, overlap = seg.tile_geometry(norm.shape)
-        tiles, positions, _ = await asyncio.to_thread(tile, norm, side, overlap)
-        preds = await slot.batcher.submit(tiles[:, None].astype(np.float32, copy=False))  # type: ignore[union-attr]
+        try:
+            async with self.pixels.hold(pixels):  # waits in line; 503 busy when the line is full
+                meta, mask, instances, png = await self._segment_frame(slot, data, name, particles)
+                size = pixel_size if pixel_size is not None else meta.pixel_size
+                unit = pixel_unit or (meta.pixel_unit if pixel_size is None else None) or "nm"
+                numbers: dict[str, Any] = {}
+                rows: list[dict[str, Any]] | None = None
+                summary: dict[str, Any] | None = None
+                if format != "png":  # morphology of a large mask needs memory too: inside the budget
+                    numbers = await asyncio.to_thread(measure, mask, seg.classes, size, unit)
+                    if particles and instances is not None:
+                        rows, summary = await asyncio.to_thread(
+                            particle_report, instances, mask, seg.classes, size, unit, name
+                        )
+        finally:
+            if self.settings.malloc_trim and pixels >= LARGE_FRAME and self.pixels.in_use == 0:
+                await asyncio.to_thread(trim_memory)  # give the frame's buffers back (docs/service.md)
         tag = slot.stored.tag  # type: ignore[union-attr]
-
-        def finish() -> tuple[np.ndarray, np.ndarray, bytes]:
-            probs = untile(np.stack(preds), positions, (norm.shape[0], norm.shape[1]), side)
-            mask, instances, _ = segment_probs(probs, seg.model_classes, seg.instances)
-            return mask, instances, mask_to_png_bytes(mask)
-
-        mask, instances, png = await asyncio.to_thread(finish)
         metrics.IMAGES.labels(endpoint="segment").inc()
         headers = {"X-Nanomorph-Model": tag}
         if format == "png":
             return Response(content=png, media_type="image/png", headers=headers)
-        size = pixel_size if pixel_size is not None else meta.pixel_size
-        unit = pixel_unit or (meta.pixel_unit if pixel_size is None else None) or "nm"
-        numbers = await asyncio.to_thread(measure, mask, seg.classes, size, unit)
-        rows, summary = (
-            await asyncio.to_thread(particle_report, instances, mask, seg.classes, size, unit, name)
-            if particles
-            else (None, None)
-        )
         body = SegmentResponse(
             model=tag,
             filename=name,
@@ -710,6 +805,8 @@ class Nanomorph:
                 "max_request_bytes": s.max_request_bytes,
                 "max_files": s.max_files,
                 "max_pixels": s.max_pixels,
+                "pixel_budget": s.pixel_budget,
+                "pixel_queue": s.pixel_queue,
             },
         )
 

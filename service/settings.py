@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 TASKS = ("classify", "embed", "segment")
 MIB = 1 << 20
-#: Largest image the service decodes: 8192 x 8192. Segmenting one needs about (classes + 4) x 4 bytes
-#: per pixel at peak (~1.6 GB for 2 classes), which a worker must survive.
+#: Largest image the service decodes: 8192 x 8192. Segmenting one is planned at 16 bytes per pixel
+#: (~1 GB) by the pixel budget (service.largeframes, docs/service.md "Large frames").
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
 # name -> (default shown in the docs, one-line description)
@@ -34,11 +34,30 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "NANOMORPH_WARMUP": ("1", "run every model once on a dummy batch before reporting ready"),
     "NANOMORPH_MAX_BATCH_SIZE": ("32", "most images (or tiles) per onnxruntime call"),
     "NANOMORPH_BATCH_WAIT_MS": ("0", "extra wait for a batch to fill when the model is idle (ms)"),
-    "NANOMORPH_MAX_LATENCY_MS": ("60000", "a request queued longer than this gets 503 (load shedding)"),
+    "NANOMORPH_MAX_LATENCY_MS": (
+        "60000",
+        "a request whose first model call is queued longer than this gets 503 (load shedding)",
+    ),
     "NANOMORPH_MAX_UPLOAD_MB": ("64", "largest single uploaded file (MiB)"),
     "NANOMORPH_MAX_REQUEST_MB": ("256", "largest request body (MiB), checked from Content-Length"),
     "NANOMORPH_MAX_FILES": ("64", "most files per /classify or /embed request"),
     "NANOMORPH_MAX_PIXELS": ("67108864 (8192^2)", "largest image (height x width), read from the header"),
+    "NANOMORPH_PIXEL_BUDGET": (
+        "25% of memory / workers / 16 B, >= NANOMORPH_MAX_PIXELS",
+        "/segment pixels in flight per worker; larger requests get 413 over_budget, others queue",
+    ),
+    "NANOMORPH_PIXEL_QUEUE": (
+        "16",
+        "requests that may wait for the pixel budget; beyond: 503 busy + Retry-After",
+    ),
+    "NANOMORPH_SEGMENT_TILE": (
+        "from the model's contract",
+        "largest segmentation inference tile (px, multiple of 32); default infer_tile_cpu/_cuda",
+    ),
+    "NANOMORPH_MALLOC_TRIM": (
+        "1",
+        "return freed memory to the system (glibc malloc_trim) after large requests",
+    ),
     "NANOMORPH_API_TOKENS": ("(unset: no auth)", "comma-separated bearer tokens for inference and /models"),
     "NANOMORPH_PROTECT_METRICS": ("0", "1: /metrics needs a token too"),
     "NANOMORPH_WORKERS": ("1", "BentoML worker processes (each loads every model)"),
@@ -88,6 +107,12 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in env.get(name, "").split(",") if p.strip())
 
 
+def _default_budget(max_pixels: int, workers: int) -> int:
+    from service.largeframes import default_pixel_budget
+
+    return default_pixel_budget(max_pixels, workers)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The service's configuration (see :data:`ENV_VARS` and docs/service.md)."""
@@ -106,6 +131,10 @@ class Settings:
     max_request_bytes: int = 256 * MIB
     max_files: int = 64
     max_pixels: int = DEFAULT_MAX_PIXELS
+    pixel_budget: int = DEFAULT_MAX_PIXELS
+    pixel_queue: int = 16
+    segment_tile: int = 0
+    malloc_trim: bool = True
     api_tokens: tuple[str, ...] = ()
     protect_metrics: bool = False
     workers: int = 1
@@ -134,6 +163,11 @@ class Settings:
             raise ValueError(
                 f"NANOMORPH_REQUIRE_MODELS names {', '.join(unknown)}; tasks are {', '.join(TASKS)}"
             )
+        workers = _int(env, "NANOMORPH_WORKERS", 1, minimum=1)
+        max_pixels = _int(env, "NANOMORPH_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1)
+        segment_tile = _int(env, "NANOMORPH_SEGMENT_TILE", 0)
+        if segment_tile % 32:
+            raise ValueError(f"NANOMORPH_SEGMENT_TILE={segment_tile} must be a multiple of 32")
         return cls(
             store=env.get("NANOMORPH_STORE", "").strip() or "bentoml",
             models=models,
@@ -148,9 +182,13 @@ class Settings:
             max_upload_bytes=int(_float(env, "NANOMORPH_MAX_UPLOAD_MB", 64.0, minimum=0.0) * MIB),
             max_request_bytes=int(_float(env, "NANOMORPH_MAX_REQUEST_MB", 256.0, minimum=0.0) * MIB),
             max_files=_int(env, "NANOMORPH_MAX_FILES", 64, minimum=1),
-            max_pixels=_int(env, "NANOMORPH_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),
+            max_pixels=max_pixels,
+            pixel_budget=_int(env, "NANOMORPH_PIXEL_BUDGET", 0) or _default_budget(max_pixels, workers),
+            pixel_queue=_int(env, "NANOMORPH_PIXEL_QUEUE", 16),
+            segment_tile=segment_tile,
+            malloc_trim=_bool(env, "NANOMORPH_MALLOC_TRIM", True),
             api_tokens=_list(env, "NANOMORPH_API_TOKENS"),
             protect_metrics=_bool(env, "NANOMORPH_PROTECT_METRICS", False),
-            workers=_int(env, "NANOMORPH_WORKERS", 1, minimum=1),
+            workers=workers,
             timeout_s=_int(env, "NANOMORPH_TIMEOUT_S", 300, minimum=1),
         )

@@ -320,7 +320,8 @@ def load_segmenter_job(path: str | Path, data: str | Path | None = None) -> Expo
         task="segment",
         net=SegmentNet(unet),
         outputs=["probabilities"],
-        contract=_contract(meta, weights),
+        # Inference tiles per provider (fully convolutional: larger than the training tile).
+        contract=_contract(meta, weights).with_infer_tiles(),
         run_dir=run_dir,
         weights=weights,
         classes=[str(c) for c in classes],

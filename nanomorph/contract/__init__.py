@@ -31,11 +31,21 @@ from nanomorph.contract.io import (
     peek_shape,
     read_image,
 )
-from nanomorph.contract.tiling import blend_window, tile, tile_positions, untile
-from nanomorph.contract.transform import Contract, normalise, resize, to_model_input
+from nanomorph.contract.tiling import (
+    Stitcher,
+    blend_window,
+    choose_tile,
+    n_tiles,
+    tile,
+    tile_chunks,
+    tile_positions,
+    untile,
+)
+from nanomorph.contract.transform import DEFAULT_INFER_TILE, Contract, normalise, resize, to_model_input
 
 __all__ = [
     "COMPANION_SUFFIXES",
+    "DEFAULT_INFER_TILE",
     "DEFAULT_MAX_PIXELS",
     "SUPPORTED_SUFFIXES",
     "Contract",
@@ -47,6 +57,7 @@ __all__ = [
     "ImageReadError",
     "ImageTooLargeError",
     "NonFiniteImageError",
+    "Stitcher",
     "UnsupportedFormatError",
     "aggregate_embeddings",
     "aggregate_probabilities",
@@ -55,13 +66,16 @@ __all__ = [
     "is_companion",
     "is_supported",
     "list_files",
+    "choose_tile",
     "list_images",
+    "n_tiles",
     "normalise",
     "peek_shape",
     "read_image",
     "resize",
     "tile",
     "tile_geometry",
+    "tile_chunks",
     "tile_positions",
     "to_model_input",
     "untile",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,12 @@ from PIL import Image
 
 CONTRACT_VERSION = 1
 CLS_AGGREGATES = ("mean",)
+
+#: Segmentation inference tile per provider when a model's contract records none (0). Measured on
+#: the default U-Net (resnet18) on 2 CPU cores: ~1.2 us/px on 256 px tiles, ~1.0 on 512-1024, so
+#: the gain is in recomputing less overlap; 768 keeps one call's activations modest. A GPU wants
+#: large calls. See docs/benchmarks.md (large frames).
+DEFAULT_INFER_TILE = {"cpu": 768, "cuda": 1024}
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,10 @@ class Contract:
         cls_aggregate: how tile probabilities make the frame's (``mean``).
         cls_min_std: tiles whose normalised intensity std is below this carry no structure and
             are left out of training and of the frame's aggregate (0 = every tile counts).
+        infer_tile_cpu: largest tile side ``segment`` inference uses on the CPU provider (0: not
+            recorded, :data:`DEFAULT_INFER_TILE`). The U-Net is fully convolutional, so inference tiles may be
+            larger than training tiles: less of each frame is recomputed in overlaps.
+        infer_tile_cuda: the same on CUDA (a GPU wants larger calls).
     """
 
     in_chans: int = 1
@@ -52,6 +62,8 @@ class Contract:
     cls_pixel_size: float = 0.0
     cls_aggregate: str = "mean"
     cls_min_std: float = 0.0
+    infer_tile_cpu: int = 0
+    infer_tile_cuda: int = 0
     version: int = CONTRACT_VERSION
 
     def __post_init__(self) -> None:
@@ -75,6 +87,10 @@ class Contract:
             raise ValueError(f"cls_aggregate must be one of {CLS_AGGREGATES}, got {self.cls_aggregate!r}")
         if not 0.0 <= self.cls_min_std < 1.0:
             raise ValueError(f"cls_min_std must be in [0, 1), got {self.cls_min_std}")
+        for name in ("infer_tile_cpu", "infer_tile_cuda"):
+            side = getattr(self, name)
+            if side and (side % 32 or side < self.tile_size):
+                raise ValueError(f"{name} must be 0 or a multiple of 32 >= tile_size, got {side}")
 
     @property
     def cls_tiling(self) -> bool:
@@ -86,8 +102,27 @@ class Contract:
         """Native pixels per model pixel of a classification tile (0 without tiling)."""
         return self.cls_tile / self.image_size if self.cls_tile else 0.0
 
+    def infer_tile(self, provider: str) -> int:
+        """Largest segmentation inference tile on ``provider`` ("cpu" or "cuda"): the recorded one,
+        else :data:`DEFAULT_INFER_TILE` (never below the training tile)."""
+        side = self.infer_tile_cuda if provider == "cuda" else self.infer_tile_cpu
+        return max(self.tile_size, side or DEFAULT_INFER_TILE["cuda" if provider == "cuda" else "cpu"])
+
+    def with_infer_tiles(self) -> Contract:
+        """This contract with both inference tiles recorded (what export writes into the model)."""
+        return replace(
+            self,
+            infer_tile_cpu=self.infer_tile("cpu"),
+            infer_tile_cuda=self.infer_tile("cuda"),
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        # Unrecorded inference tiles stay out, so such contracts read as before in older versions.
+        for name in ("infer_tile_cpu", "infer_tile_cuda"):
+            if not data[name]:
+                del data[name]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -99,3 +99,38 @@ def test_task_mismatch(store: tuple[Path, dict[str, str]]) -> None:
         Segmenter(resolve(tags["classify"], root))
     with pytest.raises(ValueError, match="not classify"):
         Classifier(resolve(tags["embed"], root))
+
+
+def test_segmenter_large_tiles_and_mask_only_path_agree(store: tuple[Path, dict[str, str]]) -> None:
+    root, tags = store
+    stored = resolve(tags["segment"], root)
+    img = np.random.default_rng(0).normal(100.0, 20.0, (700, 530)).astype(np.float32)
+    img[:, 200:230] += 200.0  # a bright "wire"
+    small = Segmenter(stored, max_tile=64)  # the training tile: 64 px
+    large = Segmenter(stored)  # the contract's CPU inference tile
+    assert small.tile_geometry(img.shape)[0] == 64
+    side, overlap = large.tile_geometry(img.shape)
+    assert side > 64 and side % 32 == 0 and overlap == stored.contract.tile_overlap
+    ref = small.predict(img)
+    # The tiny model is per-pixel, so any tiling must give the same mask and probabilities.
+    np.testing.assert_array_equal(large.mask(img), ref["mask"])
+    np.testing.assert_allclose(large.probabilities(img), ref["probabilities"], atol=1e-5)
+    np.testing.assert_array_equal(small.mask(img), ref["mask"])
+
+
+def test_segmenter_mask_memory_is_bounded(store: tuple[Path, dict[str, str]]) -> None:
+    """Predictions are blended as they arrive: no stack of tile probabilities, no full-frame
+    float64 accumulator (~60 bytes per pixel before). numpy's allocations are traced by tracemalloc."""
+    import tracemalloc
+
+    root, tags = store
+    seg = Segmenter(resolve(tags["segment"], root), max_tile=64)
+    img = np.random.default_rng(1).random((1536, 1536), dtype=np.float32)
+    tracemalloc.start()
+    try:
+        seg.mask(img)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    per_pixel = peak / img.size
+    assert per_pixel < 16, f"peak {per_pixel:.1f} bytes per pixel"

@@ -133,3 +133,32 @@ def test_killed_worker_recovers(server: Server) -> None:
     assert report.served_after
     # Only requests in flight or sent while no worker listened may fail; the rest succeeded.
     assert report.load["ok"] > 0 and report.failed_during == report.load["failed"]
+
+
+def test_large_frames_section_renders_and_replaces_only_itself() -> None:
+    from reliability.__main__ import LARGE_SECTION, _replace_section, large_targets, render_large
+
+    run = {
+        "requests": 8,
+        "statuses": [200] * 8,
+        "server_errors": 0,
+        "ok": 8,
+        "seconds": 1.0,
+        "latency_s": [0.5, 1.0],
+        "rss_before_mb": 1000,
+        "rss_peak_mb": 2000,
+        "rss_after_mb": 1050,
+        "rss_after_vs_before_pct": 5.0,
+        "pixel_budget": 4 * 8192**2,
+        "budget_mb": 4096,
+        "frames_in_budget": 4,
+    }
+    results = {"large": {"side": 8192, "upload_bytes": 1 << 20, "trim": run, "no_trim": run}}
+    assert [ok for _, ok in large_targets(results)] == [True, True, True]
+    section = render_large(results, "2026-11-30 03:00")
+    doc = "# R\n\n## A\n\nkeep\n\n" + LARGE_SECTION + "\n\nold\n\n## Bugs this harness found (fixed)\n\nx\n"
+    new = _replace_section(doc, LARGE_SECTION, section)
+    assert "old" not in new and "keep" in new and new.count(LARGE_SECTION) == 1 and "## Bugs" in new
+    assert LARGE_SECTION in _replace_section(
+        "# R\n\n## Bugs this harness found (fixed)\n", LARGE_SECTION, section
+    )

@@ -144,7 +144,11 @@ def test_export_cli_all_three(runs: dict[str, Path]) -> None:
 
     for task, tag in tags.items():
         model = resolve(tag, store)
-        assert model.task == task and model.contract == CONTRACT
+        # Segment models also record their inference tiles per provider (larger than the training tile).
+        expected = CONTRACT.with_infer_tiles() if task == "segment" else CONTRACT
+        assert model.task == task and model.contract == expected
+        if task == "segment":
+            assert model.contract.infer_tile_cpu > CONTRACT.tile_size and model.contract.infer_tile_cuda
         # One self-contained file, opset >= 17, dynamic batch axis, the contract inside.
         assert sorted(p.name for p in model.path.iterdir()) == ["README.md", "manifest.json", "model.onnx"]
         proto = onnx.load(str(model.onnx_path))

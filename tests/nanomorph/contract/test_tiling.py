@@ -7,7 +7,16 @@ import time
 import numpy as np
 import pytest
 
-from nanomorph.contract import blend_window, tile, tile_positions, untile
+from nanomorph.contract import (
+    Stitcher,
+    blend_window,
+    choose_tile,
+    n_tiles,
+    tile,
+    tile_chunks,
+    tile_positions,
+    untile,
+)
 
 RNG = np.random.default_rng(2)
 
@@ -90,3 +99,50 @@ def test_bad_arguments_are_value_errors() -> None:
         untile(tiles[:-1, None], positions, (100, 100), 64)
     with pytest.raises(ValueError, match="untile expects"):
         untile(tiles, positions, (100, 100), 64)
+
+
+@pytest.mark.parametrize(
+    ("shape", "tile_size", "overlap", "per_call"), [((300, 257), 64, 16, 5), ((97, 500), 96, 40, 1)]
+)
+def test_streaming_stitcher_equals_untile_chunk_by_chunk(
+    shape: tuple[int, int], tile_size: int, overlap: int, per_call: int
+) -> None:
+    img = RNG.random(shape).astype(np.float32)
+    tiles, positions, _ = tile(img, tile_size, overlap)
+    two = np.stack([tiles, 1.0 - tiles], axis=1)
+    expected = untile(two, positions, shape, tile_size)
+    stitcher = Stitcher(shape, tile_size, keep_probabilities=True)
+    seen = 0
+    for batch, pos in tile_chunks(img, tile_size, overlap, per_call):
+        assert len(pos) <= per_call and batch.shape[1:] == (1, tile_size, tile_size)
+        np.testing.assert_array_equal(batch[:, 0], tiles[seen : seen + len(pos)])  # same tiles, same order
+        stitcher.add(np.concatenate([batch, 1.0 - batch], axis=1), pos)
+        seen += len(pos)
+    assert seen == len(positions) == n_tiles(shape, tile_size, overlap)
+    mask, probs = stitcher.finish()
+    np.testing.assert_array_equal(probs, expected)
+    np.testing.assert_array_equal(mask, np.argmax(expected, axis=0))
+    # Only one band of tile rows is ever accumulated, whatever the frame's height.
+    assert stitcher._weight.shape == (tile_size, max(shape[1], tile_size))
+
+
+def test_stitcher_refuses_tiles_out_of_order() -> None:
+    stitcher = Stitcher((200, 64), 64)
+    stitcher.add(np.zeros((2, 2, 64, 64), np.float32), [(0, 0), (48, 0)])
+    with pytest.raises(ValueError, match="out of order"):
+        stitcher.add(np.zeros((1, 2, 64, 64), np.float32), [(0, 0)])
+    with pytest.raises(ValueError, match="without predictions"):
+        stitcher.add(np.zeros((1, 2, 64, 64), np.float32), [(136, 0)])
+    with pytest.raises(ValueError, match="no tile predictions"):
+        Stitcher((10, 10), 32).finish()
+
+
+def test_choose_tile_computes_the_fewest_pixels() -> None:
+    shape = (4096, 4096)
+    best = choose_tile(shape, 256, 1024, 64)
+    assert best % 32 == 0 and 256 <= best <= 1024
+    cost = n_tiles(shape, best, 64) * best**2
+    assert all(cost <= n_tiles(shape, s, 64) * s**2 for s in range(256, 1025, 32))
+    assert cost < 0.8 * n_tiles(shape, 256, 64) * 256**2  # far less overlap recomputed than 256 px tiles
+    assert choose_tile(shape, 256, 256, 64) == 256
+    assert n_tiles((100, 130), 64, 16) == len(tile_positions((100, 130), 64, 16))

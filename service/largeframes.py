@@ -1,0 +1,205 @@
+"""Large frames in the service: an in-flight pixel budget, tiled segmentation through the batcher,
+and giving freed memory back to the system.
+
+* :class:`PixelBudget` bounds the pixels of ``/segment`` requests in progress in one worker (the
+  memory of a request is proportional to its pixels: :data:`BYTES_PER_PIXEL`). A request larger
+  than the whole budget can never run: 413 ``over_budget`` naming the limit. Others wait their turn
+  in a FIFO queue (no overtaking: a large frame is never starved by small ones); only when
+  ``max_waiting`` requests are already queued is a request refused, 503 ``busy`` with a
+  ``Retry-After`` estimated from the measured pixel throughput.
+* :func:`segment_tiles` runs one normalised frame's tiles through the batcher a few at a time
+  (the same plan as :class:`nanomorph.runtime.Segmenter`: tile side, tiles per call,
+  :func:`~nanomorph.contract.tile_chunks`, :class:`~nanomorph.contract.Stitcher`), blending each
+  call's predictions into the mask as they arrive. Only its *first* call may be shed for overload
+  (the request could not start in time); later calls are never shed, so a frame of 1,849 tiles is
+  not refused because its own tiles queued behind each other. One call is queued ahead while the
+  previous one is blended, so the model never waits for the stitching.
+* :func:`trim_memory` asks glibc to return free heap memory to the system (``malloc_trim(0)``):
+  after a large request, numpy's freed frame-sized buffers otherwise stay in the process
+  (glibc raises its mmap threshold after the first large free, so later large arrays come from
+  the heap). Measured in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import math
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nanomorph.contract import Stitcher, n_tiles, tile_chunks
+
+#: Memory of one /segment request per image pixel that the budget plans with. numpy's share is
+#: measured at ~8 bytes per pixel (tracemalloc peak, tests/nanomorph/test_runtime.py); the rest
+#: (decoder buffers, PNG, morphology) is not traced, hence the headroom. docs/service.md
+#: ("Large frames") explains the budget in these terms.
+BYTES_PER_PIXEL = 16
+#: Share of the machine's memory (or cgroup limit) the default budget may plan for, over all workers.
+MEMORY_SHARE = 0.25
+
+
+class Busy(RuntimeError):
+    """The queue for the pixel budget is full (503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process may use: physical memory, or a smaller cgroup limit."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            limit = int(Path(path).read_text().strip())  # "max" (no limit) -> ValueError
+            if 0 < limit < total:
+                total = limit
+    return int(total)
+
+
+def default_pixel_budget(max_pixels: int, workers: int, memory: int | None = None) -> int:
+    """:data:`MEMORY_SHARE` of the memory, per worker, in pixels; never below one frame of
+    ``max_pixels`` (every frame the limits accept must be servable)."""
+    memory = machine_memory() if memory is None else memory
+    return max(int(max_pixels), int(MEMORY_SHARE * memory / max(1, workers) / BYTES_PER_PIXEL))
+
+
+class PixelBudget:
+    """FIFO admission of requests by pixels (one per worker; used on its event loop)."""
+
+    def __init__(self, budget: int, max_waiting: int) -> None:
+        self.budget = int(budget)
+        self.max_waiting = int(max_waiting)
+        self.in_use = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._rate = 0.0  # pixels per second of finished requests (moving average)
+
+    @property
+    def queued_pixels(self) -> int:
+        return sum(p for p, _ in self._waiting)
+
+    def retry_after(self) -> int:
+        """Seconds until the queue ahead has likely drained (10 before anything was measured)."""
+        if self._rate <= 0:
+            return 10
+        return max(1, math.ceil((self.in_use + self.queued_pixels) / self._rate))
+
+    @contextlib.asynccontextmanager
+    async def hold(self, pixels: int) -> AsyncIterator[None]:
+        """Holds ``pixels`` of the budget for the block (waits in line for them)."""
+        await self._acquire(pixels)
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self._release(pixels)
+            seconds = time.monotonic() - t0
+            if seconds > 0:
+                rate = pixels / seconds
+                self._rate = rate if self._rate <= 0 else 0.7 * self._rate + 0.3 * rate
+
+    async def _acquire(self, pixels: int) -> None:
+        if not self._waiting and self.in_use + pixels <= self.budget:
+            self.in_use += pixels
+            return
+        if len(self._waiting) >= self.max_waiting:
+            raise Busy(
+                f"{len(self._waiting)} large requests are already waiting for the pixel budget "
+                f"({self.budget} pixels in flight); retry later",
+                self.retry_after(),
+            )
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (pixels, future)
+        self._waiting.append(entry)
+        try:
+            await future
+        except asyncio.CancelledError:  # the client went away while waiting
+            if future.done() and not future.cancelled():
+                self._release(pixels)  # granted just before the cancel: hand it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(entry)
+                self._grant()
+            raise
+
+    def _release(self, pixels: int) -> None:
+        self.in_use -= pixels
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting and self.in_use + self._waiting[0][0] <= self.budget:
+            pixels, future = self._waiting.popleft()
+            if future.done():
+                continue
+            self.in_use += pixels
+            future.set_result(None)
+
+
+Submit = Callable[[np.ndarray, bool], Awaitable[list[Any]]]
+
+
+async def segment_tiles(
+    norm: np.ndarray, side: int, overlap: int, per_call: int, submit: Submit, keep_probabilities: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Segments a normalised frame through ``submit(tiles, shed)``; returns the class mask and, with
+    ``keep_probabilities`` (a boundary-aware model's post-processing needs them), the probabilities.
+
+    ``submit`` runs tiles ``(n, 1, t, t)`` and returns their ``(C, t, t)`` predictions; ``shed`` is
+    True only for the first call. Tiles are cut and blended off the event loop, one call ahead.
+    """
+    single = n_tiles(norm.shape, side, overlap) == 1
+    stitcher = Stitcher(norm.shape, side, single_tile=single, keep_probabilities=keep_probabilities)
+    chunks = tile_chunks(norm, side, overlap, per_call)
+
+    def next_chunk() -> tuple[np.ndarray, list[tuple[int, int]]] | None:
+        return next(chunks, None)
+
+    def blend(preds: list[Any], positions: list[tuple[int, int]]) -> None:
+        stitcher.add(np.stack(preds), positions)
+
+    current = await asyncio.to_thread(next_chunk)
+    if current is None:
+        raise ValueError("empty image")
+    pending = asyncio.ensure_future(submit(current[0], True))
+    try:
+        while current is not None:
+            upcoming = await asyncio.to_thread(next_chunk)
+            preds = await pending
+            if upcoming is not None:  # queue the next call before blending this one
+                pending = asyncio.ensure_future(submit(upcoming[0], False))
+            await asyncio.to_thread(blend, preds, current[1])
+            current = upcoming
+    finally:
+        if not pending.done():
+            pending.cancel()
+    return await asyncio.to_thread(stitcher.finish)
+
+
+_LIBC: Any = None
+
+
+def trim_memory() -> bool:
+    """``malloc_trim(0)``: returns free glibc heap memory to the system. False where there is no
+    glibc (musl, macOS) -- then nothing happens."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            lib = ctypes.CDLL(name or "libc.so.6")
+            lib.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC = lib
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
