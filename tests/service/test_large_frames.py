@@ -110,7 +110,8 @@ def test_segment_tiles_blends_calls_as_they_arrive() -> None:
         assert len(tiles) <= 4
         return list(np.concatenate([1.0 - tiles, tiles], axis=1))  # "foreground" = brightness
 
-    mask = asyncio.run(segment_tiles(norm, 64, 16, 4, submit))
+    mask, probs = asyncio.run(segment_tiles(norm, 64, 16, 4, submit))
+    assert probs is None  # only boundary-aware models keep them
     np.testing.assert_array_equal(mask, (norm > 0.5).astype(np.uint8))
     assert sheds[0] is True and not any(sheds[1:]) and len(sheds) > 5
 
