@@ -52,6 +52,7 @@ from nanomorph.store import StoredModel, resolve
 from service import metrics
 from service.batching import Batcher, Overloaded
 from service.guard import GuardError, GuardMiddleware, decode_upload
+from service.lifecycle import RecycleMiddleware, recycling_enabled
 from service.settings import TASKS, Settings
 
 # BentoML configures the "bentoml" logger hierarchy in its workers; log under it so our lines
@@ -224,7 +225,9 @@ def _model_input(stored: StoredModel, task: str) -> np.ndarray:
 
 
 def _error(status: int, reason: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "reason": reason}, status_code=status)
+    # Every 503 (models loading, a restarted worker, overload) is temporary: say when to come back.
+    headers = {"Retry-After": str(SETTINGS.retry_after_s)} if status == 503 else None
+    return JSONResponse({"error": message, "reason": reason}, status_code=status, headers=headers)
 
 
 # ------------------------------------------------------------------------------------------ the app
@@ -659,3 +662,5 @@ class Nanomorph:
 Nanomorph.add_asgi_middleware(  # type: ignore[attr-defined]
     GuardMiddleware, settings=SETTINGS, on_reject=metrics.record_rejection
 )
+if recycling_enabled(SETTINGS):  # NANOMORPH_RECYCLE_REQUESTS / _RSS_MB (service/lifecycle.py)
+    Nanomorph.add_asgi_middleware(RecycleMiddleware, settings=SETTINGS)  # type: ignore[attr-defined]
