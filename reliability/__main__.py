@@ -6,7 +6,9 @@ Runs, in order, against servers it starts itself on 127.0.0.1 with tiny ONNX mod
 1. hostile uploads (:mod:`reliability.hostile`) and schemathesis over ``/docs.json``;
 2. load/soak: ``/classify`` requests at 32 concurrent clients, RSS before/after;
 3. faults: ``kill -9`` of the serving worker under load; a start with a corrupted model file;
-   ``nanomorph pretrain`` and ``nanomorph study`` killed mid-run and resumed.
+   ``nanomorph pretrain`` and ``nanomorph study`` killed mid-run and resumed;
+4. restarts: the worker killed under load and recycled under load (``NANOMORPH_RECYCLE_REQUESTS``),
+   both loaded through the project's own client (``nanomorph.client``, its retries): failed requests.
 
 Writes ``docs/reliability.md`` (figures, date, mode) and ``reliability.json`` in the work folder,
 and prints the figures. ``--quick`` is the development mode (fewer requests, same checks).
@@ -32,8 +34,23 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # tests.fixtures.* (the shared server starter) live at the root
     sys.path.insert(0, str(REPO_ROOT))
 
-FULL = {"hostile": 1200, "schemathesis": 100, "load": 10_000, "kill_load": 3000}
-QUICK = {"hostile": 300, "schemathesis": 15, "load": 1000, "kill_load": 1000}
+FULL = {
+    "hostile": 1200,
+    "schemathesis": 100,
+    "load": 10_000,
+    "kill_load": 3000,
+    "recycle_load": 3000,
+    "recycle_every": 500,
+}
+QUICK = {
+    "hostile": 300,
+    "schemathesis": 15,
+    "load": 1000,
+    "kill_load": 1000,
+    "recycle_load": 1200,
+    "recycle_every": 300,
+}
+PARTS = ("fuzz", "load", "faults", "restarts", "training")
 
 
 #: Bugs found by the first runs of this harness, with what was changed (kept in the report).
@@ -183,6 +200,37 @@ def _server_faults(work: Path, results: dict[str, Any]) -> None:
     )
 
 
+def _restarts(work: Path, sizes: dict[str, int], results: dict[str, Any]) -> None:
+    from reliability import target
+    from reliability.faults import kill_worker_under_load, recycle_under_load
+
+    _say("restarts: kill -9 the serving worker under load from the project's client")
+    server = target.start(work / "restarts")
+    try:
+        kill = kill_worker_under_load(server.url, server.proc.pid, n_requests=sizes["kill_load"], client=True)
+    finally:
+        server.stop()
+    results["worker_kill_client"] = kill.to_dict()
+    _say(
+        f"  ready again after {kill.seconds_to_ready} s; {kill.failed_during} requests failed; "
+        f"{kill.load.get('retries')} retries; served after: {kill.served_after}"
+    )
+    every, n = sizes["recycle_every"], sizes["recycle_load"]
+    _say(f"restarts: {n} requests from the project's client, worker recycled every ~{every} requests")
+    rec = recycle_under_load(work / "recycle", every=every, n_requests=n)
+    results["recycle"] = rec
+    _say(
+        f"  {rec['recycles_logged']} recycles, {rec['worker_pids_seen']} workers seen, "
+        f"{rec['load']['failed']} failed of {rec['load']['requests']}; {rec['load'].get('retries')} retries"
+    )
+    _say(
+        "restarts: the same recycling load from plain httpx requests that are never retried (the drain alone)"
+    )
+    raw = recycle_under_load(work / "recycle-httpx", every=every, n_requests=n, client=False)
+    results["recycle_httpx"] = raw
+    _say(f"  {raw['recycles_logged']} recycles, {raw['load']['failed']} failed of {raw['load']['requests']}")
+
+
 def _training_faults(work: Path, results: dict[str, Any]) -> None:
     from reliability.faults import pretrain_kill_resume, study_kill_resume
 
@@ -229,6 +277,17 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool]]:
                 r["seconds_to_ready"] is not None and r["served_after"],
             )
         )
+    if "worker_kill_client" in results:
+        r = results["worker_kill_client"]
+        out.append(
+            (
+                "worker kill under load, project's client: 0 failed requests, serving again",
+                r["failed_during"] == 0 and r["load"]["failed"] == 0 and r["served_after"],
+            )
+        )
+    if "recycle" in results:
+        r = results["recycle"]
+        out.append(("worker recycled under load, project's client: 0 failed requests", bool(r["ok"])))
     if "corrupt_model" in results:
         r = results["corrupt_model"]
         out.append(
@@ -343,6 +402,47 @@ def render(results: dict[str, Any], mode: str, started: str, seconds: float) -> 
             f"**{k['failed_during']}** (of {k['load']['requests']} sent in the whole run; failures by kind "
             f"{k['load']['failures']}). Served after recovery: {k['served_after']}.\n"
         )
+    if "worker_kill_client" in results or "recycle" in results:
+        L.append("## Restarts under load, through the project's client\n")
+        L.append(
+            "The load goes through `nanomorph.client.NanomorphClient` with its defaults (3 retries, backoff "
+            "0.5 s doubling, never shorter than the server's `Retry-After`; every 503 carries "
+            "`Retry-After: 2`), one client and one keep-alive connection per thread. A request counts as "
+            "failed only when the client raises after its retries.\n"
+        )
+    if "worker_kill_client" in results:
+        k = results["worker_kill_client"]
+        ld = k["load"]
+        L.append(
+            f"- **Worker killed** (`kill -9`, PID {k['killed_pid']}) 2 s into a load at {ld['concurrency']} "
+            f"concurrent clients: a new worker (PID {k['new_pid']}) answered `/readyz` 200 {k['seconds_to_ready']} s "
+            f"after the kill. Failed requests: **{ld['failed']}** of {ld['requests']} ({_table(ld['failures'])}); "
+            f"the client retried {ld.get('retries')} times; p50 {ld['p50_ms']} ms, max {ld['max_ms']} ms. "
+            f"Served after: {k['served_after']}."
+        )
+    if "recycle" in results:
+        r = results["recycle"]
+        ld = r["load"]
+        L.append(
+            f"- **Worker recycled** (`NANOMORPH_RECYCLE_REQUESTS={r['recycle_every']}`) under a load of "
+            f"{ld['requests']} requests at {ld['concurrency']} concurrent clients: {r['recycles_logged']} recycles "
+            f"logged, {r['worker_pids_seen']} worker processes seen. Failed requests: **{ld['failed']}** "
+            f"({_table(ld['failures'])}); the client retried {ld.get('retries')} times; p50 {ld['p50_ms']} ms, "
+            f"p99 {ld['p99_ms']} ms, max {ld['max_ms']} ms, {ld['throughput_rps']} req/s. Served after: "
+            f"{r['served_after']}."
+        )
+    if "recycle_httpx" in results:
+        r = results["recycle_httpx"]
+        ld = r["load"]
+        L.append(
+            f"- For comparison, the same recycling load from plain httpx requests that are **never retried** "
+            f"(what the drain alone achieves): {r['recycles_logged']} recycles, failed requests {ld['failed']} "
+            f"of {ld['requests']} ({_table(ld['failures'])}). A request that arrives while no worker accepts "
+            "waits in the listening socket's backlog; one that reaches the new worker before its models are "
+            "loaded gets 503 `model_unavailable`, which only a retrying client turns into a success."
+        )
+    if "worker_kill_client" in results or "recycle" in results:
+        L.append("")
     if "corrupt_model" in results:
         c = results["corrupt_model"]
         L.append("## Fault: start with a corrupted model file\n")
@@ -386,7 +486,7 @@ def render(results: dict[str, Any], mode: str, started: str, seconds: float) -> 
     L.append(
         "`make reliability` runs the full harness (about 1,200 hostile uploads, schemathesis with 100 examples per "
         "operation and mode, 10,000 load requests, the faults); `python -m reliability --quick` is the "
-        "development mode; `--parts fuzz,load,faults,training` picks parts. The default test suite keeps fast "
+        "development mode; `--parts fuzz,load,faults,restarts,training` picks parts. The default test suite keeps fast "
         "versions in `tests/reliability/test_fast_reliability.py`. Failing hostile cases are saved for replay "
         "under the work folder's `failing-cases/` (`--workdir` keeps it).\n"
     )
@@ -398,8 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="development mode: fewer requests")
     parser.add_argument(
         "--parts",
-        default="fuzz,load,faults,training",
-        help="comma list of fuzz, load, faults, training (default all)",
+        default=",".join(PARTS),
+        help=f"comma list of {', '.join(PARTS)} (default all)",
     )
     parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "reliability.md"), help="markdown report")
     parser.add_argument("--workdir", default=None, help="scratch folder to keep (default: a temporary one)")
@@ -414,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 1 if any(not ok for _, ok in targets(saved)) else 0
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    unknown = parts - {"fuzz", "load", "faults", "training"}
+    unknown = parts - set(PARTS)
     if unknown:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -431,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
             _fuzz_and_load(work, sizes, parts, results)
         if "faults" in parts:
             _server_faults(work, results)
+        if "restarts" in parts:
+            _restarts(work, sizes, results)
         if "training" in parts:
             _training_faults(work, results)
     finally:
