@@ -83,8 +83,9 @@ KNOWN = (
     "one trivial API (`bentoml serve`, 3 x 3,000 `GET /livez`: +14 MB each, also with "
     "`services.<name>.metrics.enabled=false`), while a plain uvicorn + Starlette app under the same load "
     "stays flat (+0.0 MB). Within the 10% target for 10,000 requests, but unbounded over months: about "
-    "400 MB/day at 1 request/s. Upstream report: bentoml/BentoML#4760. Until fixed, restart workers "
-    "periodically (e.g. a nightly restart of the service) and alert on `process_resident_memory_bytes`.",
+    "400 MB/day at 1 request/s. Upstream report: bentoml/BentoML#4760. Until fixed, let workers recycle "
+    "(`NANOMORPH_RECYCLE_REQUESTS` / `NANOMORPH_RECYCLE_RSS_MB`, see Restarts above and docs/deployment.md) or "
+    "restart the service periodically, and alert on `process_resident_memory_bytes`.",
     "The OpenAPI document at `/docs.json` declares `openapi: 3.0.2` (BentoML's merged document) but the "
     "FastAPI routes' schemas in it use OpenAPI 3.1 / JSON Schema 2020-12 forms (numeric `exclusiveMinimum`, "
     '`type: null`, `contentMediaType`); strict 3.0 tools reject `/segment` (schemathesis: "Invalid definition '
@@ -396,7 +397,8 @@ def render(results: dict[str, Any], mode: str, started: str, seconds: float) -> 
         k = results["worker_kill"]
         L.append("## Fault: serving worker killed (`kill -9`) under load\n")
         L.append(
-            f"Load at 8 concurrent clients; the BentoML worker (PID {k['killed_pid']}) was killed 2 s in. "
+            f"Load at 8 concurrent clients sending plain httpx requests that are never retried (for the project's "
+            f"client, see Restarts); the BentoML worker (PID {k['killed_pid']}) was killed 2 s in. "
             f"A new worker (PID {k['new_pid']}) answered `/readyz` 200 **{k['seconds_to_ready']} s** after the kill "
             f"(`/readyz` not 200 for {k['seconds_unready']} s). Requests failed from the kill until recovery: "
             f"**{k['failed_during']}** (of {k['load']['requests']} sent in the whole run; failures by kind "
@@ -437,9 +439,10 @@ def render(results: dict[str, Any], mode: str, started: str, seconds: float) -> 
         L.append(
             f"- For comparison, the same recycling load from plain httpx requests that are **never retried** "
             f"(what the drain alone achieves): {r['recycles_logged']} recycles, failed requests {ld['failed']} "
-            f"of {ld['requests']} ({_table(ld['failures'])}). A request that arrives while no worker accepts "
-            "waits in the listening socket's backlog; one that reaches the new worker before its models are "
-            "loaded gets 503 `model_unavailable`, which only a retrying client turns into a success."
+            f"of {ld['requests']} ({_table(ld['failures'])}). Such a request was sent on a keep-alive "
+            "connection in the instant the draining worker closed it, so the server never read it (a retry is "
+            "safe), or it reached the new worker before its models were loaded (503 + `Retry-After`); "
+            "connections opened while no worker accepts wait in the listening socket's backlog and are served."
         )
     if "worker_kill_client" in results or "recycle" in results:
         L.append("")
