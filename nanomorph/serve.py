@@ -176,6 +176,7 @@ def serve(host: str = "127.0.0.1", port: int = 3000, env_overrides: Mapping[str,
     env = {**os.environ, **dict(env_overrides or {})}
     # The service package lives at the repository root; make it importable without installing.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    grace = grace_seconds(env)
     shown = {k: v for k, v in (env_overrides or {}).items() if "TOKEN" not in k}
     log.info(
         "serving on http://%s:%d (%s)",
@@ -183,7 +184,6 @@ def serve(host: str = "127.0.0.1", port: int = 3000, env_overrides: Mapping[str,
         port,
         ", ".join(f"{k}={v}" for k, v in shown.items()) or "defaults",
     )
-    grace = grace_seconds(env)
     return run_supervised(command(host, int(port), grace), env, grace_s=grace)
 
 
