@@ -60,6 +60,8 @@ from service.settings import TASKS, Settings
 log = logging.getLogger("bentoml.nanomorph")
 
 SETTINGS = Settings.from_env()
+#: Routes left out of BentoML's OpenTelemetry middleware (regular expressions searched in the URL).
+UNTRACED = ("/classify", "/embed", "/segment", "/similar")
 
 # ------------------------------------------------------------------------------------------ schemas
 
@@ -242,6 +244,16 @@ app = FastAPI(
 )
 
 
+async def _current_service() -> Any:
+    return bentoml.get_current_service()
+
+
+# BentoML hands `self` to the routes through a *sync* FastAPI dependency, which FastAPI runs in a
+# worker thread: one thread hop per request just to fetch a global (~5% of a worker's CPU per
+# /classify in a py-spy profile). The same dependency, async, runs on the event loop.
+app.dependency_overrides[bentoml.get_current_service] = _current_service
+
+
 @app.exception_handler(GuardError)
 async def _guard_error(request: Request, exc: GuardError) -> JSONResponse:
     metrics.record_rejection(request.url.path, exc.reason)
@@ -292,6 +304,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     # bentoml 1.4.40 recycles the connections of internal calls (self.to_async, bentoml.depends)
     # after 100 requests and drops ~6% of requests under concurrency doing so; never recycle.
     runner_connection={"max_requests": 10**9, "max_age": 86400.0},
+    # bentoml 1.4.40 records OpenTelemetry spans for every request and every ASGI message even with
+    # tracing off (its sampler always records): ~20% of a worker's CPU per /classify in a py-spy
+    # profile. Leave the inference routes out unless NANOMORPH_TRACE_REQUESTS=1.
+    tracing={} if SETTINGS.trace_requests else {"excluded_urls": list(UNTRACED)},
 )
 @bentoml.asgi_app(app, path="/")
 class Nanomorph:

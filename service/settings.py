@@ -56,6 +56,10 @@ ENV_VARS: dict[str, tuple[str, str]] = {
         "0 (never)",
         "a worker drains and restarts once its resident memory passes this (MiB)",
     ),
+    "NANOMORPH_TRACE_REQUESTS": (
+        "0",
+        "1: BentoML's OpenTelemetry spans also for the inference routes (costly; see docs/service.md)",
+    ),
     "NANOMORPH_RETRY_AFTER_S": ("2", "Retry-After (s) sent with every 503 (models loading, overloaded)"),
 }
 
@@ -127,6 +131,7 @@ class Settings:
     recycle_requests: int = 0
     recycle_rss_mb: float = 0.0
     retry_after_s: int = 2
+    trace_requests: bool = False
 
     @property
     def auth_enabled(self) -> bool:
@@ -174,4 +179,5 @@ class Settings:
             recycle_requests=_int(env, "NANOMORPH_RECYCLE_REQUESTS", 0),
             recycle_rss_mb=_float(env, "NANOMORPH_RECYCLE_RSS_MB", 0.0),
             retry_after_s=_int(env, "NANOMORPH_RETRY_AFTER_S", 2, minimum=1),
+            trace_requests=_bool(env, "NANOMORPH_TRACE_REQUESTS", False),
         )

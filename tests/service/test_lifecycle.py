@@ -68,3 +68,8 @@ def test_settings_and_containers(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings.from_env({"NANOMORPH_RECYCLE_REQUESTS": "-1"})
     with pytest.raises(ValueError, match="NANOMORPH_SHUTDOWN_GRACE_S"):
         Settings.from_env({"NANOMORPH_SHUTDOWN_GRACE_S": "soon"})
+
+
+def test_inference_routes_are_not_traced_by_default() -> None:
+    assert Settings.from_env({}).trace_requests is False
+    assert Settings.from_env({"NANOMORPH_TRACE_REQUESTS": "1"}).trace_requests is True
