@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         local: dict[int, list[float]] = {b: [] for b in levels}
         served: dict[int, list[dict[str, Any]]] = {c: [] for c in levels}
         env = {"NANOMORPH_CLASSIFY_MODEL": tag}
-        with start_server(work / "server", store=store, env=env) as server:
+        with start_server(work / "server", store=store, env=env, timeout=600) as server:
             for c in levels:
                 load(server.url, images, c, 2 * c)  # warm-up: connections, thread pools
             for rep in range(args.repeats):
