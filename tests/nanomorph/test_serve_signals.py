@@ -57,9 +57,14 @@ def _in_progress(server: Server, endpoint: str) -> float:
 
 
 def _port_free(port: int) -> bool:
+    """True when a restarted server could listen on ``port`` again. SO_REUSEADDR, as uvicorn and
+    BentoML set it: connections the stopped server closed may linger in TIME_WAIT, which does
+    not stop a new server, while a process still listening does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
+            s.listen()
         except OSError:
             return False
     return True
