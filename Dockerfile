@@ -85,4 +85,8 @@ EXPOSE 3000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=4).status == 200 else 1)"]
 
-CMD ["bentoml", "serve", "service.service:Nanomorph", "--host", "0.0.0.0", "--port", "3000"]
+# `nanomorph serve` (PID 1) runs `bentoml serve service.service:Nanomorph` and, on `docker stop`'s
+# SIGTERM, drains it within NANOMORPH_SHUTDOWN_GRACE_S (30 s): give `docker stop` / `docker run`
+# a --stop-timeout (or Compose a stop_grace_period) above it, e.g. 45 s (docs/deployment.md).
+STOPSIGNAL SIGTERM
+CMD ["nanomorph", "serve", "--host", "0.0.0.0", "--port", "3000"]

@@ -10,11 +10,14 @@ synthetic 224x224 8-bit PNGs (smooth blobs plus noise, ~50 KB each), decoded in 
   concurrent clients each posting one image per request (multipart, as curl would), a bounded
   number of requests per level after a warm-up.
 
-Prints throughput (images/s), p50/p99 latency, rejected requests and the ratio served/in-process
-at equal batch size / concurrency; ``--record`` writes the table into docs/benchmarks.md under
-"## Serving overhead". Not a test: run it by hand (~1-2 minutes on 2 CPU cores)::
+Prints throughput (images/s), p50/p99 latency, rejected requests, the mean images per
+onnxruntime call (from the server's ``nanomorph_batch_images`` metric) and the ratio
+served/in-process at equal batch size / concurrency. ``--repeats N`` measures both arms N times,
+interleaved (so that a change in the machine's load hits both), and reports the median ratio with
+its spread (min-max). ``--record`` writes the table into docs/benchmarks.md under
+"## Serving overhead". Not a test: run it by hand (~1-2 minutes per repeat on 2 CPU cores)::
 
-    .venv/bin/python bench/serve_overhead.py --record
+    .venv/bin/python bench/serve_overhead.py --repeats 5 --record
 """
 
 from __future__ import annotations
@@ -158,6 +161,17 @@ def load(url: str, images: list[bytes], clients: int, n_requests: int) -> dict[s
     }
 
 
+def batch_totals(url: str) -> tuple[float, float]:
+    """(onnxruntime calls, images) so far, from the server's ``nanomorph_batch_images`` histogram."""
+    calls = images = 0.0
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("nanomorph_batch_images_count"):
+            calls += float(line.split()[-1])
+        elif line.startswith("nanomorph_batch_images_sum"):
+            images += float(line.split()[-1])
+    return calls, images
+
+
 def machine() -> str:
     import onnxruntime as ort
 
@@ -196,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         "--requests", type=int, default=240, help="requests per concurrency level (level 1: a third)"
     )
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument(
+        "--repeats", type=int, default=1, help="measure both arms this many times (median, spread)"
+    )
     p.add_argument("--record", action="store_true", help="write the result into docs/benchmarks.md")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
@@ -211,52 +228,54 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported {tag} in {time.perf_counter() - t0:.1f} s", flush=True)
         images = make_images(64, args.image_size)
 
-        local: dict[int, float] = {}
-        for b in levels:
-            n = max(b * 4, args.requests // 3 if b == 1 else args.requests // 2)
-            local[b] = in_process(store, tag, images, b, n)
-            print(f"in-process batch {b:>2}: {local[b]:7.1f} images/s", flush=True)
-
-        served: dict[int, dict[str, Any]] = {}
-        with start_server(work / "server", store=store, env={"NANOMORPH_CLASSIFY_MODEL": tag}) as server:
+        local: dict[int, list[float]] = {b: [] for b in levels}
+        served: dict[int, list[dict[str, Any]]] = {c: [] for c in levels}
+        env = {"NANOMORPH_CLASSIFY_MODEL": tag}
+        with start_server(work / "server", store=store, env=env, timeout=600) as server:
             for c in levels:
                 load(server.url, images, c, 2 * c)  # warm-up: connections, thread pools
-                n = args.requests // 3 if c == 1 else args.requests
-                served[c] = load(server.url, images, c, n)
-                s = served[c]
-                print(
-                    f"served {c:>2} clients: {s['throughput']:7.1f} images/s  p50 {s['p50_ms']:6.0f} ms  "
-                    f"p99 {s['p99_ms']:6.0f} ms  rejected {s['rejected']}/{s['requests']}  "
-                    f"ratio {s['throughput'] / local[c]:.2f}",
-                    flush=True,
-                )
-            batch_metrics = [
-                line
-                for line in httpx.get(server.url + "/metrics").text.splitlines()
-                if line.startswith("nanomorph_batch_images_")
-            ]
-        calls = sum(
-            float(x.split()[-1]) for x in batch_metrics if x.startswith("nanomorph_batch_images_count")
-        )
-        imgs = sum(float(x.split()[-1]) for x in batch_metrics if x.startswith("nanomorph_batch_images_sum"))
+            for rep in range(args.repeats):
+                for c in levels:
+                    n_local = max(c * 4, args.requests // 3 if c == 1 else args.requests // 2)
+                    local[c].append(in_process(store, tag, images, c, n_local))
+                    before = batch_totals(server.url)
+                    s = load(server.url, images, c, args.requests // 3 if c == 1 else args.requests)
+                    after = batch_totals(server.url)
+                    s["mean_batch"] = (after[1] - before[1]) / max(after[0] - before[0], 1.0)
+                    s["ratio"] = s["throughput"] / local[c][-1]
+                    served[c].append(s)
+                    print(
+                        f"[{rep + 1}/{args.repeats}] {c:>2}: in-process {local[c][-1]:7.1f} images/s, "
+                        f"served {s['throughput']:7.1f} images/s  p50 {s['p50_ms']:6.0f} ms  "
+                        f"p99 {s['p99_ms']:6.0f} ms  rejected {s['rejected']}/{s['requests']}  "
+                        f"mean batch {s['mean_batch']:.1f}  ratio {s['ratio']:.2f}",
+                        flush=True,
+                    )
 
+    med = statistics.median
     rows = [
-        "| clients = batch | in-process images/s | served images/s | ratio | p50 ms | p99 ms | rejected |",
-        "|---|---|---|---|---|---|---|",
+        "| clients = batch | in-process images/s | served images/s | ratio (median) | ratio min-max | "
+        "mean batch | p50 ms | p99 ms | rejected |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in levels:
-        s = served[c]
+        ratios = [s["ratio"] for s in served[c]]
         rows.append(
-            f"| {c} | {local[c]:.1f} | {s['throughput']:.1f} | {s['throughput'] / local[c]:.2f} | "
-            f"{s['p50_ms']:.0f} | {s['p99_ms']:.0f} | {s['rejected']}/{s['requests']} |"
+            f"| {c} | {med(local[c]):.1f} | {med([s['throughput'] for s in served[c]]):.1f} | "
+            f"{med(ratios):.2f} | {min(ratios):.2f}-{max(ratios):.2f} | "
+            f"{med([s['mean_batch'] for s in served[c]]):.1f} | {med([s['p50_ms'] for s in served[c]]):.0f} | "
+            f"{med([s['p99_ms'] for s in served[c]]):.0f} | "
+            f"{sum(s['rejected'] for s in served[c])}/{sum(s['requests'] for s in served[c])} |"
         )
     table = (
-        f"{SECTION}\n\n`bench/serve_overhead.py` ({time.strftime('%Y-%m-%d')}): ResNet-18 classifier, 1 channel, "
-        f"{args.image_size} px, `/classify` with one PNG per request vs in-process onnxruntime (PNG decode included) "
-        f"at the same batch size. Server: `nanomorph serve` defaults (1 worker, max batch 32, no batch wait, "
-        f"max latency 60 s), clients on the same machine over loopback.\n\n"
-        f"Machine: {machine()}.\n\n" + "\n".join(rows) + "\n\n"
-        f"Mean images per onnxruntime call over the served run: {imgs / max(calls, 1):.1f}.\n"
+        f"{SECTION}\n\n`bench/serve_overhead.py --repeats {args.repeats}` ({time.strftime('%Y-%m-%d')}): "
+        f"ResNet-18 classifier, 1 channel, {args.image_size} px, `/classify` with one PNG per request vs "
+        f"in-process onnxruntime (PNG decode included) at the same batch size, both arms measured "
+        f"{args.repeats} time(s), interleaved; medians, and the ratio's spread over the repeats. Server: "
+        f"`nanomorph serve` defaults (1 worker, max batch 32, no batch wait, max latency 60 s), clients on "
+        f"the same machine over loopback (they share its cores). Mean batch: images per onnxruntime call "
+        f"(`nanomorph_batch_images`).\n\n"
+        f"Machine: {machine()}.\n\n" + "\n".join(rows) + "\n"
     )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if os.getloadavg()[0] > 1.5 * cores:

@@ -14,9 +14,11 @@ next to the microscope's acquisition software. It also runs on old Pythons (no `
     seg = client.segment("c.tif", pixel_size=0.8)    # seg["mask"] is a numpy array
     client.embed(["a.tif"])[0]["embedding"]          # float32 numpy vector
 
-Connection errors and ``503`` answers (models still loading, server overloaded) are retried with
-exponential backoff; a ``4xx`` raises :class:`NanomorphError` carrying the server's message and
-machine-readable reason.
+Connection errors and ``503`` answers (models still loading, a worker restarting, server
+overloaded) are retried with exponential backoff, never sooner than the server's ``Retry-After``.
+Every request the client sends is idempotent (inference has no side effects), so a request cut off
+by a restarting worker is simply sent again. A ``4xx`` raises :class:`NanomorphError` carrying the
+server's message and machine-readable reason.
 """
 
 from __future__ import annotations
@@ -148,7 +150,8 @@ class NanomorphClient:
         timeout: seconds per request (connect, read, write).
         retries: extra attempts after a connection error or a 503 answer.
         backoff: first wait between attempts in seconds; doubles each time (with a little jitter,
-            so that many clients do not retry in lockstep), or the server's ``Retry-After``.
+            so that many clients do not retry in lockstep), and is never shorter than the server's
+            ``Retry-After``.
         max_connections: HTTP connections kept open (raise it for many threads).
         transport: an httpx transport (tests, proxies); default a plain one.
     """
@@ -190,11 +193,16 @@ class NanomorphClient:
         self.close()
 
     def _wait(self, attempt: int, retry_after: str | None = None) -> None:
+        time.sleep(self.retry_delay(attempt, retry_after))
+
+    def retry_delay(self, attempt: int, retry_after: str | None = None) -> float:
+        """Seconds to wait before retry ``attempt + 1``: the exponential backoff, but never less
+        than the server's ``Retry-After`` (in seconds, capped at 30)."""
         delay = self.backoff * (2**attempt) * (1.0 + 0.1 * random.random())
         if retry_after:
             with contextlib.suppress(ValueError):
-                delay = min(max(float(retry_after), 0.0), 30.0)
-        time.sleep(delay)
+                delay = max(delay, min(max(float(retry_after), 0.0), 30.0))
+        return delay
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Sends a request with retries; returns a 2xx response or raises :class:`NanomorphError`.

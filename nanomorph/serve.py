@@ -4,6 +4,11 @@ Runs ``bentoml serve service.service:Nanomorph`` in a child process with the opt
 the service's environment variables (``NANOMORPH_*``, docs/service.md "Configuration"). Options
 left unset keep the environment's values, so the variables and the flags can be mixed. This module
 never imports bentoml (the child does), so ``nanomorph --help`` stays light.
+
+Stopping: SIGTERM, SIGINT or SIGHUP to ``nanomorph serve`` is passed on to the server's whole
+process group (:mod:`nanomorph.supervise`); the workers stop accepting connections, finish the
+requests in flight within ``--shutdown-grace-s`` seconds, and ``nanomorph serve`` exits with the
+server's exit status once no process of the group is left (docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -11,14 +16,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import math
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from nanomorph.config import yaml_defaults
+from nanomorph.supervise import run_supervised
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,12 @@ _ENV_OPTIONS = {
     "max_batch_size": "NANOMORPH_MAX_BATCH_SIZE",
     "max_latency_ms": "NANOMORPH_MAX_LATENCY_MS",
     "max_upload_mb": "NANOMORPH_MAX_UPLOAD_MB",
+    "shutdown_grace_s": "NANOMORPH_SHUTDOWN_GRACE_S",
+    "recycle_requests": "NANOMORPH_RECYCLE_REQUESTS",
+    "recycle_rss_mb": "NANOMORPH_RECYCLE_RSS_MB",
 }
+#: Drain grace when neither --shutdown-grace-s nor $NANOMORPH_SHUTDOWN_GRACE_S sets one.
+DEFAULT_GRACE_S = 30.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +84,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-upload-mb", type=float, default=d.get("max_upload_mb"), help="largest upload (MiB)"
     )
     parser.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=d.get("shutdown_grace_s"),
+        help="on SIGTERM/SIGINT/SIGHUP, seconds the requests in flight get to finish "
+        f"(default $NANOMORPH_SHUTDOWN_GRACE_S, else {DEFAULT_GRACE_S:.0f})",
+    )
+    parser.add_argument(
+        "--recycle-requests",
+        type=int,
+        default=d.get("recycle_requests"),
+        help="restart a worker (draining it first) after about this many requests; 0: never (default)",
+    )
+    parser.add_argument(
+        "--recycle-rss-mb",
+        type=float,
+        default=d.get("recycle_rss_mb"),
+        help="restart a worker (draining it first) once its memory passes this many MiB; 0: never (default)",
+    )
+    parser.add_argument(
         "--build-default",
         action="store_true",
         help="if the store holds no default models (nanomorph-{classify,embed,segment}:latest), build them "
@@ -96,21 +125,49 @@ def env_from_args(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def command(host: str, port: int) -> list[str]:
-    """The ``bentoml serve`` command line (same Python, so the same virtualenv)."""
-    return [sys.executable, "-m", "bentoml", "serve", SERVICE_IMPORT, "--host", host, "--port", str(port)]
+def command(host: str, port: int, grace_s: float = DEFAULT_GRACE_S) -> list[str]:
+    """The ``bentoml serve`` command line (same Python, so the same virtualenv).
+
+    ``--timeout-graceful-shutdown`` (a hidden BentoML option, handed to each worker's uvicorn)
+    bounds how long a stopping worker waits for its requests in flight.
+    """
+    return [
+        *(sys.executable, "-m", "bentoml", "serve", SERVICE_IMPORT, "--host", host, "--port", str(port)),
+        *("--timeout-graceful-shutdown", str(max(1, math.ceil(grace_s)))),
+    ]
+
+
+def grace_seconds(env: Mapping[str, str]) -> float:
+    """The drain grace from ``NANOMORPH_SHUTDOWN_GRACE_S`` (default :data:`DEFAULT_GRACE_S`).
+
+    Raises:
+        ValueError: not a number, or negative.
+    """
+    raw = env.get("NANOMORPH_SHUTDOWN_GRACE_S", "").strip()
+    if not raw:
+        return DEFAULT_GRACE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"NANOMORPH_SHUTDOWN_GRACE_S={raw!r} is not a number") from None
+    if not 0 <= value < math.inf:
+        raise ValueError(f"NANOMORPH_SHUTDOWN_GRACE_S={raw!r} must be a finite number >= 0")
+    return value
 
 
 def serve(host: str = "127.0.0.1", port: int = 3000, env_overrides: Mapping[str, str] | None = None) -> int:
-    """Serves the stored models until interrupted; returns the server's exit code.
+    """Serves the stored models until stopped; returns the server's exit status.
+
+    SIGTERM, SIGINT and SIGHUP stop the server gracefully (see :mod:`nanomorph.supervise`).
 
     Args:
         host: interface to listen on.
         port: TCP port.
-        env_overrides: ``NANOMORPH_*`` (or any) variables set for the server on top of ``os.environ``.
+        env_overrides: ``NANOMORPH_*`` (or any) variables set for the server on top of ``os.environ``
+            (``NANOMORPH_SHUTDOWN_GRACE_S`` also bounds the drain on a stop signal).
 
     Raises:
-        ValueError: bad port, or the serving extra is not installed.
+        ValueError: bad port or grace, or the serving extra is not installed.
     """
     if not 0 < int(port) < 65536:
         raise ValueError(f"--port {port} is not a TCP port (1-65535)")
@@ -119,6 +176,7 @@ def serve(host: str = "127.0.0.1", port: int = 3000, env_overrides: Mapping[str,
     env = {**os.environ, **dict(env_overrides or {})}
     # The service package lives at the repository root; make it importable without installing.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    grace = grace_seconds(env)
     shown = {k: v for k, v in (env_overrides or {}).items() if "TOKEN" not in k}
     log.info(
         "serving on http://%s:%d (%s)",
@@ -126,17 +184,7 @@ def serve(host: str = "127.0.0.1", port: int = 3000, env_overrides: Mapping[str,
         port,
         ", ".join(f"{k}={v}" for k, v in shown.items()) or "defaults",
     )
-    proc = subprocess.Popen(command(host, int(port)), env=env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        # Ctrl-C reaches the child too (same process group); give it time to shut down cleanly.
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        raise
+    return run_supervised(command(host, int(port), grace), env, grace_s=grace)
 
 
 DEFAULT_TASKS = ("classify", "embed", "segment")

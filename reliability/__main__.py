@@ -7,7 +7,9 @@ Runs, in order, against servers it starts itself on 127.0.0.1 with tiny ONNX mod
 2. load/soak: ``/classify`` requests at 32 concurrent clients, RSS before/after;
 3. faults: ``kill -9`` of the serving worker under load; a start with a corrupted model file;
    ``nanomorph pretrain`` and ``nanomorph study`` killed mid-run and resumed;
-4. large frames: 8 concurrent 8192 x 8192 ``/segment`` requests (:mod:`reliability.large`), with
+4. restarts: the worker killed under load and recycled under load (``NANOMORPH_RECYCLE_REQUESTS``),
+   both loaded through the project's own client (``nanomorph.client``, its retries): failed requests.
+5. large frames: 8 concurrent 8192 x 8192 ``/segment`` requests (:mod:`reliability.large`), with
    and without ``malloc_trim``: server errors, peak RSS, RSS after the burst.
 
 Writes ``docs/reliability.md`` (figures, date, mode) and ``reliability.json`` in the work folder,
@@ -34,8 +36,23 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # tests.fixtures.* (the shared server starter) live at the root
     sys.path.insert(0, str(REPO_ROOT))
 
-FULL = {"hostile": 1200, "schemathesis": 100, "load": 10_000, "kill_load": 3000}
-QUICK = {"hostile": 300, "schemathesis": 15, "load": 1000, "kill_load": 1000}
+FULL = {
+    "hostile": 1200,
+    "schemathesis": 100,
+    "load": 10_000,
+    "kill_load": 3000,
+    "recycle_load": 3000,
+    "recycle_every": 500,
+}
+QUICK = {
+    "hostile": 300,
+    "schemathesis": 15,
+    "load": 1000,
+    "kill_load": 1000,
+    "recycle_load": 1200,
+    "recycle_every": 300,
+}
+PARTS = ("fuzz", "load", "faults", "restarts", "training", "large")
 
 
 #: Bugs found by the first runs of this harness, with what was changed (kept in the report).
@@ -68,8 +85,9 @@ KNOWN = (
     "one trivial API (`bentoml serve`, 3 x 3,000 `GET /livez`: +14 MB each, also with "
     "`services.<name>.metrics.enabled=false`), while a plain uvicorn + Starlette app under the same load "
     "stays flat (+0.0 MB). Within the 10% target for 10,000 requests, but unbounded over months: about "
-    "400 MB/day at 1 request/s. Upstream report: bentoml/BentoML#4760. Until fixed, restart workers "
-    "periodically (e.g. a nightly restart of the service) and alert on `process_resident_memory_bytes`.",
+    "400 MB/day at 1 request/s. Upstream report: bentoml/BentoML#4760. Until fixed, let workers recycle "
+    "(`NANOMORPH_RECYCLE_REQUESTS` / `NANOMORPH_RECYCLE_RSS_MB`, see Restarts above and docs/deployment.md) or "
+    "restart the service periodically, and alert on `process_resident_memory_bytes`.",
     "The OpenAPI document at `/docs.json` declares `openapi: 3.0.2` (BentoML's merged document) but the "
     "FastAPI routes' schemas in it use OpenAPI 3.1 / JSON Schema 2020-12 forms (numeric `exclusiveMinimum`, "
     '`type: null`, `contentMediaType`); strict 3.0 tools reject `/segment` (schemathesis: "Invalid definition '
@@ -185,6 +203,37 @@ def _server_faults(work: Path, results: dict[str, Any]) -> None:
     )
 
 
+def _restarts(work: Path, sizes: dict[str, int], results: dict[str, Any]) -> None:
+    from reliability import target
+    from reliability.faults import kill_worker_under_load, recycle_under_load
+
+    _say("restarts: kill -9 the serving worker under load from the project's client")
+    server = target.start(work / "restarts")
+    try:
+        kill = kill_worker_under_load(server.url, server.proc.pid, n_requests=sizes["kill_load"], client=True)
+    finally:
+        server.stop()
+    results["worker_kill_client"] = kill.to_dict()
+    _say(
+        f"  ready again after {kill.seconds_to_ready} s; {kill.failed_during} requests failed; "
+        f"{kill.load.get('retries')} retries; served after: {kill.served_after}"
+    )
+    every, n = sizes["recycle_every"], sizes["recycle_load"]
+    _say(f"restarts: {n} requests from the project's client, worker recycled every ~{every} requests")
+    rec = recycle_under_load(work / "recycle", every=every, n_requests=n)
+    results["recycle"] = rec
+    _say(
+        f"  {rec['recycles_logged']} recycles, {rec['worker_pids_seen']} workers seen, "
+        f"{rec['load']['failed']} failed of {rec['load']['requests']}; {rec['load'].get('retries')} retries"
+    )
+    _say(
+        "restarts: the same recycling load from plain httpx requests that are never retried (the drain alone)"
+    )
+    raw = recycle_under_load(work / "recycle-httpx", every=every, n_requests=n, client=False)
+    results["recycle_httpx"] = raw
+    _say(f"  {raw['recycles_logged']} recycles, {raw['load']['failed']} failed of {raw['load']['requests']}")
+
+
 def _training_faults(work: Path, results: dict[str, Any]) -> None:
     from reliability.faults import pretrain_kill_resume, study_kill_resume
 
@@ -231,6 +280,17 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool]]:
                 r["seconds_to_ready"] is not None and r["served_after"],
             )
         )
+    if "worker_kill_client" in results:
+        r = results["worker_kill_client"]
+        out.append(
+            (
+                "worker kill under load, project's client: 0 failed requests, serving again",
+                r["failed_during"] == 0 and r["load"]["failed"] == 0 and r["served_after"],
+            )
+        )
+    if "recycle" in results:
+        r = results["recycle"]
+        out.append(("worker recycled under load, project's client: 0 failed requests", bool(r["ok"])))
     if "corrupt_model" in results:
         r = results["corrupt_model"]
         out.append(
@@ -403,12 +463,55 @@ def render(results: dict[str, Any], mode: str, started: str, seconds: float) -> 
         k = results["worker_kill"]
         L.append("## Fault: serving worker killed (`kill -9`) under load\n")
         L.append(
-            f"Load at 8 concurrent clients; the BentoML worker (PID {k['killed_pid']}) was killed 2 s in. "
+            f"Load at 8 concurrent clients sending plain httpx requests that are never retried (for the project's "
+            f"client, see Restarts); the BentoML worker (PID {k['killed_pid']}) was killed 2 s in. "
             f"A new worker (PID {k['new_pid']}) answered `/readyz` 200 **{k['seconds_to_ready']} s** after the kill "
             f"(`/readyz` not 200 for {k['seconds_unready']} s). Requests failed from the kill until recovery: "
             f"**{k['failed_during']}** (of {k['load']['requests']} sent in the whole run; failures by kind "
             f"{k['load']['failures']}). Served after recovery: {k['served_after']}.\n"
         )
+    if "worker_kill_client" in results or "recycle" in results:
+        L.append("## Restarts under load, through the project's client\n")
+        L.append(
+            "The load goes through `nanomorph.client.NanomorphClient` with its defaults (3 retries, backoff "
+            "0.5 s doubling, never shorter than the server's `Retry-After`; every 503 carries "
+            "`Retry-After: 2`), one client and one keep-alive connection per thread. A request counts as "
+            "failed only when the client raises after its retries.\n"
+        )
+    if "worker_kill_client" in results:
+        k = results["worker_kill_client"]
+        ld = k["load"]
+        L.append(
+            f"- **Worker killed** (`kill -9`, PID {k['killed_pid']}) 2 s into a load at {ld['concurrency']} "
+            f"concurrent clients: a new worker (PID {k['new_pid']}) answered `/readyz` 200 {k['seconds_to_ready']} s "
+            f"after the kill. Failed requests: **{ld['failed']}** of {ld['requests']} ({_table(ld['failures'])}); "
+            f"the client retried {ld.get('retries')} times; p50 {ld['p50_ms']} ms, max {ld['max_ms']} ms. "
+            f"Served after: {k['served_after']}."
+        )
+    if "recycle" in results:
+        r = results["recycle"]
+        ld = r["load"]
+        L.append(
+            f"- **Worker recycled** (`NANOMORPH_RECYCLE_REQUESTS={r['recycle_every']}`) under a load of "
+            f"{ld['requests']} requests at {ld['concurrency']} concurrent clients: {r['recycles_logged']} recycles "
+            f"logged, {r['worker_pids_seen']} worker processes seen. Failed requests: **{ld['failed']}** "
+            f"({_table(ld['failures'])}); the client retried {ld.get('retries')} times; p50 {ld['p50_ms']} ms, "
+            f"p99 {ld['p99_ms']} ms, max {ld['max_ms']} ms, {ld['throughput_rps']} req/s. Served after: "
+            f"{r['served_after']}."
+        )
+    if "recycle_httpx" in results:
+        r = results["recycle_httpx"]
+        ld = r["load"]
+        L.append(
+            f"- For comparison, the same recycling load from plain httpx requests that are **never retried** "
+            f"(what the drain alone achieves): {r['recycles_logged']} recycles, failed requests {ld['failed']} "
+            f"of {ld['requests']} ({_table(ld['failures'])}). Such a request was sent on a keep-alive "
+            "connection in the instant the draining worker closed it, so the server never read it (a retry is "
+            "safe), or it reached the new worker before its models were loaded (503 + `Retry-After`); "
+            "connections opened while no worker accepts wait in the listening socket's backlog and are served."
+        )
+    if "worker_kill_client" in results or "recycle" in results:
+        L.append("")
     if "corrupt_model" in results:
         c = results["corrupt_model"]
         L.append("## Fault: start with a corrupted model file\n")
@@ -454,7 +557,7 @@ def render(results: dict[str, Any], mode: str, started: str, seconds: float) -> 
     L.append(
         "`make reliability` runs the full harness (about 1,200 hostile uploads, schemathesis with 100 examples per "
         "operation and mode, 10,000 load requests, the faults); `python -m reliability --quick` is the "
-        "development mode; `--parts fuzz,load,faults,training` picks parts. The default test suite keeps fast "
+        "development mode; `--parts fuzz,load,faults,restarts,training` picks parts. The default test suite keeps fast "
         "versions in `tests/reliability/test_fast_reliability.py`. Failing hostile cases are saved for replay "
         "under the work folder's `failing-cases/` (`--workdir` keeps it).\n"
     )
@@ -479,9 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="development mode: fewer requests")
     parser.add_argument(
         "--parts",
-        default="fuzz,load,faults,training,large",
-        help="comma list of fuzz, load, faults, training, large (default all); 'large' alone rewrites only "
-        "its section of the report",
+        default=",".join(PARTS),
+        help=f"comma list of {', '.join(PARTS)} (default all); 'large' alone rewrites only its section of "
+        "the report",
     )
     parser.add_argument(
         "--large-runs", default="trim,no_trim", help="large frames: trim (default config), no_trim, or both"
@@ -499,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return 1 if any(not ok for _, ok in targets(saved)) else 0
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    unknown = parts - {"fuzz", "load", "faults", "training", "large"}
+    unknown = parts - set(PARTS)
     if unknown:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -516,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
             _fuzz_and_load(work, sizes, parts, results)
         if "faults" in parts:
             _server_faults(work, results)
+        if "restarts" in parts:
+            _restarts(work, sizes, results)
         if "training" in parts:
             _training_faults(work, results)
         if "large" in parts:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from reliability.load import LoadReport, run_load, worker_pids
+from reliability.load import LoadReport, run_client_load, run_load, worker_pids
 from tests.fixtures.images import write_disc_frames as write_unlabeled
 from tests.fixtures.images import write_shapes
 
@@ -55,9 +56,11 @@ class WorkerKillReport:
     failed_during: int
     load: dict[str, Any]
     served_after: bool
+    client: str = "httpx"
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "client": self.client,
             "killed_pid": self.killed_pid,
             "new_pid": self.new_pid,
             "seconds_to_ready": None if self.seconds_to_ready is None else round(self.seconds_to_ready, 2),
@@ -76,6 +79,7 @@ def kill_worker_under_load(
     concurrency: int = 8,
     warm_s: float = 2.0,
     recover_timeout_s: float = 120.0,
+    client: bool = False,
 ) -> WorkerKillReport:
     """Kills the serving worker with SIGKILL while load runs and measures the recovery.
 
@@ -86,6 +90,8 @@ def kill_worker_under_load(
         concurrency: concurrent clients of the load.
         warm_s: seconds of load before the kill.
         recover_timeout_s: give up waiting for ``/readyz`` after this long.
+        client: send the load through :class:`nanomorph.client.NanomorphClient` (with its retries)
+            instead of plain httpx requests that are never retried.
 
     Returns:
         Time from the kill until ``/readyz`` answered 200 from a new worker, time ``/readyz`` was
@@ -96,10 +102,14 @@ def kill_worker_under_load(
         raise RuntimeError(f"no BentoML worker found below PID {server_pid}")
     stop = threading.Event()
     box: dict[str, LoadReport] = {}
-    thread = threading.Thread(
-        target=lambda: box.setdefault("r", run_load(url, n_requests, concurrency, stop=stop, timeout=30.0)),
-        daemon=True,
-    )
+
+    def load() -> None:
+        if client:
+            box["r"] = run_client_load(url, n_requests, concurrency, stop=stop, timeout=30.0)
+        else:
+            box["r"] = run_load(url, n_requests, concurrency, stop=stop, timeout=30.0)
+
+    thread = threading.Thread(target=load, daemon=True)
     thread.start()
     time.sleep(warm_s)
     victim = workers[0]
@@ -120,11 +130,14 @@ def kill_worker_under_load(
             break
         time.sleep(0.05)
     t_ready = time.monotonic()
-    time.sleep(1.0)  # let requests in flight at recovery finish
+    time.sleep(5.0 if client else 1.0)  # let requests in flight (or retrying) at recovery finish
     stop.set()
     thread.join(timeout=120)
     load = box.get("r", LoadReport())
-    failed_during = sum(1 for t in load.failure_times if t_kill <= t <= t_ready + 1.0)
+    # A client gives up only after its retries: count its failures until the end of the run.
+    failed_during = sum(
+        1 for t in load.failure_times if t_kill <= t <= (math.inf if client else t_ready + 1.0)
+    )
     served_after = False
     try:
         from reliability.load import payloads
@@ -143,7 +156,71 @@ def kill_worker_under_load(
         failed_during=failed_during,
         load=load.to_dict(),
         served_after=served_after,
+        client="nanomorph.client" if client else "httpx",
     )
+
+
+# ------------------------------------------------------------------------------- recycling
+
+
+def recycle_under_load(
+    workdir: Path, *, every: int = 300, n_requests: int = 1500, concurrency: int = 8, client: bool = True
+) -> dict[str, Any]:
+    """Starts a server that recycles its worker every ~``every`` requests and loads it through
+    :class:`nanomorph.client.NanomorphClient` (``client=False``: plain httpx requests, never
+    retried, to see what the drain alone achieves); counts recycles, new workers and failed requests.
+
+    Returns:
+        ``recycle_every``, ``recycles_logged`` (the workers' "recycling this worker" lines),
+        ``worker_pids_seen``, the load's figures, ``served_after`` and ``ok`` (at least one recycle
+        and no failed request).
+    """
+    from reliability.load import payloads
+    from tests.fixtures.server import start_server
+    from tests.fixtures.tiny_models import build_tiny_store
+
+    store = workdir / "store"
+    build_tiny_store(store)
+    server = start_server(workdir, store=store, env={"NANOMORPH_RECYCLE_REQUESTS": str(every)})
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.1):
+            for pid in worker_pids(server.proc.pid):
+                if pid not in seen:
+                    seen.append(pid)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        if client:
+            load = run_client_load(server.url, n_requests, concurrency, timeout=30.0)
+        else:
+            load = run_load(server.url, n_requests, concurrency, timeout=30.0)
+        done.set()
+        watcher.join()
+        server.wait_ready(120)
+        r = httpx.post(
+            server.url + "/classify",
+            files=[("images", ("after.png", payloads(1)[0], "image/png"))],
+            timeout=30,
+        )
+        served_after = r.status_code == 200
+        log = server.log(tail=50_000_000)
+    finally:
+        done.set()
+        server.stop()
+    recycles = sum(1 for line in log.splitlines() if "recycling this worker" in line)
+    return {
+        "client": "nanomorph.client" if client else "httpx",
+        "recycle_every": every,
+        "recycles_logged": recycles,
+        "worker_pids_seen": len(seen),
+        "load": load.to_dict(),
+        "served_after": served_after,
+        "ok": bool(recycles >= 1 and load.failed == 0 and not load.stopped_early and served_after),
+    }
 
 
 # ------------------------------------------------------------------------------- corrupt model

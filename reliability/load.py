@@ -78,6 +78,7 @@ class LoadReport:
     concurrency: int = 0
     stopped_early: bool = False
     failure_times: list[float] = field(default_factory=list)
+    attempts: int = 0  # HTTP attempts (client load only: requests + retries)
 
     @property
     def failed(self) -> int:
@@ -100,6 +101,9 @@ class LoadReport:
             "p99_ms": _r(self.percentile(99)),
             "max_ms": _r(max(self.latencies_ms) if self.latencies_ms else None),
             "stopped_early": self.stopped_early,
+            **(
+                {"attempts": self.attempts, "retries": self.attempts - self.requests} if self.attempts else {}
+            ),
         }
 
 
@@ -186,3 +190,76 @@ def run_load(
     return asyncio.run(
         _load(url, n_requests, concurrency, bodies or payloads(), timeout, time_limit_s, stop, headers)
     )
+
+
+class _CountingTransport(httpx.HTTPTransport):
+    """One keep-alive connection (as :func:`run_load`'s clients) that counts every attempt."""
+
+    def __init__(self, report: LoadReport, lock: threading.Lock) -> None:
+        super().__init__(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+        self._report, self._lock = report, lock
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        with self._lock:
+            self._report.attempts += 1
+        return super().handle_request(request)
+
+
+def run_client_load(
+    url: str,
+    n_requests: int,
+    concurrency: int = 8,
+    *,
+    bodies: list[bytes] | None = None,
+    time_limit_s: float = 1200.0,
+    stop: threading.Event | None = None,
+    **client_kwargs: Any,
+) -> LoadReport:
+    """Like :func:`run_load`, but every request goes through :class:`nanomorph.client.NanomorphClient`
+    (one per thread, its default retries unless ``client_kwargs`` say otherwise), so a failure is
+    what an application using the project's client would see: an exception after every retry.
+    Failures are keyed by the error's status and reason; ``LoadReport.attempts`` counts the HTTP
+    attempts, so ``attempts - requests`` is the number of retries the client made.
+    """
+    from nanomorph.client import NanomorphClient, NanomorphError
+
+    bodies = bodies or payloads()
+    report = LoadReport(concurrency=concurrency)
+    counter = iter(range(n_requests))
+    lock = threading.Lock()
+    deadline = time.monotonic() + time_limit_s
+    t0 = time.monotonic()
+
+    def worker() -> None:
+        transport = _CountingTransport(report, lock)
+        with NanomorphClient(url, transport=transport, **client_kwargs) as client:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                if time.monotonic() > deadline or (stop is not None and stop.is_set()):
+                    report.stopped_early = True
+                    return
+                start = time.perf_counter()
+                try:
+                    results = client.classify([(f"f{i}.png", bodies[i % len(bodies)])])
+                    problem = None if len(results) == 1 else "wrong result count"
+                except NanomorphError as exc:
+                    problem = f"{exc.status or 'no response'} {exc.reason}"
+                with lock:
+                    report.requests += 1
+                    if problem is None:
+                        report.ok += 1
+                        report.latencies_ms.append(1000 * (time.perf_counter() - start))
+                    else:
+                        report.failures[problem] += 1
+                        report.failure_times.append(time.monotonic())
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    report.seconds = time.monotonic() - t0
+    return report

@@ -57,6 +57,7 @@ from service import metrics
 from service.batching import Batcher, Overloaded
 from service.guard import GuardError, GuardMiddleware, decode_upload
 from service.largeframes import Busy, PixelBudget, segment_tiles, trim_memory
+from service.lifecycle import RecycleMiddleware, recycling_enabled
 from service.settings import TASKS, Settings
 from service.webui import install as install_web_page
 
@@ -67,6 +68,8 @@ log = logging.getLogger("bentoml.nanomorph")
 SETTINGS = Settings.from_env()
 #: Frames at least this large (pixels) hand freed memory back to the system when they finish.
 LARGE_FRAME = 2048 * 2048
+#: Routes left out of BentoML's OpenTelemetry middleware (regular expressions searched in the URL).
+UNTRACED = ("/classify", "/embed", "/segment", "/similar")
 
 # ------------------------------------------------------------------------------------------ schemas
 
@@ -273,7 +276,9 @@ def _model_input(stored: StoredModel, task: str) -> np.ndarray:
 
 
 def _error(status: int, reason: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "reason": reason}, status_code=status)
+    # Every 503 (models loading, a restarted worker, overload) is temporary: say when to come back.
+    headers = {"Retry-After": str(SETTINGS.retry_after_s)} if status == 503 else None
+    return JSONResponse({"error": message, "reason": reason}, status_code=status, headers=headers)
 
 
 # ------------------------------------------------------------------------------------------ the app
@@ -286,6 +291,16 @@ app = FastAPI(
     redoc_url=None,
     openapi_url=None,
 )
+
+
+async def _current_service() -> Any:
+    return bentoml.get_current_service()
+
+
+# BentoML hands `self` to the routes through a *sync* FastAPI dependency, which FastAPI runs in a
+# worker thread: one thread hop per request just to fetch a global (~5% of a worker's CPU per
+# /classify in a py-spy profile). The same dependency, async, runs on the event loop.
+app.dependency_overrides[bentoml.get_current_service] = _current_service
 
 
 @app.exception_handler(GuardError)
@@ -348,6 +363,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     # bentoml 1.4.40 recycles the connections of internal calls (self.to_async, bentoml.depends)
     # after 100 requests and drops ~6% of requests under concurrency doing so; never recycle.
     runner_connection={"max_requests": 10**9, "max_age": 86400.0},
+    # bentoml 1.4.40 records OpenTelemetry spans for every request and every ASGI message even with
+    # tracing off (its sampler always records): ~20% of a worker's CPU per /classify in a py-spy
+    # profile. Leave the inference routes out unless NANOMORPH_TRACE_REQUESTS=1.
+    tracing={} if SETTINGS.trace_requests else {"excluded_urls": list(UNTRACED)},
 )
 @bentoml.asgi_app(app, path="/")
 class Nanomorph:
@@ -824,3 +843,5 @@ Nanomorph.add_asgi_middleware(  # type: ignore[attr-defined]
 )
 # The web page, /docs, /docs.json (with version and bearer scheme) and POST /preview.
 install_web_page(app, SETTINGS, lambda: Nanomorph.openapi_spec.asdict())  # type: ignore[attr-defined]
+if recycling_enabled(SETTINGS):  # NANOMORPH_RECYCLE_REQUESTS / _RSS_MB (service/lifecycle.py)
+    Nanomorph.add_asgi_middleware(RecycleMiddleware, settings=SETTINGS)  # type: ignore[attr-defined]

@@ -63,6 +63,23 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "NANOMORPH_WORKERS": ("1", "BentoML worker processes (each loads every model)"),
     "NANOMORPH_TIMEOUT_S": ("300", "BentoML request timeout (s)"),
     "NANOMORPH_INDEX": ("(unset: /similar off)", "similar-image index folder from `nanomorph index build`"),
+    "NANOMORPH_SHUTDOWN_GRACE_S": (
+        "30",
+        "on a stop signal, seconds requests in flight get to finish (`nanomorph serve`)",
+    ),
+    "NANOMORPH_RECYCLE_REQUESTS": (
+        "0 (never)",
+        "a worker drains and restarts after about this many requests",
+    ),
+    "NANOMORPH_RECYCLE_RSS_MB": (
+        "0 (never)",
+        "a worker drains and restarts once its resident memory passes this (MiB)",
+    ),
+    "NANOMORPH_TRACE_REQUESTS": (
+        "0",
+        "1: BentoML's OpenTelemetry spans also for the inference routes (costly; see docs/service.md)",
+    ),
+    "NANOMORPH_RETRY_AFTER_S": ("2", "Retry-After (s) sent with every 503 (models loading, overloaded)"),
 }
 
 
@@ -139,6 +156,11 @@ class Settings:
     protect_metrics: bool = False
     workers: int = 1
     timeout_s: int = 300
+    shutdown_grace_s: float = 30.0
+    recycle_requests: int = 0
+    recycle_rss_mb: float = 0.0
+    retry_after_s: int = 2
+    trace_requests: bool = False
 
     @property
     def auth_enabled(self) -> bool:
@@ -191,4 +213,9 @@ class Settings:
             protect_metrics=_bool(env, "NANOMORPH_PROTECT_METRICS", False),
             workers=workers,
             timeout_s=_int(env, "NANOMORPH_TIMEOUT_S", 300, minimum=1),
+            shutdown_grace_s=_float(env, "NANOMORPH_SHUTDOWN_GRACE_S", 30.0),
+            recycle_requests=_int(env, "NANOMORPH_RECYCLE_REQUESTS", 0),
+            recycle_rss_mb=_float(env, "NANOMORPH_RECYCLE_RSS_MB", 0.0),
+            retry_after_s=_int(env, "NANOMORPH_RETRY_AFTER_S", 2, minimum=1),
+            trace_requests=_bool(env, "NANOMORPH_TRACE_REQUESTS", False),
         )

@@ -93,7 +93,9 @@ def test_dockerfile_key_facts() -> None:
     assert health and "/readyz" in health.group(1) and "urllib" in health.group(1)
     assert "NANOMORPH_STORE=/models" in text
     cmd = re.search(r"^CMD \[(.*)\]$", text, re.M)
-    assert cmd and '"service.service:Nanomorph"' in cmd.group(1) and '"0.0.0.0"' in cmd.group(1)
+    # `nanomorph serve` runs `bentoml serve service.service:Nanomorph` and drains it on SIGTERM.
+    assert cmd and cmd.group(1).startswith('"nanomorph", "serve"') and '"0.0.0.0"' in cmd.group(1)
+    assert '"service.service:Nanomorph"' in (REPO / "nanomorph" / "serve.py").read_text()
     assert (REPO / "service" / "service.py").read_text().count("class Nanomorph") == 1
     ignore = (REPO / ".dockerignore").read_text().splitlines()
     assert ignore[ignore.index("**") + 1 :].count("!training/") == 0 and "**" in ignore

@@ -176,3 +176,48 @@ def test_client_stays_light_and_old_python_friendly() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_retry_after_is_a_floor_for_the_backoff() -> None:
+    client = NanomorphClient("http://127.0.0.1:9", backoff=0.01)
+    assert client.retry_delay(0, "2") == 2.0  # the server's Retry-After wins over a short backoff
+    assert client.retry_delay(0, "600") == 30.0  # capped
+    assert 0.01 <= client.retry_delay(0, "soon") <= 0.011  # unparsable: plain backoff
+    assert 0.08 <= client.retry_delay(3, "0") <= 0.088  # a longer backoff wins over Retry-After
+
+
+class _Dropping(BaseHTTPRequestHandler):
+    """``POST /classify`` drops the connection without an answer ``drop`` times (a killed worker)."""
+
+    drop = 1
+    calls = 0
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).calls += 1
+        if type(self).calls <= type(self).drop:
+            self.close_connection = True
+            return  # no response at all: the client sees the connection close
+        data = json.dumps({"model": "m", "results": [{"filename": "a.png", "label": "x"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_request_cut_off_by_a_dying_worker_is_sent_again() -> None:
+    handler = type("Dropping", (_Dropping,), {"calls": 0, "drop": 2})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        with NanomorphClient(url, retries=3, backoff=0.01) as client:
+            assert client.classify([("a.png", b"png bytes")])[0]["label"] == "x"
+        assert handler.calls == 3
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

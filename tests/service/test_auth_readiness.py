@@ -56,6 +56,7 @@ def test_tokens_readiness_and_missing_model(tmp_path: Path) -> None:
             server.url + "/classify", files={"images": ("a.png", png_bytes(speck_image(False)))}, headers=auth
         )
         assert r.status_code == 503 and r.json()["reason"] == "model_unavailable"
+        assert r.headers["retry-after"] == "2"  # NANOMORPH_RETRY_AFTER_S: clients come back later
 
         # Publish classify and embed (not segment) into the server's store, each folder renamed into place.
         models_dir = Path(server.env["BENTOML_HOME"]) / "models"

@@ -217,13 +217,28 @@ def test_serve_options_become_environment() -> None:
         "NANOMORPH_CLASSIFY_MODEL": "x-classify:1",
         "NANOMORPH_MAX_BATCH_SIZE": "8",
     }
-    assert serve_cmd.command("0.0.0.0", 4000)[-5:] == [
+    assert serve_cmd.command("0.0.0.0", 4000, grace_s=12.5)[-7:] == [
         "service.service:Nanomorph",
         "--host",
         "0.0.0.0",
         "--port",
         "4000",
+        "--timeout-graceful-shutdown",  # each worker's uvicorn drains for at most the grace
+        "13",
     ]
+    args = parser.parse_args(
+        ["--shutdown-grace-s", "5", "--recycle-requests", "10000", "--recycle-rss-mb", "900"]
+    )
+    assert serve_cmd.env_from_args(args) == {
+        "NANOMORPH_SHUTDOWN_GRACE_S": "5.0",
+        "NANOMORPH_RECYCLE_REQUESTS": "10000",
+        "NANOMORPH_RECYCLE_RSS_MB": "900.0",
+    }
+    assert serve_cmd.grace_seconds({}) == 30.0
+    assert serve_cmd.grace_seconds({"NANOMORPH_SHUTDOWN_GRACE_S": "5"}) == 5.0
+    for bad in ("soon", "-1", "inf"):
+        with pytest.raises(ValueError, match="NANOMORPH_SHUTDOWN_GRACE_S"):
+            serve_cmd.grace_seconds({"NANOMORPH_SHUTDOWN_GRACE_S": bad})
 
 
 def test_serve_bad_port_is_a_clear_cli_error() -> None:
