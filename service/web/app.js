@@ -181,13 +181,13 @@ async function maskOverlay(maskB64, shape) {
   const data = ctx.getImageData(0, 0, w, h);
   const px = data.data;
   for (let i = 0; i < px.length; i += 4) {
-    const v = px[i]; // grey PNG: R = G = B = class index (8-bit masks)
-    if (v === 0) {
+    // Masks are palette PNGs whose colours are the overlay colours (index 0 black), so the browser
+    // already decodes each class to its colour: only background needs to become transparent.
+    if (px[i] === 0 && px[i + 1] === 0 && px[i + 2] === 0) {
       px[i + 3] = 0;
       continue;
     }
-    const [r, g, b] = colour(v);
-    px[i] = r; px[i + 1] = g; px[i + 2] = b; px[i + 3] = Math.round(255 * OVERLAY_ALPHA);
+    px[i + 3] = Math.round(255 * OVERLAY_ALPHA);
   }
   ctx.putImageData(data, 0, 0);
   return c;
