@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +54,23 @@ SPHERE_MAX_AR, ROD_MIN_AR, MIN_PARTICLES = 1.25, 1.8, 3
 # data
 
 
+def whole_particles(seg: np.ndarray) -> list[Any]:
+    """Region properties of the particles of an instance map that lie wholly inside it (not
+    touching its border), with at least 30 px and a measurable minor axis."""
+    from skimage.measure import regionprops
+
+    h, w = seg.shape
+    return [
+        r
+        for r in regionprops(seg)
+        if r.area >= 30
+        and r.axis_minor_length >= 1
+        and min(r.bbox[:2]) > 0
+        and r.bbox[2] < h
+        and r.bbox[3] < w
+    ]
+
+
 def frame_labels(root: Path) -> dict[str, dict[str, tuple[str, str]]]:
     """Two frame-level tasks from the instance maps, ``{task: {filename: (label, doi)}}``:
 
@@ -63,7 +81,6 @@ def frame_labels(root: Path) -> dict[str, dict[str, tuple[str, str]]]:
     Only particles that do not touch the border count; frames with fewer than 3 are not labelled.
     """
     from PIL import Image
-    from skimage.measure import regionprops
 
     with open(root / "metadata.csv", newline="") as fh:
         dois = {r["filename"]: r["doi"] for r in csv.DictReader(fh)}
@@ -71,15 +88,7 @@ def frame_labels(root: Path) -> dict[str, dict[str, tuple[str, str]]]:
     for name in sorted(dois):
         seg = np.array(Image.open(root / "segmaps" / name))
         h, w = seg.shape
-        props = [
-            r
-            for r in regionprops(seg)
-            if r.area >= 30
-            and r.axis_minor_length >= 1
-            and min(r.bbox[:2]) > 0
-            and r.bbox[2] < h
-            and r.bbox[3] < w
-        ]
+        props = whole_particles(seg)
         if len(props) >= MIN_PARTICLES:
             ratio[name] = float(np.median([r.axis_major_length / r.axis_minor_length for r in props]))
             diameter[name] = float(np.median([r.equivalent_diameter_area for r in props]))
@@ -112,7 +121,6 @@ def tile_origins_of(h: int, w: int, crop: int) -> list[tuple[int, int]]:
 def tile_particles(seg: np.ndarray, crop: int) -> list[tuple[float, float, int]]:
     """Per tile of ``frame_tiles``' grid: (median aspect ratio, median equivalent diameter, count)
     of the particles lying wholly inside the tile (nan, nan, n when fewer than 3)."""
-    from skimage.measure import regionprops
 
     h, w = seg.shape
     if min(h, w) < crop:  # frame_tiles resizes such frames up: keep their one tile unlabeled
@@ -120,15 +128,7 @@ def tile_particles(seg: np.ndarray, crop: int) -> list[tuple[float, float, int]]
     out = []
     for y, x in tile_origins_of(h, w, crop):
         sub = seg[y : y + crop, x : x + crop]
-        props = [
-            r
-            for r in regionprops(sub)
-            if r.area >= 30
-            and r.axis_minor_length >= 1
-            and min(r.bbox[:2]) > 0
-            and r.bbox[2] < crop
-            and r.bbox[3] < crop
-        ]
+        props = whole_particles(sub)
         if len(props) < MIN_PARTICLES:
             out.append((float("nan"), float("nan"), len(props)))
             continue
