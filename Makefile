@@ -10,7 +10,7 @@ STAMP := $(VENV)/.nanomorph-installed
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: serve test venv lint bench reliability slow-test clean-demo
+.PHONY: serve test venv lint bench bench-ssl reliability slow-test clean-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/large_frames.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/malloc_trim.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/malloc_trim.py --no-trim
+
+DATA ?= ../shared/data/emps-train
+bench-ssl: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/ssl_quality.py --data $(DATA) --work runs/ssl_quality \
+		--steps 150 --image-size 96 --crop-size 192
 
 reliability: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m reliability
