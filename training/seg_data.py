@@ -92,6 +92,32 @@ def classes_from_data(data: str | Path) -> list[str] | None:
     return None
 
 
+def read_index_image(path: Path, what: str) -> np.ndarray:
+    """The raw array of an index image (class mask or instance map; PNG or first TIFF page).
+
+    Not ``read_image``: it converts palette/RGB to grey levels, which would scramble indices.
+
+    Raises:
+        ValueError: ``"<what> <path>: ..."`` for colour images and files that do not decode.
+    """
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            return np.asarray(tifffile.imread(path, key=0))
+        with Image.open(path) as im:
+            if im.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise ValueError(
+                    f"{what} {path}: expected a single-channel integer PNG, got mode {im.mode} "
+                    "(colour images are not class or instance indices)"
+                )
+            return np.asarray(im)
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{what} {path}: cannot decode ({exc})") from exc
+
+
 def read_mask(path: str | Path, n_classes: int) -> np.ndarray:
     """Reads an integer class mask (PNG or TIFF) and checks every value lies in ``[0, n_classes)``.
 
@@ -104,24 +130,7 @@ def read_mask(path: str | Path, n_classes: int) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"mask {path} does not exist")
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            arr = np.asarray(tifffile.imread(path, key=0))
-        else:
-            with Image.open(path) as im:
-                # Not read_image: it converts palette/RGB to grey levels, which would scramble class indices.
-                if im.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
-                    raise ValueError(
-                        f"mask {path}: expected a single-channel integer PNG, got mode {im.mode} "
-                        "(colour masks are not class indices)"
-                    )
-                arr = np.asarray(im)
-    except ValueError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"mask {path}: cannot decode ({exc})") from exc
+    arr = read_index_image(path, "mask")
     if arr.ndim != 2:
         raise ValueError(f"mask {path}: expected one channel (H, W), got shape {arr.shape}")
     if arr.dtype == bool:

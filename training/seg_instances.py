@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from nanomorph.contract import Contract
 from nanomorph.particles import InstanceParams, instance_target
-from training.seg_data import SegPair, load_pair, resolve_data_dir
+from training.seg_data import SegPair, load_pair, read_index_image, resolve_data_dir
 
 INSTANCE_SUFFIXES = (".png", ".tif", ".tiff")
 
@@ -33,22 +32,7 @@ def instance_file(data: str | Path, pair: SegPair) -> Path | None:
 
 def read_instances(path: Path) -> np.ndarray:
     """An instance-id map as int64 (H, W); a ValueError naming the file when it is not one."""
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            arr = np.asarray(tifffile.imread(path, key=0))
-        else:
-            with Image.open(path) as im:
-                if im.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
-                    raise ValueError(
-                        f"instance map {path}: expected a single-channel integer image, got {im.mode}"
-                    )
-                arr = np.asarray(im)
-    except ValueError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"instance map {path}: cannot decode ({exc})") from exc
+    arr = read_index_image(path, "instance map")
     if arr.ndim != 2 or arr.dtype.kind not in "uib":
         raise ValueError(f"instance map {path}: expected integer ids (H, W), got {arr.dtype} {arr.shape}")
     if arr.dtype.kind == "i" and arr.min() < 0:
