@@ -22,6 +22,7 @@ exports anew).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -804,7 +805,9 @@ def export_runs(
                 "torch_version": torch.__version__,
                 "quantize": job_quant,
             }
-            props = metadata_props(
+            # Bound to the provenance dict itself: quantisation adds to it before the second call.
+            props = functools.partial(
+                metadata_props,
                 job.task,
                 job.contract,
                 job.classes,
@@ -814,24 +817,12 @@ def export_runs(
                 provenance,
                 instances=job.instances,
             )
-            set_metadata(fp32, props)
+            set_metadata(fp32, props())
             chosen, quant = fp32, None
             if job_quant == "int8":
                 chosen, quant = try_quantize(job, fp32, max_accuracy_drop, data)
                 provenance["quantization"] = {k: quant[k] for k in ("kept", "accuracy_drop", "speedup")}
-                set_metadata(
-                    chosen,
-                    metadata_props(
-                        job.task,
-                        job.contract,
-                        job.classes,
-                        job.metrics,
-                        job.ood,
-                        job.encoder,
-                        provenance,
-                        instances=job.instances,
-                    ),
-                )
+                set_metadata(chosen, props())
             extra = {
                 "readme": model_card(job, tag, parity, quant),
                 "parity": {k: parity[k] for k in ("max_abs_diff", "tolerance", "real_images")},
