@@ -50,6 +50,7 @@ from training.backbones import create_backbone, git_commit, load_backbone
 from training.data import LABELS_CSV, list_classification
 from training.models import Classifier
 from training.runio import progress, write_model_card
+from training.schedule import WarmupCosine
 from training.splits import Split, make_split, parse_labels_per_class
 
 log = logging.getLogger("nanomorph.finetune_cls")
@@ -516,14 +517,7 @@ def finetune(
         ],
         weight_decay=float(cfg["weight_decay"]),
     )
-    warmup = max(1, steps // 10)
-
-    def lr_lambda(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine.over(steps, warmup_divisor=10))
     gen = torch.Generator().manual_seed(int(cfg["seed"]) + 17)
     rng = np.random.default_rng(int(cfg["seed"]) + 17)
     # Class-balanced sampling: a class is drawn uniformly, then one of its images.

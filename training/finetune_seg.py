@@ -43,6 +43,7 @@ from training.runio import (
     save_checkpoint,
     write_model_card,
 )
+from training.schedule import WarmupCosine
 from training.seg_data import (
     SegTileDataset,
     check_pairs,
@@ -391,13 +392,8 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     loss_fn = DiceCELoss(n_classes, dice_weight=float(cfg["dice_weight"])).to(device)
 
-    def lr_factor(step: int) -> float:
-        # Short linear warm-up, then cosine decay to 1 % of the base rate.
-        warm = max(1, total_steps // 20)
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, total_steps - warm)
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+    # Short linear warm-up, then cosine decay to 1 % of the base rate.
+    lr_factor = WarmupCosine.over(total_steps, warmup_divisor=20, floor=0.01)
 
     # Resume.
     ckpt_path, best_path = out / "checkpoint.pt", out / "best.pt"

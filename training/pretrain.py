@@ -58,6 +58,7 @@ from training.runio import (
     set_rng_state,
     write_model_card,
 )
+from training.schedule import WarmupCosine
 from training.ssl import PRESETS, SSLConfig, SSLLoss, SSLModel, build_projector, param_groups, resolve_config
 
 log = logging.getLogger("nanomorph.pretrain")
@@ -229,24 +230,6 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}")
-
-
-class WarmupCosine:
-    """Multiplier of the base lr at optimiser step ``t``: linear warm-up, then cosine to 0.
-
-    A callable object (not a lambda) so that ``LambdaLR.state_dict`` records it.
-    """
-
-    def __init__(self, warmup_steps: int, total_steps: int) -> None:
-        self.warmup_steps = int(warmup_steps)
-        self.total_steps = max(1, int(total_steps))
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress_ = min(1.0, (step - self.warmup_steps) / span)
-        return 0.5 * (1.0 + math.cos(math.pi * progress_))
 
 
 @torch.no_grad()
