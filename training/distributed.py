@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from training.device import pick_device
+
 log = logging.getLogger(__name__)
 
 
@@ -36,32 +38,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def select_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``: CUDA when present, else CPU; ``cpu`` / ``cuda`` / ``cuda:N`` force a device.
-
-    Raises:
-        ValueError: CUDA requested but not available.
-    """
-    requested = (requested or "auto").lower()
-    if requested == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: CUDA is not available on this machine")
-        if requested == "cuda":
-            return torch.device("cuda", local_rank)
-    try:
-        return torch.device(requested)
-    except RuntimeError as exc:
-        raise ValueError(f"--device: unknown device {requested!r}") from exc
-
-
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     """Initialises the process group when launched by torchrun; returns this process's :class:`DistInfo`."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = select_device(device, local_rank)
+    dev = pick_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":

@@ -48,6 +48,7 @@ from training import frames as frames_mod
 from training import metrics as M
 from training.backbones import create_backbone, git_commit, load_backbone
 from training.data import LABELS_CSV, list_classification
+from training.device import pick_device
 from training.models import Classifier
 from training.runio import progress, write_model_card
 from training.schedule import WarmupCosine
@@ -316,12 +317,6 @@ def _init_encoder(
     method = "imagenet" if init == "imagenet" else "checkpoint"
     meta = {"architecture": arch, "method": method, "init": init}
     return EncoderSpec(init, arch, method, contract, meta, init=init)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @torch.no_grad()

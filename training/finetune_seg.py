@@ -35,6 +35,7 @@ from nanomorph.config import resolved, save_resolved, yaml_defaults
 from nanomorph.contract import Contract, normalise, read_image, tile, untile
 from nanomorph.particles import BOUNDARY_CLASS
 from training.backbones import create_backbone, git_commit, load_backbone
+from training.device import pick_device
 from training.models import build_unet, load_encoder_into_unet
 from training.runio import (
     MetricsLogger,
@@ -100,14 +101,6 @@ def _parse_classes(value: Any, data: Path) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"--classes has duplicate names: {value!r}")
     return names
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -333,7 +326,7 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out)
     torch.manual_seed(int(cfg["seed"]))
-    device = _device(str(cfg["device"]))
+    device = pick_device(str(cfg["device"]))
     n_classes = len(model_classes)
     unet, enc_info = build_segmenter(str(cfg["encoder"]), cfg["arch"], n_classes)
     base_contract = (

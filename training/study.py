@@ -351,6 +351,7 @@ def study_cls(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from training import finetune_cls as fc
+    from training.device import pick_device
     from training.frames import tiling_summary
     from training.splits import make_split, parse_labels_per_class
 
@@ -422,7 +423,7 @@ def study_cls(cfg: dict[str, Any]) -> dict[str, Any]:
         assert all(np.array_equal(tests[0], t) for t in tests)
 
     feature_cache: dict[tuple[str, int | None], np.ndarray] = {}
-    device = fc.pick_device(str(cfg.get("device") or "auto"))
+    device = pick_device(cfg.get("device"))
     cls_overrides = {
         k: cfg[k] for k in ("steps", "scratch_steps", "batch_size", "eval_every") if cfg.get(k) is not None
     }
