@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,6 +44,7 @@ from scipy import ndimage
 from nanomorph import __version__
 from nanomorph.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from nanomorph.config import save_resolved, yaml_defaults
+from nanomorph.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -525,30 +525,6 @@ def _link_or_copy(src: Path, dst: Path) -> str:
         return "copy"
 
 
-class _Progress:
-    """tqdm on a terminal, a plain log line every ~10 % otherwise (CI logs, pipes)."""
-
-    def __init__(self, total: int, desc: str) -> None:
-        self.total, self.desc, self.done = total, desc, 0
-        self.bar: Any = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="img")
-        self.every = max(1, total // 10)
-
-    def update(self) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        elif self.done % self.every == 0 or self.done == self.total:
-            log.info("%s: %d/%d", self.desc, self.done, self.total)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def generate(
     kind: str,
     n_per_class: int,
@@ -627,7 +603,7 @@ def generate(
     jobs: list[tuple[int, int, str]] = [
         (ci, j, c) for ci, c in enumerate(classes) for j in range(n_per_class)
     ]
-    progress = _Progress(len(jobs) + n_unl, f"synth {kind}")
+    progress = Progress(len(jobs) + n_unl, f"synth {kind}", interval_s=None, logger=log)
     for ci, j, cls in jobs:
         stem = _labeled_stem(seed, kind, cls, j)
         cls_path = out / "classification" / cls / f"{stem}.{ext}"

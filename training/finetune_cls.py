@@ -44,13 +44,14 @@ from nanomorph.atomic import atomic_write_text
 from nanomorph.config import load_yaml, resolved, save_resolved, yaml_defaults
 from nanomorph.contract import Contract, frame_tiles, read_image, to_model_input
 from nanomorph.contract.frames import nm_per_px
+from nanomorph.progress import progress
 from training import frames as frames_mod
 from training import metrics as M
 from training.backbones import create_backbone, git_commit, load_backbone
 from training.data import LABELS_CSV, list_classification
 from training.device import pick_device
 from training.models import Classifier
-from training.runio import progress, write_model_card
+from training.runio import write_model_card
 from training.schedule import WarmupCosine
 from training.splits import Split, make_split, parse_labels_per_class
 

@@ -34,13 +34,13 @@ from nanomorph.atomic import atomic_path, atomic_write_text
 from nanomorph.config import resolved, save_resolved, yaml_defaults
 from nanomorph.contract import Contract, normalise, read_image, tile, untile
 from nanomorph.particles import BOUNDARY_CLASS
+from nanomorph.progress import progress
 from training.backbones import create_backbone, git_commit, load_backbone
 from training.device import pick_device
 from training.models import build_unet, load_encoder_into_unet
 from training.runio import (
     MetricsLogger,
     load_checkpoint,
-    progress,
     save_checkpoint,
     write_model_card,
 )

@@ -43,6 +43,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from nanomorph.config import save_resolved, yaml_defaults
 from nanomorph.contract import Contract
+from nanomorph.progress import progress
 from training import distributed as dist_utils
 from training import quality as quality_lib
 from training.augment import AugmentConfig, BatchAugment
@@ -51,7 +52,6 @@ from training.data import ArrayCache, LabeledFolder, UnlabeledFolder
 from training.runio import (
     MetricsLogger,
     load_checkpoint,
-    progress,
     read_metrics,
     rng_state,
     save_checkpoint,

@@ -1,4 +1,4 @@
-"""Shared run-folder helpers: metrics log, atomic checkpoints, model cards, progress display.
+"""Shared run-folder helpers: metrics log, atomic checkpoints, model cards.
 
 Every training command writes its run folder through these so that the folders look alike
 (docs/architecture.md §3) and a killed process never leaves a half-written file behind.
@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +21,6 @@ import torch
 from nanomorph.atomic import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 def _jsonable(value: Any) -> Any:
@@ -198,69 +194,3 @@ def write_model_card(path: str | Path, title: str, sections: Mapping[str, Any]) 
     path = Path(path)
     atomic_write_text(path, "\n".join(lines), fsync=True)
     return path
-
-
-class PlainProgress:
-    """Log-line progress for non-terminals (CI logs, ``nohup``): one line every ``every`` items
-    and at the end, with rate and the latest postfix."""
-
-    def __init__(
-        self, iterable: Iterable[T], total: int | None, desc: str, every: int, logger: logging.Logger
-    ) -> None:
-        self.iterable = iterable
-        self.total = total
-        self.desc = desc
-        self.every = max(1, every)
-        self.logger = logger
-        self.postfix: dict[str, Any] = {}
-
-    def set_postfix(self, **values: Any) -> None:
-        self.postfix = values
-
-    def __iter__(self) -> Iterator[Any]:
-        start = time.perf_counter()
-        count = 0
-        for count, item in enumerate(self.iterable, start=1):
-            yield item
-            if self.every == sys.maxsize:
-                continue  # disabled (non-zero DDP rank)
-            if count % self.every == 0 or count == self.total:
-                rate = count / max(time.perf_counter() - start, 1e-9)
-                extra = " ".join(f"{k}={_format_value(v)}" for k, v in self.postfix.items())
-                of = f"/{self.total}" if self.total else ""
-                self.logger.info("%s %d%s (%.2f it/s) %s", self.desc, count, of, rate, extra)
-
-    def close(self) -> None:
-        pass
-
-
-def progress(
-    iterable: Iterable[T],
-    total: int | None = None,
-    desc: str = "",
-    enabled: bool = True,
-    every: int | None = None,
-    logger: logging.Logger | None = None,
-) -> Any:
-    """A tqdm bar on a terminal, plain log lines otherwise, nothing when ``enabled`` is False.
-
-    The returned object is iterable and has ``set_postfix(**values)`` and ``close()``.
-
-    Args:
-        iterable: what to iterate.
-        total: its length, when known.
-        desc: label of the bar / log lines.
-        enabled: False on non-zero DDP ranks.
-        every: log every N items when not on a TTY (default: ~10 lines per pass).
-        logger: where plain lines go (default: this module's logger).
-    """
-    if total is None and hasattr(iterable, "__len__"):
-        total = len(iterable)  # type: ignore[arg-type]
-    if not enabled:
-        return PlainProgress(iterable, total, desc, every=sys.maxsize, logger=logger or log)
-    if sys.stderr.isatty() and os.environ.get("NANOMORPH_PLAIN_PROGRESS") != "1":
-        from tqdm.auto import tqdm
-
-        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False)
-    step = every or max(1, (total or 100) // 10)
-    return PlainProgress(iterable, total, desc, every=step, logger=logger or log)

@@ -35,6 +35,7 @@ import numpy as np
 
 from nanomorph.atomic import atomic_path, atomic_write_text
 from nanomorph.config import save_resolved, yaml_defaults
+from nanomorph.progress import progress
 from training.frames import add_tiling_arguments
 
 log = logging.getLogger("nanomorph.study")
@@ -323,8 +324,6 @@ def _run_grid(
     columns: Sequence[str],
     run_cell: Any,
 ) -> ResultsFile:
-    from training.runio import progress
-
     results = ResultsFile(out / "results.csv", columns)
     done = results.done()
     pending = [c for c in cells if c.key not in done]
@@ -341,8 +340,7 @@ def _run_grid(
         row["seconds"] = round(time.perf_counter() - start, 2)
         atomic_write_text(out / "cells" / f"{cell.slug}.json", json.dumps(detail, indent=2, default=str))
         results.append(row)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(cell=cell.slug, score=row.get(columns[4]))
+        bar.set_postfix(cell=cell.slug, score=row.get(columns[4]))
     return results
 
 
