@@ -31,6 +31,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -307,49 +308,117 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
     data_dir = Path(args.data)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"--data {data_dir} is not a folder")
+    complete, checkpoint = _previous_run(out, cfg, bool(args.resume))
+    if complete:
+        return 0
+    _seed_and_tune(cfg["seed"] + info.rank, info.device)
+    data = _prepare_data(args, cfg, info, data_dir)
+    trainer = _build_trainer(cfg, info, data, checkpoint, out)
+    metrics = _open_run_folder(args, cfg, info, data, out, trainer.start_epoch)
+    monitor: tuple[torch.Tensor, torch.Tensor] | None = None
+    if args.monitor_labels and info.is_main:
+        monitor = LabeledFolder(
+            args.monitor_labels, image_size=cfg["image_size"], contract=data.contract
+        ).tensors()
+    _log_start(cfg, info, data)
+    quality = QualityMonitor(data.dataset, data.augment, info.device, args, enabled=info.is_main)
+    if trainer.start_epoch == 0 and quality.enabled:
+        start_signals = quality.measure_start(trainer.model.backbone)
+        metrics.log({"epoch": 0, "step": 0, "kind": "quality", **start_signals.to_dict()})
+    last: dict[str, float] = {}
+    for epoch in range(trainer.start_epoch, cfg["epochs"]):
+        epoch_start = time.perf_counter()
+        losses, feats = _train_epoch(trainer, data, cfg, info, epoch, metrics, int(args.log_every), out)
+        record = _epoch_record(trainer, cfg, info, epoch, losses, feats, epoch_start)
+        if monitor is not None:
+            record["knn_accuracy"] = knn_accuracy(
+                trainer.model.backbone, *monitor, int(args.knn_k), info.device
+            )
+        if quality.due(epoch + 1, cfg["epochs"]):
+            record.update(quality.measure(trainer.model.backbone).to_dict())
+        last = {k: v for k, v in record.items() if isinstance(v, float)}
+        _report_epoch(record, cfg, info, metrics)
+        _save_epoch_checkpoint(trainer, cfg, info, epoch, last, out / "checkpoint.pt")
+        dist_utils.barrier()
 
-    # --- what is already in the run folder: skip / refuse / resume --------------------------
+    if info.is_main:
+        _finish(out, trainer.model, cfg, data.contract, trainer.model.embedding_dim, last)
+    dist_utils.barrier()
+    return 0
+
+
+def _previous_run(out: Path, cfg: dict[str, Any], resume: bool) -> tuple[bool, dict[str, Any] | None]:
+    """What the run folder already holds: ``(complete, checkpoint to resume from)``.
+
+    Raises:
+        ValueError: a run with other settings, or an unfinished one without ``--resume``.
+    """
     ckpt_path = out / "checkpoint.pt"
-    checkpoint: dict[str, Any] | None = None
-    if ckpt_path.exists():
-        checkpoint = load_checkpoint(ckpt_path)
-        if checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{ckpt_path}: not a nanomorph pretraining checkpoint")
-        saved = json.loads(checkpoint["run"])
-        diffs = _differences(saved, cfg)
-        done = int(checkpoint["epoch"])
-        if done >= cfg["epochs"] and (out / "backbone.safetensors").exists() and not diffs:
-            log.info("%s is already complete (%d epochs); nothing to do", out, done)
-            return 0
-        if diffs:
+    if not ckpt_path.exists():
+        if (out / "metrics.jsonl").exists() and not resume:
             raise ValueError(
-                f"{out} holds a run with other settings ({'; '.join(diffs)}); "
-                "choose a new --out or repeat the original settings"
+                f"{out} holds a run that stopped before its first checkpoint; "
+                "pass --resume to restart it or choose a new --out"
             )
-        if not args.resume:
-            raise ValueError(
-                f"{out} holds an unfinished run (epoch {done}/{cfg['epochs']}); "
-                "pass --resume to continue it or choose a new --out"
-            )
-    elif (out / "metrics.jsonl").exists() and not args.resume:
+        return False, None
+    checkpoint = load_checkpoint(ckpt_path)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{ckpt_path}: not a nanomorph pretraining checkpoint")
+    saved = json.loads(checkpoint["run"])
+    diffs = _differences(saved, cfg)
+    done = int(checkpoint["epoch"])
+    if done >= cfg["epochs"] and (out / "backbone.safetensors").exists() and not diffs:
+        log.info("%s is already complete (%d epochs); nothing to do", out, done)
+        return True, checkpoint
+    if diffs:
         raise ValueError(
-            f"{out} holds a run that stopped before its first checkpoint; "
-            "pass --resume to restart it or choose a new --out"
+            f"{out} holds a run with other settings ({'; '.join(diffs)}); "
+            "choose a new --out or repeat the original settings"
         )
+    if not resume:
+        raise ValueError(
+            f"{out} holds an unfinished run (epoch {done}/{cfg['epochs']}); "
+            "pass --resume to continue it or choose a new --out"
+        )
+    return False, checkpoint
 
-    # --- seeds, device ----------------------------------------------------------------------
-    device = info.device
-    seed = cfg["seed"] + info.rank
+
+def _seed_and_tune(seed: int, device: torch.device) -> None:
+    """Seeds python, numpy and torch (per rank); on CUDA lets cuDNN pick kernels and use TF32."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-    use_cuda = device.type == "cuda"
-    if use_cuda:
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # --- data -------------------------------------------------------------------------------
+
+@dataclass
+class _Data:
+    """The decoded folder and how batches are drawn from it."""
+
+    contract: Contract
+    dataset: UnlabeledFolder
+    n_files: int
+    workers: int
+    sampler: DistributedSampler | RandomSampler
+    sampler_gen: torch.Generator
+    loader: DataLoader
+    steps_per_epoch: int
+    augment: BatchAugment
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+        else:
+            self.sampler_gen.manual_seed(seed * 100003 + epoch)  # same order after a resume
+
+
+def _prepare_data(
+    args: argparse.Namespace, cfg: dict[str, Any], info: dist_utils.DistInfo, data_dir: Path
+) -> _Data:
+    """Decodes (and caches) the folder, checks it gives a batch, and builds the loader."""
     contract = Contract(image_size=cfg["image_size"])
     cache = ArrayCache(max_bytes=int(args.cache_mb) << 20, cache_dir=args.cache_dir)
     dataset = UnlabeledFolder(
@@ -384,7 +453,7 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
         sampler=sampler,
         num_workers=workers,
         drop_last=True,
-        pin_memory=use_cuda,
+        pin_memory=info.device.type == "cuda",
         persistent_workers=workers > 0,
     )
     steps_per_epoch = len(loader)
@@ -393,172 +462,231 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
     augment = BatchAugment(
         AugmentConfig(image_size=cfg["image_size"], scale=(cfg["scale_min"], cfg["scale_max"]))
     )
+    return _Data(contract, dataset, n_files, workers, sampler, sampler_gen, loader, steps_per_epoch, augment)
 
-    # --- model, loss, optimiser, schedule ---------------------------------------------------
+
+@dataclass
+class _Trainer:
+    """Model, loss, optimiser and schedule, and where in the schedule the run stands."""
+
+    model: SSLModel
+    train_model: nn.Module  # the model, or its DDP wrapper
+    criterion: SSLLoss
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    start_epoch: int = 0
+    global_step: int = 0
+
+
+def _build_trainer(
+    cfg: dict[str, Any],
+    info: dist_utils.DistInfo,
+    data: _Data,
+    checkpoint: dict[str, Any] | None,
+    out: Path,
+) -> _Trainer:
+    """Backbone + projector, loss, optimiser and warm-up + cosine schedule; restored from
+    ``checkpoint`` when resuming; wrapped in DDP when distributed."""
+    device = info.device
     backbone = create_backbone(cfg["backbone"], cfg["init"] if not checkpoint else "none")
     ssl_cfg = SSLConfig(**cfg["ssl"])
     model = build_ssl_model(backbone, ssl_cfg, device)
-    embedding_dim = model.embedding_dim
     criterion = SSLLoss(ssl_cfg, gather_distributed=info.distributed)
     optimizer = build_optimizer(model, cfg["optimizer"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
-    total_steps = cfg["epochs"] * steps_per_epoch
+    total_steps = cfg["epochs"] * data.steps_per_epoch
     warmup_epochs = min(cfg["warmup_epochs"], 0.1 * cfg["epochs"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(round(warmup_epochs * steps_per_epoch), total_steps)
+        optimizer, WarmupCosine(round(warmup_epochs * data.steps_per_epoch), total_steps)
     )
-    start_epoch, global_step = 0, 0
+    trainer = _Trainer(model, model, criterion, optimizer, scheduler)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        start_epoch, global_step = int(checkpoint["epoch"]), int(checkpoint["global_step"])
+        trainer.start_epoch, trainer.global_step = int(checkpoint["epoch"]), int(checkpoint["global_step"])
         rng = checkpoint["rng"][min(info.rank, len(checkpoint["rng"]) - 1)]
         set_rng_state(rng)
-        log.info("resuming %s after epoch %d/%d", out, start_epoch, cfg["epochs"])
-    train_model: nn.Module = model
+        log.info("resuming %s after epoch %d/%d", out, trainer.start_epoch, cfg["epochs"])
     if info.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if use_cuda else None
+        trainer.train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    return trainer
 
-    # --- run folder -------------------------------------------------------------------------
+
+def _open_run_folder(
+    args: argparse.Namespace,
+    cfg: dict[str, Any],
+    info: dist_utils.DistInfo,
+    data: _Data,
+    out: Path,
+    start_epoch: int,
+) -> MetricsLogger:
+    """The metrics log (cut back to the last finished epoch) and ``config.yaml`` (main process)."""
     metrics = MetricsLogger(out / "metrics.jsonl", enabled=info.is_main)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         # Drop what an interrupted epoch logged, so the log matches an uninterrupted run.
         metrics.truncate(lambda r: int(r.get("epoch", 0)) <= start_epoch)
         args.resolved = cfg
-        args.contract = contract.to_dict()
+        args.contract = data.contract.to_dict()
         args.world_size = info.world_size
-        args.device_used = str(device)
-        args.workers_used = workers
+        args.device_used = str(info.device)
+        args.workers_used = data.workers
         save_resolved(args, out)
-    monitor: tuple[torch.Tensor, torch.Tensor] | None = None
-    if args.monitor_labels and info.is_main:
-        monitor = LabeledFolder(
-            args.monitor_labels, image_size=cfg["image_size"], contract=contract
-        ).tensors()
+    return metrics
 
+
+def _log_start(cfg: dict[str, Any], info: dist_utils.DistInfo, data: _Data) -> None:
     (log.info if info.is_main else log.debug)(
         "pretraining %s/%s on %d images (%d steps/epoch, global batch %d, lr %.4g, %s, workers %d)",
         cfg["method"],
         cfg["backbone"],
-        n_files,
-        steps_per_epoch,
+        data.n_files,
+        data.steps_per_epoch,
         cfg["global_batch"],
         cfg["lr"],
-        device,
-        workers,
+        info.device,
+        data.workers,
     )
-    quality = QualityMonitor(dataset, augment, device, args, enabled=info.is_main)
-    if start_epoch == 0 and quality.enabled:
-        start_signals = quality.measure_start(model.backbone)
-        metrics.log({"epoch": 0, "step": 0, "kind": "quality", **start_signals.to_dict()})
-    last: dict[str, float] = {}
-    for epoch in range(start_epoch, cfg["epochs"]):
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        else:
-            sampler_gen.manual_seed(cfg["seed"] * 100003 + epoch)  # same order after a resume
-        train_model.train()
-        losses: list[float] = []
-        feats: torch.Tensor | None = None
-        epoch_start = t0 = time.perf_counter()
-        bar = progress(
-            loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}", enabled=info.is_main
-        )
-        for step, batch in enumerate(bar):
-            if step >= steps_per_epoch:
-                break
-            x = batch.to(device, non_blocking=True)
-            h, loss = forward_step(train_model, criterion, augment, x, use_cuda)
-            finite = torch.isfinite(loss.detach()).float()
-            if info.distributed:
-                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            if finite.item() < 1:
-                raise NonFiniteLossError(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping. "
-                    f"{out} keeps the last good checkpoint ({epoch} "
-                    "epochs); lower --base-lr or use --optimizer lars/adamw, then --resume"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            global_step += 1
-            loss_value = float(loss.detach())
-            losses.append(loss_value)
-            feats = h[: x.shape[0]]
-            if (step + 1) % max(1, int(args.log_every)) == 0 or step + 1 == steps_per_epoch:
-                now = time.perf_counter()
-                n_steps = (step % max(1, int(args.log_every))) + 1
-                ips = n_steps * cfg["global_batch"] / max(now - t0, 1e-9)
-                t0 = now
-                lr = optimizer.param_groups[0]["lr"]
-                metrics.log(epoch=epoch + 1, step=global_step, loss=loss_value, lr=lr, images_per_s=ips)
-                bar.set_postfix(loss=loss_value, lr=lr, ips=ips)
-        bar.close()
-        epoch_loss = dist_utils.all_reduce_mean(sum(losses) / max(1, len(losses)), device)
-        epoch_s = time.perf_counter() - epoch_start
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": global_step,
-            "kind": "epoch",
-            "loss": epoch_loss,
-            "embedding_std": _embedding_std(feats) if feats is not None else float("nan"),
-            "embedding_std_healthy": 1 / math.sqrt(embedding_dim),
-            "images_per_s": len(losses) * cfg["global_batch"] / max(epoch_s, 1e-9),
-            "epoch_s": epoch_s,
-        }
-        if monitor is not None:
-            record["knn_accuracy"] = knn_accuracy(model.backbone, *monitor, int(args.knn_k), device)
-        if quality.due(epoch + 1, cfg["epochs"]):
-            record.update(quality.measure(model.backbone).to_dict())
-        if record["embedding_std"] < 0.2 * record["embedding_std_healthy"] and info.is_main:
-            log.warning(
-                "embedding std %.4g is far below %.4g: the representation may be collapsing",
-                record["embedding_std"],
-                record["embedding_std_healthy"],
-            )
-        last = {k: v for k, v in record.items() if isinstance(v, float)}
-        if info.is_main:
-            metrics.log(record)
-            log.info(
-                "epoch %d/%d loss %.4f emb_std %.4f%s (%.1f images/s)",
-                epoch + 1,
-                cfg["epochs"],
-                epoch_loss,
-                record["embedding_std"],
-                f" knn {record['knn_accuracy']:.3f}" if "knn_accuracy" in record else "",
-                record["images_per_s"],
-            )
-        # Every rank saves its RNG state into the checkpoint rank 0 writes.
-        states = [rng_state()]
-        if info.distributed:
-            gathered: list[Any] = [None] * info.world_size
-            torch.distributed.all_gather_object(gathered, states[0])
-            states = gathered
-        if info.is_main:
-            save_checkpoint(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "run": json.dumps(cfg, sort_keys=True),
-                    "epoch": epoch + 1,
-                    "global_step": global_step,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": states,
-                    "metrics": last,
-                },
-                ckpt_path,
-            )
-        dist_utils.barrier()
 
+
+def _train_epoch(
+    trainer: _Trainer,
+    data: _Data,
+    cfg: dict[str, Any],
+    info: dist_utils.DistInfo,
+    epoch: int,
+    metrics: MetricsLogger,
+    log_every: int,
+    out: Path,
+) -> tuple[list[float], torch.Tensor | None]:
+    """One epoch of optimiser steps; a step record every ``log_every`` steps.
+    Returns the step losses and the last batch's features."""
+    data.set_epoch(epoch, cfg["seed"])
+    trainer.train_model.train()
+    losses: list[float] = []
+    feats: torch.Tensor | None = None
+    t0 = time.perf_counter()
+    every = max(1, log_every)
+    steps = data.steps_per_epoch
+    bar = progress(data.loader, total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']}", enabled=info.is_main)
+    for step, batch in enumerate(bar):
+        if step >= steps:
+            break
+        x = batch.to(info.device, non_blocking=True)
+        h, loss = forward_step(
+            trainer.train_model, trainer.criterion, data.augment, x, info.device.type == "cuda"
+        )
+        _check_finite(loss, info, epoch, step, out)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        trainer.global_step += 1
+        loss_value = float(loss.detach())
+        losses.append(loss_value)
+        feats = h[: x.shape[0]]
+        if (step + 1) % every == 0 or step + 1 == steps:
+            now = time.perf_counter()
+            ips = ((step % every) + 1) * cfg["global_batch"] / max(now - t0, 1e-9)
+            t0 = now
+            lr = trainer.optimizer.param_groups[0]["lr"]
+            metrics.log(epoch=epoch + 1, step=trainer.global_step, loss=loss_value, lr=lr, images_per_s=ips)
+            bar.set_postfix(loss=loss_value, lr=lr, ips=ips)
+    bar.close()
+    return losses, feats
+
+
+def _check_finite(loss: torch.Tensor, info: dist_utils.DistInfo, epoch: int, step: int, out: Path) -> None:
+    """Stops every process together when any of them saw a NaN/inf loss."""
+    finite = torch.isfinite(loss.detach()).float()
+    if info.distributed:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if finite.item() < 1:
+        raise NonFiniteLossError(
+            f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; stopping. "
+            f"{out} keeps the last good checkpoint ({epoch} "
+            "epochs); lower --base-lr or use --optimizer lars/adamw, then --resume"
+        )
+
+
+def _epoch_record(
+    trainer: _Trainer,
+    cfg: dict[str, Any],
+    info: dist_utils.DistInfo,
+    epoch: int,
+    losses: list[float],
+    feats: torch.Tensor | None,
+    epoch_start: float,
+) -> dict[str, Any]:
+    """The epoch's ``metrics.jsonl`` record: mean loss over processes, embedding spread, speed."""
+    epoch_loss = dist_utils.all_reduce_mean(sum(losses) / max(1, len(losses)), info.device)
+    epoch_s = time.perf_counter() - epoch_start
+    return {
+        "epoch": epoch + 1,
+        "step": trainer.global_step,
+        "kind": "epoch",
+        "loss": epoch_loss,
+        "embedding_std": _embedding_std(feats) if feats is not None else float("nan"),
+        "embedding_std_healthy": 1 / math.sqrt(trainer.model.embedding_dim),
+        "images_per_s": len(losses) * cfg["global_batch"] / max(epoch_s, 1e-9),
+        "epoch_s": epoch_s,
+    }
+
+
+def _report_epoch(
+    record: dict[str, Any], cfg: dict[str, Any], info: dist_utils.DistInfo, metrics: MetricsLogger
+) -> None:
+    """Warns of a collapsing representation; logs the epoch (main process)."""
+    if record["embedding_std"] < 0.2 * record["embedding_std_healthy"] and info.is_main:
+        log.warning(
+            "embedding std %.4g is far below %.4g: the representation may be collapsing",
+            record["embedding_std"],
+            record["embedding_std_healthy"],
+        )
     if info.is_main:
-        _finish(out, model, cfg, contract, embedding_dim, last)
-    dist_utils.barrier()
-    return 0
+        metrics.log(record)
+        log.info(
+            "epoch %d/%d loss %.4f emb_std %.4f%s (%.1f images/s)",
+            record["epoch"],
+            cfg["epochs"],
+            record["loss"],
+            record["embedding_std"],
+            f" knn {record['knn_accuracy']:.3f}" if "knn_accuracy" in record else "",
+            record["images_per_s"],
+        )
+
+
+def _save_epoch_checkpoint(
+    trainer: _Trainer,
+    cfg: dict[str, Any],
+    info: dist_utils.DistInfo,
+    epoch: int,
+    last: dict[str, float],
+    path: Path,
+) -> None:
+    """Rank 0 writes the checkpoint, with every rank's RNG state so that a resume continues each."""
+    states = [rng_state()]
+    if info.distributed:
+        gathered: list[Any] = [None] * info.world_size
+        torch.distributed.all_gather_object(gathered, states[0])
+        states = gathered
+    if info.is_main:
+        save_checkpoint(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "run": json.dumps(cfg, sort_keys=True),
+                "epoch": epoch + 1,
+                "global_step": trainer.global_step,
+                "model": trainer.model.state_dict(),
+                "optimizer": trainer.optimizer.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(),
+                "rng": states,
+                "metrics": last,
+            },
+            path,
+        )
 
 
 class QualityMonitor:
