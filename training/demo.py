@@ -61,118 +61,71 @@ def _stage(name: str, done: Path, argv: list[str]) -> None:
         done.write_text(json.dumps({"stage": name, "argv": argv, "finished": time.time()}) + "\n")
 
 
-def stages(args: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
+Stage = tuple[str, Path, list[str]]  # (name, the file whose presence means done, nanomorph argv)
+
+
+def stages(args: argparse.Namespace) -> list[Stage]:
+    """The demo's stages in the order they run."""
     out: Path = args.out
     data, runs = out / "data", out / "runs"
-    common = ["--seed", str(args.seed)]
     return [
-        # One render: the unlabeled pool comes from other seeds than the labeled images,
-        # so pretraining never sees the labeled/test images.
-        (
-            "synth",
-            data / "synth.json",
-            [
-                "synth",
-                "--out",
-                str(data),
-                "--kind",
-                args.kind,
-                "--n-per-class",
-                str(args.n_per_class),
-                "--n-unlabeled",
-                str(args.n_unlabeled),
-                "--size",
-                str(args.size),
-                *common,
-            ],
-        ),
-        (
-            "pretrain",
-            runs / "pretrain" / "backbone.safetensors",
-            [
-                "pretrain",
-                "--data",
-                str(data / "unlabeled"),
-                "--method",
-                args.method,
-                "--backbone",
-                args.backbone,
-                "--image-size",
-                str(args.image_size),
-                "--batch-size",
-                str(args.pretrain_batch_size),
-                "--epochs",
-                str(args.pretrain_epochs),
-                "--optimizer",
-                args.pretrain_optimizer,
-                "--base-lr",
-                str(args.pretrain_base_lr),
-                "--out",
-                str(runs / "pretrain"),
-                "--resume",
-                *common,
-            ],
-        ),
-        (
-            "finetune-cls",
-            runs / "classifier" / "classifier.safetensors",
-            [
-                "finetune-cls",
-                "--encoder",
-                str(runs / "pretrain" / "backbone.safetensors"),
-                "--data",
-                str(data / "classification"),
-                "--mode",
-                args.cls_mode,
-                "--labels-per-class",
-                "all",
-                "--steps",
-                str(args.cls_steps),
-                "--out",
-                str(runs / "classifier"),
-                *common,
-            ],
-        ),
-        (
-            "finetune-seg",
-            runs / "segmenter" / "segmenter.safetensors",
-            [
-                "finetune-seg",
-                "--encoder",
-                str(runs / "pretrain" / "backbone.safetensors"),
-                "--data",
-                str(data / "segmentation"),
-                "--classes",
-                "background,wire",
-                "--labeled-images",
-                "all",
-                "--tile",
-                str(args.seg_tile),
-                "--steps",
-                str(args.seg_steps),
-                "--out",
-                str(runs / "segmenter"),
-                *common,
-            ],
-        ),
-        (
-            "export",
-            out / "exported.json",
-            [
-                "export",
-                "--encoder",
-                str(runs / "pretrain"),
-                "--classifier",
-                str(runs / "classifier"),
-                "--segmenter",
-                str(runs / "segmenter"),
-                "--name",
-                args.name,
-                "--store",
-                args.store,
-            ],
-        ),
+        _synth_stage(args, data),
+        _pretrain_stage(args, data, runs),
+        _finetune_cls_stage(args, data, runs),
+        _finetune_seg_stage(args, data, runs),
+        _export_stage(args, out, runs),
     ]
+
+
+def _seed(args: argparse.Namespace) -> list[str]:
+    return ["--seed", str(args.seed)]
+
+
+def _synth_stage(args: argparse.Namespace, data: Path) -> Stage:
+    # One render: the unlabeled pool comes from other seeds than the labeled images,
+    # so pretraining never sees the labeled/test images.
+    argv = [
+        "synth", "--out", str(data), "--kind", args.kind, "--n-per-class", str(args.n_per_class),
+        "--n-unlabeled", str(args.n_unlabeled), "--size", str(args.size), *_seed(args),
+    ]  # fmt: skip
+    return "synth", data / "synth.json", argv
+
+
+def _pretrain_stage(args: argparse.Namespace, data: Path, runs: Path) -> Stage:
+    argv = [
+        "pretrain", "--data", str(data / "unlabeled"), "--method", args.method, "--backbone", args.backbone,
+        "--image-size", str(args.image_size), "--batch-size", str(args.pretrain_batch_size),
+        "--epochs", str(args.pretrain_epochs), "--optimizer", args.pretrain_optimizer,
+        "--base-lr", str(args.pretrain_base_lr), "--out", str(runs / "pretrain"), "--resume", *_seed(args),
+    ]  # fmt: skip
+    return "pretrain", runs / "pretrain" / "backbone.safetensors", argv
+
+
+def _finetune_cls_stage(args: argparse.Namespace, data: Path, runs: Path) -> Stage:
+    argv = [
+        "finetune-cls", "--encoder", str(runs / "pretrain" / "backbone.safetensors"),
+        "--data", str(data / "classification"), "--mode", args.cls_mode, "--labels-per-class", "all",
+        "--steps", str(args.cls_steps), "--out", str(runs / "classifier"), *_seed(args),
+    ]  # fmt: skip
+    return "finetune-cls", runs / "classifier" / "classifier.safetensors", argv
+
+
+def _finetune_seg_stage(args: argparse.Namespace, data: Path, runs: Path) -> Stage:
+    argv = [
+        "finetune-seg", "--encoder", str(runs / "pretrain" / "backbone.safetensors"),
+        "--data", str(data / "segmentation"), "--classes", "background,wire", "--labeled-images", "all",
+        "--tile", str(args.seg_tile), "--steps", str(args.seg_steps), "--out", str(runs / "segmenter"),
+        *_seed(args),
+    ]  # fmt: skip
+    return "finetune-seg", runs / "segmenter" / "segmenter.safetensors", argv
+
+
+def _export_stage(args: argparse.Namespace, out: Path, runs: Path) -> Stage:
+    argv = [
+        "export", "--encoder", str(runs / "pretrain"), "--classifier", str(runs / "classifier"),
+        "--segmenter", str(runs / "segmenter"), "--name", args.name, "--store", args.store,
+    ]  # fmt: skip
+    return "export", out / "exported.json", argv
 
 
 def run(args: argparse.Namespace, progress: Callable[[str], None] | None = None) -> int:
