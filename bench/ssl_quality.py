@@ -5,7 +5,7 @@ optimiser-step budget, then identical linear-probe splits. Not a test: it prints
 
 Data: the EMPS particle set (``images/``, ``segmaps/`` instance maps, ``metadata.csv`` with the
 source paper's doi). All frames are used WITHOUT labels for pretraining. The downstream task is
-frame classification, spheres vs rods, the question of the real TEM set in issue 14: a frame's
+frame classification, spheres vs rods, the question a real TEM set asks: a frame's
 label comes from its instance map (median aspect ratio of the particles that do not touch the
 border: <= 1.25 spheres, >= 1.8 rods; other frames and frames with < 3 particles are not
 labelled). Splits are by paper (doi), K labelled frames per class, test = the rest of the papers.

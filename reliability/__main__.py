@@ -311,7 +311,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool]]:
 
 
 def large_targets(results: dict[str, Any]) -> list[tuple[str, bool]]:
-    """Targets of the large-frames burst (issue 17); the trim run is the default configuration."""
+    """Targets of the large-frames burst; the trim run is the default configuration."""
     r = (results.get("large") or {}).get("trim")
     if not r:
         return []

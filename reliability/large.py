@@ -23,8 +23,8 @@ import numpy as np
 
 
 def frame_tiff(side: int, seed: int = 0) -> bytes:
-    """A uint16 frame with bright stripes on a textured background, zlib TIFF (compressible, as the
-    issue's 0.6 MB frame: noise would make it larger than the upload limit)."""
+    """A uint16 frame with bright stripes on a textured background, zlib TIFF (compressible, as a real
+    0.6 MB frame: noise would make it larger than the upload limit)."""
     import tifffile
 
     rng = np.random.default_rng(seed)

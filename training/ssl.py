@@ -11,7 +11,7 @@ Presets (``--preset``):
 
 * ``default``: sized for small data and CPUs: SimCLR projector 512-128, temperature 0.5 (lightly's
   default); Barlow Twins projector 2048-2048-2048, lambda 0.005.
-* ``paper``: the settings issue 3 asks for: SimCLR temperature 0.1 (SimCLR paper, with its
+* ``paper``: the papers' temperature / lambda with smaller projectors: SimCLR temperature 0.1 (SimCLR paper, with its
   2048-128 projector); Barlow Twins lambda 0.005 and projector 128-64-1024.
 * ``original``: the published ImageNet settings: SimCLR 2048-128 at temperature 0.1; Barlow
   Twins 8192-8192-8192 at lambda 0.0051 (memory-hungry).
