@@ -26,10 +26,10 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,10 @@ from nanomorph.atomic import atomic_path, atomic_write_text
 from nanomorph.config import save_resolved, yaml_defaults
 from nanomorph.progress import progress
 from training.frames import add_tiling_arguments
+
+if TYPE_CHECKING:  # torch-backed types; the module itself imports torch only when a study runs
+    from training.finetune_cls import EncoderSpec, LabeledImages
+    from training.splits import Split
 
 log = logging.getLogger("nanomorph.study")
 
@@ -322,7 +326,7 @@ def _run_grid(
     out: Path,
     cells: list[Cell],
     columns: Sequence[str],
-    run_cell: Any,
+    run_cell: Callable[[Cell], tuple[dict[str, Any], dict[str, Any]]],
 ) -> ResultsFile:
     results = ResultsFile(out / "results.csv", columns)
     done = results.done()
@@ -344,23 +348,53 @@ def _run_grid(
     return results
 
 
-def study_cls(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Runs (or resumes) a classification label-efficiency study; returns paths and cell counts."""
-    import torch
+@dataclass
+class _Grid:
+    """The grid a study walks: encoders × modes × label counts × repeats (repeat r: seed + r)."""
 
+    encoders: dict[str, str]
+    labels: list[str]
+    modes: list[str]
+    repeats: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], labels_key: str, task: str, allowed: Sequence[str]) -> _Grid:
+        encoders = parse_encoders(cfg.get("encoders"))
+        labels = parse_grid(cfg[labels_key])
+        modes = parse_grid_modes(cfg.get("modes") or DEFAULT_MODES[task], allowed)
+        repeats = int(cfg["repeats"])
+        if repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {repeats}")
+        return cls(encoders, labels, modes, repeats, int(cfg["seed"]))
+
+    def cells(self, order: Sequence[str]) -> list[Cell]:
+        return [
+            Cell(e, m, lab, r)
+            for r in range(self.repeats)
+            for e in order
+            for lab in self.labels
+            for m in self.modes
+        ]
+
+
+def _open_study(out: Path, identity: dict[str, Any], cfg: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _check_study_file(out, identity)
+    save_resolved(cfg, out)  # after the check: a refused rerun leaves the folder as it was
+
+
+def _all_position(rows: list[dict[str, str]]) -> float:
+    """Where ``all`` sits on the curve's x axis: the mean labeled count of its cells."""
+    all_rows = [r for r in rows if r["labels"] == "all" and r.get("labels_per_class_mean")]
+    return float(np.mean([float(r["labels_per_class_mean"]) for r in all_rows])) if all_rows else 0.0
+
+
+def _cls_encoders(cfg: dict[str, Any], encoders: dict[str, str]) -> tuple[dict[str, EncoderSpec], str, int]:
+    """The encoders to compare plus the ``scratch`` baseline of the same architecture and input
+    size; returns ``(specs, scratch architecture, image size)``."""
     from training import finetune_cls as fc
-    from training.device import pick_device
-    from training.frames import tiling_summary
-    from training.splits import make_split, parse_labels_per_class
 
-    out = Path(cfg["out"])
-    encoders = parse_encoders(cfg.get("encoders"))
-    labels = parse_grid(cfg["labels_per_class"])
-    modes = parse_grid_modes(cfg.get("modes") or DEFAULT_MODES["cls"], ("linear", "finetune"))
-    repeats = int(cfg["repeats"])
-    if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
-    seed = int(cfg["seed"])
     specs = {
         name: fc.resolve_encoder(path, cfg.get("arch") or "resnet18", cfg.get("image_size"), cfg)
         for name, path in encoders.items()
@@ -376,9 +410,119 @@ def study_cls(cfg: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(
                 f"encoder {name} takes {spec.contract.image_size} px, another {image_size}; pass --image-size"
             )
+    return specs, arch, image_size
 
+
+class ClsStudy:
+    """What every cell of a classification study shares, and the caches that make it affordable:
+    decoded images per preprocessing contract, every split (drawn up front, so a label count the
+    data cannot give fails now, naming the class) and frozen-encoder features per encoder."""
+
+    def __init__(self, cfg: dict[str, Any], specs: dict[str, EncoderSpec], arch: str, grid: _Grid) -> None:
+        from training.device import pick_device
+
+        self.cfg, self.specs, self.arch, self.grid = cfg, specs, arch, grid
+        self.images_by_contract: dict[str, LabeledImages] = {}
+        # (encoder, repeat or None) -> features of every image; see features_for.
+        self.features: dict[tuple[str, int | None], np.ndarray] = {}
+        base = self.images_for(specs["scratch"])
+        self.names, self.y = base.class_names, base.labels
+        self.splits = self._make_splits(base.groups)
+        self.device = pick_device(cfg.get("device"))
+        self.overrides = {
+            k: cfg[k]
+            for k in ("steps", "scratch_steps", "batch_size", "eval_every")
+            if cfg.get(k) is not None
+        }
+
+    def _make_splits(self, groups: np.ndarray | None) -> dict[tuple[int, str], Split]:
+        from training.splits import make_split, parse_labels_per_class
+
+        cfg, grid = self.cfg, self.grid
+        splits = {
+            (r, lab): make_split(
+                self.y,
+                parse_labels_per_class(lab),
+                float(cfg["val_fraction"]),
+                float(cfg["test_fraction"]),
+                grid.seed + r,
+                groups=groups,
+                class_names=self.names,
+            )  # fmt: skip
+            for r in range(grid.repeats)
+            for lab in grid.labels
+        }
+        for r in range(grid.repeats):  # the test split of a repeat is the same for every label count
+            tests = [splits[(r, lab)].test for lab in grid.labels]
+            assert all(np.array_equal(tests[0], t) for t in tests)
+        return splits
+
+    def images_for(self, spec: EncoderSpec) -> LabeledImages:
+        from training import finetune_cls as fc
+
+        key = spec.contract.to_json()
+        if key not in self.images_by_contract:
+            self.images_by_contract[key] = fc.load_images(
+                self.cfg["data"], spec.contract, self.cfg.get("group_column")
+            )
+        return self.images_by_contract[key]
+
+    def features_for(self, name: str, repeat: int) -> np.ndarray:
+        from training import finetune_cls as fc
+
+        spec = self.specs[name]
+        # Pretrained features do not depend on the repeat; the random-init baseline's do (its seed
+        # and the non-test images its BatchNorm statistics are calibrated on).
+        key = (name, repeat if spec.is_scratch else None)
+        if key not in self.features:
+            imgs = self.images_for(spec)
+            pool = np.setdiff1d(np.arange(len(self.y)), self.splits[(repeat, self.grid.labels[0])].test)
+            backbone = spec.build(self.grid.seed + repeat, calibration=imgs.x[imgs.rows(pool)])
+            self.features[key] = fc.extract_features(backbone, imgs.x, device=self.device)
+            if spec.is_scratch:  # the previous repeat's random features are not needed again
+                for old in [k for k in self.features if k[0] == name and k[1] not in (None, repeat)]:
+                    del self.features[old]
+        return self.features[key]
+
+    def run_cell(self, cell: Cell) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Trains one cell's classifier; returns its ``results.csv`` row and its full detail."""
+        import torch
+
+        from training import finetune_cls as fc
+
+        cfg, spec, seed = self.cfg, self.specs[cell.encoder], self.grid.seed + cell.repeat
+        config = {
+            "encoder": spec.source, "arch": self.arch, "data": str(cfg["data"]), "mode": cell.mode,
+            "labels_per_class": cell.labels, "val_fraction": cfg["val_fraction"],
+            "test_fraction": cfg["test_fraction"], "seed": seed, "init_seed": seed,
+            "device": str(self.device), "out": None, **self.overrides,
+        }  # fmt: skip
+        torch.manual_seed(seed)
+        split = self.splits[(cell.repeat, cell.labels)]
+        result = fc.train_classifier(
+            config,
+            images=self.images_for(spec),
+            split=split,
+            features=self.features_for(cell.encoder, cell.repeat),
+            encoder=spec,
+            show_progress=False,
+        )
+        row = {m: result[m] for m in CLS_METRICS}
+        row.update({k: result[k] for k in ("n_train", "n_val", "n_test")})
+        row["labels_per_class_mean"] = (result["n_train"] + result["n_val"]) / len(self.names)
+        detail = {**result, "split": {k: getattr(split, k).tolist() for k in ("train", "val", "test")}}
+        return row, detail
+
+
+def study_cls(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Runs (or resumes) a classification label-efficiency study; returns paths and cell counts."""
+    from training.frames import tiling_summary
+
+    out = Path(cfg["out"])
+    grid = _Grid.from_config(cfg, "labels_per_class", "cls", ("linear", "finetune"))
+    specs, arch, image_size = _cls_encoders(cfg, grid.encoders)
     identity = {
-        "task": "cls", "data": str(Path(cfg["data"]).resolve()), "seed": seed,
+        "task": "cls", "data": str(Path(cfg["data"]).resolve()), "seed": grid.seed,
         "val_fraction": float(cfg["val_fraction"]), "test_fraction": float(cfg["test_fraction"]),
         "group_column": cfg.get("group_column"), "image_size": image_size, "scratch_arch": arch,
         "encoders": {n: s.source for n, s in specs.items()},
@@ -388,95 +532,25 @@ def study_cls(cfg: dict[str, Any]) -> dict[str, Any]:
         identity["cls_tiling"] = {n: tiling_summary(c) for n, c in tiled.items()}
         for name, spec in specs.items():
             log.info("%s: %s", name, tiling_summary(spec.contract))
-    out.mkdir(parents=True, exist_ok=True)
-    _check_study_file(out, identity)
-    save_resolved(cfg, out)  # after the check: a refused rerun leaves the folder as it was
-
-    images_by_contract: dict[str, fc.LabeledImages] = {}
-
-    def images_for(spec: fc.EncoderSpec) -> fc.LabeledImages:
-        key = spec.contract.to_json()
-        if key not in images_by_contract:
-            images_by_contract[key] = fc.load_images(cfg["data"], spec.contract, cfg.get("group_column"))
-        return images_by_contract[key]
-
-    base = images_for(specs["scratch"])
-    names, y, groups = base.class_names, base.labels, base.groups
-    # Every split up front: a label count the data cannot give fails now, naming the class.
-    splits = {
-        (r, lab): make_split(
-            y,
-            parse_labels_per_class(lab),
-            float(cfg["val_fraction"]),
-            float(cfg["test_fraction"]),
-            seed + r,
-            groups=groups,
-            class_names=names,
-        )  # fmt: skip
-        for r in range(repeats)
-        for lab in labels
-    }
-    for r in range(repeats):  # the test split of a repeat is the same for every label count
-        tests = [splits[(r, lab)].test for lab in labels]
-        assert all(np.array_equal(tests[0], t) for t in tests)
-
-    feature_cache: dict[tuple[str, int | None], np.ndarray] = {}
-    device = pick_device(cfg.get("device"))
-    cls_overrides = {
-        k: cfg[k] for k in ("steps", "scratch_steps", "batch_size", "eval_every") if cfg.get(k) is not None
-    }
-
-    def features_for(name: str, repeat: int) -> np.ndarray:
-        spec = specs[name]
-        # Pretrained features do not depend on the repeat; the random-init baseline's do (its seed
-        # and the non-test images its BatchNorm statistics are calibrated on).
-        key = (name, repeat if spec.is_scratch else None)
-        if key not in feature_cache:
-            imgs = images_for(spec)
-            pool = np.setdiff1d(np.arange(len(y)), splits[(repeat, labels[0])].test)
-            backbone = spec.build(seed + repeat, calibration=imgs.x[imgs.rows(pool)])
-            feature_cache[key] = fc.extract_features(backbone, imgs.x, device=device)
-            if spec.is_scratch:  # the previous repeat's random features are not needed again
-                for old in [k for k in feature_cache if k[0] == name and k[1] not in (None, repeat)]:
-                    del feature_cache[old]
-        return feature_cache[key]
-
-    def run_cell(cell: Cell) -> tuple[dict[str, Any], dict[str, Any]]:
-        spec = specs[cell.encoder]
-        config = {
-            "encoder": spec.source, "arch": arch, "data": str(cfg["data"]), "mode": cell.mode,
-            "labels_per_class": cell.labels, "val_fraction": cfg["val_fraction"],
-            "test_fraction": cfg["test_fraction"], "seed": seed + cell.repeat, "init_seed": seed + cell.repeat,
-            "device": str(device), "out": None, **cls_overrides,
-        }  # fmt: skip
-        torch.manual_seed(seed + cell.repeat)
-        result = fc.train_classifier(
-            config,
-            images=images_for(spec),
-            split=splits[(cell.repeat, cell.labels)],
-            features=features_for(cell.encoder, cell.repeat),
-            encoder=spec,
-            show_progress=False,
-        )
-        row = {m: result[m] for m in CLS_METRICS}
-        row.update({k: result[k] for k in ("n_train", "n_val", "n_test")})
-        row["labels_per_class_mean"] = (result["n_train"] + result["n_val"]) / len(names)
-        split = splits[(cell.repeat, cell.labels)]
-        detail = {**result, "split": {k: getattr(split, k).tolist() for k in ("train", "val", "test")}}
-        return row, detail
-
-    order = ["scratch"] + [n for n in specs if n != "scratch"]
-    cells = [Cell(e, m, lab, r) for r in range(repeats) for e in order for lab in labels for m in modes]
+    _open_study(out, identity, cfg)
+    study = ClsStudy(cfg, specs, arch, grid)
+    cells = grid.cells(["scratch"] + [n for n in specs if n != "scratch"])
     columns = [*KEY_COLUMNS, *CLS_METRICS, "n_train", "n_val", "n_test", "labels_per_class_mean", "seconds"]
-    results = _run_grid(out, cells, columns, run_cell)
+    results = _run_grid(out, cells, columns, study.run_cell)
+    _write_cls_report(out, study, results.rows, tiled)
+    return {"results": str(out / "results.csv"), "cells": len(cells), "rows": len(results.rows)}
 
-    all_rows = [r for r in results.rows if r["labels"] == "all" and r.get("labels_per_class_mean")]
-    all_pos = float(np.mean([float(r["labels_per_class_mean"]) for r in all_rows])) if all_rows else 0.0
+
+def _write_cls_report(out: Path, study: ClsStudy, rows: list[dict[str, str]], tiled: dict[str, Any]) -> None:
+    """``summary.md`` (with the quality-signal table, also logged) and ``curve.png``."""
+    from training.frames import tiling_summary
+
+    cfg, seed = study.cfg, study.grid.seed
+    group = f", grouped by {cfg['group_column']}" if cfg.get("group_column") else ""
     notes = [
-        f"data: {cfg['data']} ({len(y)} images, classes {', '.join(names)})",
-        f"{repeats} repeat(s); repeat r uses seed {seed}+r: its own test split "
-        f"({float(cfg['test_fraction']):.0%}{', grouped by ' + cfg['group_column'] if cfg.get('group_column') else ''}) "
-        "and labeled subsets, the same for every encoder",
+        f"data: {cfg['data']} ({len(study.y)} images, classes {', '.join(study.names)})",
+        f"{study.grid.repeats} repeat(s); repeat r uses seed {seed}+r: its own test split "
+        f"({float(cfg['test_fraction']):.0%}{group}) and labeled subsets, the same for every encoder",
         "labels = labeled images per class (validation carved from them); metrics on the test split only",
         *[
             f"{n}: {tiling_summary(c)}; every tile of a labeled image trains, evaluation per image"
@@ -486,22 +560,16 @@ def study_cls(cfg: dict[str, Any]) -> dict[str, Any]:
         "finetune = LP-FT (linear probe, then the whole network with a lower encoder learning rate)",
         "mean ± sample std over repeats (n repeats in brackets)",
     ]
-    quality = quality_table(specs, results.rows)
+    quality = quality_table(study.specs, rows)
     for line in quality[2:]:
         log.info("%s", line)
     write_summary(
-        out / "summary.md",
-        results.rows,
-        CLS_METRICS,
-        "Label-efficiency study (classification)",
-        notes,
-        quality,
+        out / "summary.md", rows, CLS_METRICS, "Label-efficiency study (classification)", notes, quality
     )
     plot_curve(
-        out / "curve.png", results.rows, ("accuracy", "balanced_accuracy"), "labeled images per class",
-        all_pos, f"Label efficiency: {Path(cfg['data']).name}",
+        out / "curve.png", rows, ("accuracy", "balanced_accuracy"), "labeled images per class",
+        _all_position(rows), f"Label efficiency: {Path(cfg['data']).name}",
     )  # fmt: skip
-    return {"results": str(out / "results.csv"), "cells": len(cells), "rows": len(results.rows)}
 
 
 def quality_table(specs: dict[str, Any], rows: list[dict[str, str]]) -> list[str]:
@@ -541,69 +609,19 @@ def parse_grid_modes(value: str | Sequence[str], allowed: Sequence[str]) -> list
 
 def study_seg(cfg: dict[str, Any]) -> dict[str, Any]:
     """Runs (or resumes) a segmentation study over the number of labeled images (IoU)."""
-    from training.finetune_seg import train_segmenter
-
     out = Path(cfg["out"])
-    encoders = parse_encoders(cfg.get("encoders"))
-    labels = parse_grid(cfg["labeled_images"])
-    modes = parse_grid_modes(cfg.get("modes") or DEFAULT_MODES["seg"], ("frozen", "finetune"))
-    repeats = int(cfg["repeats"])
-    if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
-    seed = int(cfg["seed"])
-    for name, path in encoders.items():
-        p = Path(path)
-        if not (p.is_file() or (p / "backbone.safetensors").is_file()):
-            raise FileNotFoundError(f"--encoders {name}={path}: no backbone.safetensors there")
-    arch = cfg.get("arch")
-    if not arch and encoders:
-        from training.backbones import read_metadata
-
-        p = Path(next(iter(encoders.values())))
-        arch = read_metadata(p if p.is_file() else p / "backbone.safetensors")["architecture"]
-    sources = {"scratch": "scratch", **encoders}
+    grid = _Grid.from_config(cfg, "labeled_images", "seg", ("frozen", "finetune"))
+    arch = _seg_scratch_arch(cfg, grid.encoders)
+    sources = {"scratch": "scratch", **grid.encoders}
     identity = {
-        "task": "seg", "data": str(Path(cfg["data"]).resolve()), "seed": seed,
+        "task": "seg", "data": str(Path(cfg["data"]).resolve()), "seed": grid.seed,
         "val_fraction": float(cfg["val_fraction"]), "test_fraction": float(cfg["test_fraction"]),
         "tile": cfg.get("tile"), "scratch_arch": arch, "encoders": sources,
     }  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    _check_study_file(out, identity)
-    save_resolved(cfg, out)  # after the check: a refused rerun leaves the folder as it was
-    class_columns: list[str] = []
-
-    def run_cell(cell: Cell) -> tuple[dict[str, Any], dict[str, Any]]:
-        config: dict[str, Any] = {
-            "encoder": sources[cell.encoder], "data": str(cfg["data"]), "labeled_images": cell.labels,
-            "freeze_encoder": cell.mode == "frozen", "seed": seed + cell.repeat,
-            "val_fraction": float(cfg["val_fraction"]), "test_fraction": float(cfg["test_fraction"]),
-            "out": str(out / "runs" / cell.slug), "save_model": False, "overlays": 0,
-            "device": cfg.get("device") or "auto",
-        }  # fmt: skip
-        if cell.encoder == "scratch" and arch:
-            config["arch"] = arch
-        for key, target in (
-            ("classes", "classes"),
-            ("tile", "tile"),
-            ("seg_steps", "steps"),
-            ("batch_size", "batch_size"),
-        ):
-            if cfg.get(key) is not None:
-                config[target] = cfg[key]
-        metrics = train_segmenter(config)
-        row = {m: metrics.get(m) for m in SEG_METRICS}
-        for cls_name, vals in (metrics.get("per_class") or {}).items():
-            row[f"iou_{cls_name}"] = vals.get("iou") if isinstance(vals, dict) else None
-        n = metrics.get("n_images", {})
-        row.update({"n_train": n.get("train"), "n_val": n.get("val"), "n_test": n.get("test")})
-        row["labels_per_class_mean"] = (n.get("train", 0) or 0) + (n.get("val", 0) or 0)
-        return row, metrics
-
+    _open_study(out, identity, cfg)
     classes = cfg.get("classes")
-    if classes:
-        class_columns = [f"iou_{c.strip()}" for c in str(classes).split(",") if c.strip()]
-    order = ["scratch", *encoders]
-    cells = [Cell(e, m, lab, r) for r in range(repeats) for e in order for lab in labels for m in modes]
+    class_columns = [f"iou_{c.strip()}" for c in str(classes).split(",") if c.strip()] if classes else []
+    cells = grid.cells(["scratch", *grid.encoders])
     columns = [
         *KEY_COLUMNS,
         *SEG_METRICS,
@@ -614,11 +632,9 @@ def study_seg(cfg: dict[str, Any]) -> dict[str, Any]:
         "labels_per_class_mean",
         "seconds",
     ]
-    results = _run_grid(out, cells, columns, run_cell)
-    all_rows = [r for r in results.rows if r["labels"] == "all" and r.get("labels_per_class_mean")]
-    all_pos = float(np.mean([float(r["labels_per_class_mean"]) for r in all_rows])) if all_rows else 0.0
+    results = _run_grid(out, cells, columns, lambda cell: _run_seg_cell(cfg, sources, arch, out, cell))
     notes = [
-        f"data: {cfg['data']}; {repeats} repeat(s), repeat r uses seed {seed}+r (test split fixed per repeat)",
+        f"data: {cfg['data']}; {grid.repeats} repeat(s), repeat r uses seed {grid.seed}+r (test split fixed per repeat)",
         "labels = labeled images (validation carved from them); hard (argmax) IoU/Dice on held-out images",
         "frozen = decoder only; finetune = encoder too (decoder warm-up, lower encoder lr)",
         "mean ± sample std over repeats (n repeats in brackets)",
@@ -627,10 +643,59 @@ def study_seg(cfg: dict[str, Any]) -> dict[str, Any]:
         out / "summary.md", results.rows, SEG_METRICS, "Label-efficiency study (segmentation)", notes
     )
     plot_curve(
-        out / "curve.png", results.rows, ("mean_iou_foreground",), "labeled images", all_pos,
-        f"Label efficiency: {Path(cfg['data']).name}",
+        out / "curve.png", results.rows, ("mean_iou_foreground",), "labeled images",
+        _all_position(results.rows), f"Label efficiency: {Path(cfg['data']).name}",
     )  # fmt: skip
     return {"results": str(out / "results.csv"), "cells": len(cells), "rows": len(results.rows)}
+
+
+def _seg_scratch_arch(cfg: dict[str, Any], encoders: dict[str, str]) -> str | None:
+    """Checks every encoder has a backbone file; the baseline's architecture is ``--arch`` or the
+    first encoder's (``None``: finetune-seg's default)."""
+    for name, path in encoders.items():
+        p = Path(path)
+        if not (p.is_file() or (p / "backbone.safetensors").is_file()):
+            raise FileNotFoundError(f"--encoders {name}={path}: no backbone.safetensors there")
+    arch = cfg.get("arch")
+    if not arch and encoders:
+        from training.backbones import read_metadata
+
+        p = Path(next(iter(encoders.values())))
+        arch = read_metadata(p if p.is_file() else p / "backbone.safetensors")["architecture"]
+    return arch
+
+
+def _run_seg_cell(
+    cfg: dict[str, Any], sources: dict[str, str], arch: str | None, out: Path, cell: Cell
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Trains one cell's segmenter (no model saved); returns its ``results.csv`` row and metrics."""
+    from training.finetune_seg import train_segmenter
+
+    config: dict[str, Any] = {
+        "encoder": sources[cell.encoder], "data": str(cfg["data"]), "labeled_images": cell.labels,
+        "freeze_encoder": cell.mode == "frozen", "seed": int(cfg["seed"]) + cell.repeat,
+        "val_fraction": float(cfg["val_fraction"]), "test_fraction": float(cfg["test_fraction"]),
+        "out": str(out / "runs" / cell.slug), "save_model": False, "overlays": 0,
+        "device": cfg.get("device") or "auto",
+    }  # fmt: skip
+    if cell.encoder == "scratch" and arch:
+        config["arch"] = arch
+    for key, target in (
+        ("classes", "classes"),
+        ("tile", "tile"),
+        ("seg_steps", "steps"),
+        ("batch_size", "batch_size"),
+    ):
+        if cfg.get(key) is not None:
+            config[target] = cfg[key]
+    metrics = train_segmenter(config)
+    row = {m: metrics.get(m) for m in SEG_METRICS}
+    for cls_name, vals in (metrics.get("per_class") or {}).items():
+        row[f"iou_{cls_name}"] = vals.get("iou") if isinstance(vals, dict) else None
+    n = metrics.get("n_images", {})
+    row.update({"n_train": n.get("train"), "n_val": n.get("val"), "n_test": n.get("test")})
+    row["labels_per_class_mean"] = (n.get("train", 0) or 0) + (n.get("val", 0) or 0)
+    return row, metrics
 
 
 # ----------------------------------------------------------------------------------------------
