@@ -111,7 +111,7 @@ class Nanomorph:
     """nanomorph: classify, embed and segment TEM images (see docs/service.md)."""
 
     def __init__(self, settings: Settings | None = None) -> None:
-        # Heavy imports here, as BentoML's examples do (onnxruntime, the store, the index): a worker
+        # Heavy imports here, as BentoML's examples do (runtime, store, index): a worker
         # pays for them, `bentoml build` and the module import do not.
         from service.loading import Models
 
