@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.get("store"),
         help="'bentoml' or a folder store (default $NANOMORPH_STORE, else bentoml)",
     )
-    for task in ("classify", "embed", "segment"):
+    for task in TASKS:
         parser.add_argument(
             f"--{task}-model",
             default=d.get(f"{task}_model"),
