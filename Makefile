@@ -10,7 +10,7 @@ STAMP := $(VENV)/.nanomorph-installed
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: serve test venv lint bench bench-ssl reliability slow-test clean-demo
+.PHONY: serve test venv lint bench bench-ssl reliability slow-test clean-demo bento bento-requirements
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ bench-ssl: $(STAMP)
 
 reliability: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m reliability
+
+# The bento's package list comes from pyproject.toml ([tool.nanomorph.bento]), never typed twice.
+bento-requirements: $(STAMP)
+	$(BIN)/python scripts/bento_requirements.py
+
+bento: bento-requirements
+	$(BIN)/bentoml build
 
 clean-demo:
 	rm -rf demo

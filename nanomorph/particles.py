@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from nanomorph.contract.tiling import mask_dtype
+
 METHOD = "boundary-watershed"
 BOUNDARY_CLASS = "boundary"
 #: Columns of ``particles.csv`` (one row per particle). Physical columns are empty when uncalibrated.
@@ -98,7 +100,7 @@ def instance_target(
     else:
         target = np.where(fg, np.maximum(np.asarray(semantic).astype(np.int64), 1), 0)
     target[rim] = boundary_class
-    return target.astype(np.uint8 if boundary_class < 256 else np.uint16)
+    return target.astype(mask_dtype(boundary_class + 1))
 
 
 # --------------------------------------------------------------------------------- inference
@@ -117,7 +119,8 @@ def fold_mask(probs: np.ndarray, params: InstanceParams | None) -> np.ndarray:
     particle, so the semantic mask covers whole particles. Indices follow :func:`semantic_classes`.
     """
     c = probs.shape[0]
-    dtype = np.uint8 if c <= 256 else np.uint16
+    folded = params is not None and 0 <= params.boundary_class < c
+    dtype = mask_dtype(c - 1 if folded else c)  # the classes the mask holds (rim folded away)
     if params is None:
         return np.argmax(probs, axis=0).astype(dtype)
     b = params.boundary_class

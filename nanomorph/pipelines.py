@@ -64,11 +64,11 @@ from nanomorph.contract import (
 )
 from nanomorph.contract.frames import nm_per_px
 from nanomorph.progress import Progress
+from nanomorph.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
 MULTI_COMMAND = True
-TASKS = ("classify", "segment", "embed")
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
 ERRORS_CSV = "errors.csv"
@@ -263,7 +263,7 @@ class LocalBackend:
         overlays: bool = True,
         threads: int = 0,
     ) -> None:
-        from nanomorph.runtime import Classifier, Embedder, OnnxModel, Segmenter
+        from nanomorph.runtime import OnnxModel, Segmenter, task_helper
         from nanomorph.store import resolve
 
         self.task = task
@@ -272,7 +272,7 @@ class LocalBackend:
         self.model = stored.tag
         self.contract = stored.contract
         self.classes = list(stored.classes)
-        self.helper: Any = {"classify": Classifier, "embed": Embedder, "segment": Segmenter}[task](onnx)
+        self.helper: Any = task_helper(task, onnx)
         if isinstance(self.helper, Segmenter):
             self.classes = list(self.helper.classes)  # without a boundary channel
         self.pixel_size, self.pixel_unit, self.overlays = pixel_size, pixel_unit, overlays

@@ -32,6 +32,7 @@ from nanomorph.contract import (
     to_model_input,
 )
 from nanomorph.store import StoredModel, load_model_dir
+from nanomorph.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +387,8 @@ class Segmenter:
         return mask
 
     def predict(self, image: np.ndarray) -> dict[str, Any]:
-        """Raw 2-D image -> ``{"mask": uint8 (H, W) class index into .classes, "instances": int32
+        """Raw 2-D image -> ``{"mask": (H, W) class index into .classes (uint8, uint16 above 256
+        classes: :func:`nanomorph.contract.mask_dtype`), "instances": int32
         (H, W) particle ids, "probabilities": float32 (C, H, W) over .model_classes}``.
 
         Mask and instances come from :func:`nanomorph.particles.segment_probs` (the service's too).
@@ -410,3 +412,16 @@ class Segmenter:
         return mask, connected_instances(mask)
 
     __call__ = predict
+
+
+def task_helper(
+    task: str, model: OnnxModel, max_tile: int | None = None
+) -> Classifier | Embedder | Segmenter:
+    """The runtime object that does ``task`` with ``model``: the class its
+    :class:`nanomorph.tasks.Task` row names (``embed`` takes any model with an embedding output).
+
+    ``max_tile`` bounds the inference tile of a tiled task (segment); the others have none.
+    """
+    row = get_task(task)
+    cls = globals()[row.runtime]  # the row names a class of this module
+    return cls(model, max_tile=max_tile) if row.tiled else cls(model)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from nanomorph.config import yaml_defaults
 from nanomorph.supervise import run_supervised
+from nanomorph.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.get("store"),
         help="'bentoml' or a folder store (default $NANOMORPH_STORE, else bentoml)",
     )
-    for task in ("classify", "embed", "segment"):
+    for task in TASKS:
         parser.add_argument(
             f"--{task}-model",
             default=d.get(f"{task}_model"),
@@ -187,15 +188,12 @@ def serve(host: str = "127.0.0.1", port: int = 3000, env_overrides: Mapping[str,
     return run_supervised(command(host, int(port), grace), env, grace_s=grace)
 
 
-DEFAULT_TASKS = ("classify", "embed", "segment")
-
-
 def missing_default_models(store: str | None) -> list[str]:
     """Tags of the default models that ``store`` does not hold (an unverifiable model counts as missing)."""
     from nanomorph.store import resolve
 
     missing = []
-    for task in DEFAULT_TASKS:
+    for task in TASKS:
         tag = f"nanomorph-{task}:latest"
         try:
             resolve(tag, store, verify=False)

@@ -34,6 +34,7 @@ from typing import Any
 
 from nanomorph.atomic import atomic_write_text
 from nanomorph.contract import Contract
+from nanomorph.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 CARD_FILE = "README.md"
 LATEST_FILE = "latest"
-TASKS = ("embed", "classify", "segment")
 DEFAULT_PREFIX = "nanomorph"
 # BentoML's rule for names and versions; the folder store follows it so tags move between stores.
 _TAG_PART = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")

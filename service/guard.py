@@ -7,13 +7,15 @@ Two layers:
   before a byte of the body is read) and the request's media type (415 unless multipart).
 * :func:`decode_upload`, per uploaded file: empty (400), too large (413), pixel count read from the
   header before decoding (413), then the preprocessing contract's own reader
-  (:func:`nanomorph.contract.read_image`), whose errors carry their HTTP status and reason.
+  (:func:`nanomorph.contract.read_image`), whose errors carry their HTTP status and reason;
+  :func:`decode_uploads` runs it over a request's uploads (:func:`read_upload`: declared size first).
 
 All errors have the body ``{"error": "<what went wrong, naming the file>", "reason": "<code>"}``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -21,6 +23,7 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
+from starlette.datastructures import UploadFile
 
 from nanomorph.contract import ImageMeta, ImageReadError, peek_shape, read_image
 from service.settings import Settings
@@ -127,6 +130,56 @@ def decode_upload(data: bytes, name: str, settings: Settings) -> tuple[np.ndarra
                 415, "unsupported_format", f"{name}: not an image in a supported format"
             ) from exc
         raise GuardError(400, "undecodable", f"{name}: cannot decode image ({kind}: {exc})") from exc
+
+
+async def read_upload(upload: UploadFile, settings: Settings) -> tuple[bytes, str]:
+    """``(bytes, filename)`` of one upload; 413 ``too_large`` when its declared size is over the
+    limit (an undeclared one is read one byte past it, for :func:`decode_upload` to refuse)."""
+    name = upload.filename or "upload"
+    limit = settings.max_upload_bytes
+    if upload.size is not None and upload.size > limit:
+        raise GuardError(
+            413, "too_large", f"{name}: {upload.size} bytes is over the upload limit of {limit} bytes"
+        )
+    data = await upload.read(limit + 1)
+    return data, name
+
+
+async def decode_uploads(
+    uploads: Sequence[UploadFile], prepare: Callable[..., Any], settings: Settings, with_meta: bool = False
+) -> list[tuple[str, ImageMeta, Any]]:
+    """Reads, guards and preprocesses uploads (decoding off the event loop): per upload
+    ``(filename, metadata, prepare(image[, metadata]))``."""
+    if len(uploads) > settings.max_files:
+        raise GuardError(
+            413,
+            "too_many_files",
+            f"{len(uploads)} files in one request; the limit is {settings.max_files}",
+        )
+    out = []
+    for upload in uploads:
+        data, name = await read_upload(upload, settings)
+
+        def work(data: bytes = data, name: str = name) -> tuple[ImageMeta, Any]:
+            image, meta = decode_upload(data, name, settings)
+            return meta, prepare(image, meta) if with_meta else prepare(image)
+
+        meta, arr = await asyncio.to_thread(work)
+        out.append((name, meta, arr))
+    return out
+
+
+def frame_pixels(data: bytes, name: str, settings: Settings) -> int:
+    """Pixels of an uploaded frame, from its header; a bad or over-limit upload raises its usual
+    4xx here (:func:`decode_upload`), before any pixel budget is taken."""
+    try:
+        h, w = peek_shape(data, name=name)
+    except Exception:
+        h, w = 0, 0
+    if h * w == 0 or h * w > settings.max_pixels:
+        image, _ = decode_upload(data, name, settings)  # raises the precise refusal
+        h, w = image.shape[:2]
+    return int(h * w)
 
 
 async def send_json(

@@ -14,6 +14,8 @@ and giving freed memory back to the system.
   (the request could not start in time); later calls are never shed, so a frame of 1,849 tiles is
   not refused because its own tiles queued behind each other. One call is queued ahead while the
   previous one is blended, so the model never waits for the stitching.
+* :func:`segment_frame` decodes one upload and runs it through :func:`segment_tiles` and the
+  post-processing of :meth:`nanomorph.runtime.Segmenter.mask_and_instances`.
 * :func:`trim_memory` asks glibc to return free heap memory to the system (``malloc_trim(0)``):
   after a large request, numpy's freed frame-sized buffers otherwise stay in the process
   (glibc raises its mmap threshold after the first large free, so later large arrays come from
@@ -32,11 +34,19 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nanomorph.contract import Stitcher, n_tiles, tile_chunks
+from nanomorph.contract import ImageMeta, Stitcher, n_tiles, normalise, tile_chunks
+from nanomorph.morphology import mask_to_png_bytes, measure
+from nanomorph.particles import connected_instances, segment_probs
+from nanomorph.particles import report as particle_report
+from service.guard import decode_upload
+
+if TYPE_CHECKING:  # the runtime (onnxruntime) and the settings are only types here
+    from nanomorph.runtime import Segmenter
+    from service.settings import Settings
 
 #: Memory of one /segment request per image pixel that the budget plans with. numpy's share is
 #: measured at ~8 bytes per pixel (tracemalloc peak, tests/nanomorph/test_runtime.py); the rest
@@ -182,6 +192,58 @@ async def segment_tiles(
         if not pending.done():
             pending.cancel()
     return await asyncio.to_thread(stitcher.finish)
+
+
+async def segment_frame(
+    seg: Segmenter, submit: Submit, data: bytes, name: str, settings: Settings, with_instances: bool
+) -> tuple[ImageMeta, np.ndarray, np.ndarray | None, bytes]:
+    """Decodes, normalises and segments one uploaded frame tile chunk by tile chunk (:func:`segment_tiles`).
+
+    Returns ``(meta, mask, instances or None, mask PNG)``, post-processed exactly as
+    :meth:`nanomorph.runtime.Segmenter.mask_and_instances`: a boundary-aware model keeps its
+    probabilities for the watershed; otherwise the mask streams and instances, when asked
+    for, are its connected components."""
+
+    def prepare() -> tuple[ImageMeta, np.ndarray]:
+        image, meta = decode_upload(data, name, settings)
+        return meta, normalise(image, seg.contract)  # the raw frame is freed on return
+
+    meta, norm = await asyncio.to_thread(prepare)
+    side, overlap = seg.tile_geometry(norm.shape)
+    per_call = seg.tiles_per_call(side, settings.max_batch_size)
+    boundary = seg.instances is not None
+    mask, probs = await segment_tiles(norm, side, overlap, per_call, submit, boundary)
+    del norm
+
+    def finish() -> tuple[np.ndarray, np.ndarray | None, bytes]:
+        if boundary:
+            assert probs is not None
+            folded, ids, _ = segment_probs(probs, seg.model_classes, seg.instances)
+            return folded, ids, mask_to_png_bytes(folded)
+        return mask, connected_instances(mask) if with_instances else None, mask_to_png_bytes(mask)
+
+    folded, instances, png = await asyncio.to_thread(finish)
+    return meta, folded, instances, png
+
+
+async def frame_numbers(
+    seg: Segmenter,
+    mask: np.ndarray,
+    instances: np.ndarray | None,
+    pixel_size: float | None,
+    pixel_unit: str,
+    name: str,
+) -> tuple[dict[str, Any], list[dict[str, Any]] | None, dict[str, Any] | None]:
+    """``(morphology, particle rows, particle summary)`` of a segmented frame, off the event loop;
+    the particle table only with ``instances``. Run inside the pixel budget: measuring a large
+    mask takes memory too."""
+    numbers = await asyncio.to_thread(measure, mask, seg.classes, pixel_size, pixel_unit)
+    if instances is None:
+        return numbers, None, None
+    rows, summary = await asyncio.to_thread(
+        particle_report, instances, mask, seg.classes, pixel_size, pixel_unit, name
+    )
+    return numbers, rows, summary
 
 
 _LIBC: Any = None

@@ -12,7 +12,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-TASKS = ("classify", "embed", "segment")
+from nanomorph.tasks import TASKS  # the one task table; re-exported for the service modules
+
 MIB = 1 << 20
 #: Largest image the service decodes: 8192 x 8192. Segmenting one is planned at 16 bytes per pixel
 #: (~1 GB) by the pixel budget (service.largeframes, docs/service.md "Large frames").
@@ -161,6 +162,7 @@ class Settings:
     recycle_rss_mb: float = 0.0
     retry_after_s: int = 2
     trace_requests: bool = False
+    index: str = ""  # similar-image index folder; empty: /similar answers 503 index_unavailable
 
     @property
     def auth_enabled(self) -> bool:
@@ -218,4 +220,5 @@ class Settings:
             recycle_rss_mb=_float(env, "NANOMORPH_RECYCLE_RSS_MB", 0.0),
             retry_after_s=_int(env, "NANOMORPH_RETRY_AFTER_S", 2, minimum=1),
             trace_requests=_bool(env, "NANOMORPH_TRACE_REQUESTS", False),
+            index=env.get("NANOMORPH_INDEX", "").strip(),
         )

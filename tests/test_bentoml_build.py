@@ -78,6 +78,32 @@ def test_bento_holds_the_service_and_models_but_no_training_or_torch(bento: Path
     assert re.search(r"FROM nvidia/cuda:12\.\d+\.\d+-cudnn-runtime", dockerfile)
 
 
+def test_bento_packages_are_pyprojects(bento: Path) -> None:
+    """The bento installs pyproject's `gpu` extra (with its [tool.nanomorph.bento] pins), nothing typed twice."""
+    from importlib.metadata import version
+
+    from scripts.bento_requirements import requirements
+    from tests.test_extras import packages
+
+    lines = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
+    packed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    # BentoML appends its own pin of the bentoml that built the bento (the one pyproject pins too).
+    assert packed == [*requirements(), f"bentoml=={version('bentoml')}"]
+    names = {re.split(r"[\[<>=~!; ]", line)[0].lower() for line in packed}
+    assert names == packages(["gpu"])  # pyproject's own expansion of the extra (tests/test_extras.py)
+
+
+def test_bento_requirements_file_is_current() -> None:
+    """bento-requirements.txt is what scripts/bento_requirements.py writes from pyproject.toml."""
+    from scripts.bento_requirements import render
+
+    assert (REPO / "bento-requirements.txt").read_text(encoding="utf-8") == render(), (
+        "pyproject.toml changed: run `make bento-requirements`"
+    )
+    python = yaml.safe_load((REPO / "bentofile.yaml").read_text())["python"]
+    assert python["requirements_txt"] == "./bento-requirements.txt" and "packages" not in python
+
+
 def test_dockerfile_key_facts() -> None:
     text = (REPO / "Dockerfile").read_text()
     gpu_image = re.search(r"ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-ubuntu", text)

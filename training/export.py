@@ -52,6 +52,7 @@ from nanomorph.store import (
     new_version,
     save_model,
 )
+from nanomorph.tasks import TASKS, get_task
 from training.models import Classifier
 
 log = logging.getLogger("nanomorph.export")
@@ -127,7 +128,7 @@ class ExportJob:
 
     @property
     def dynamic_hw(self) -> bool:
-        return self.task == "segment"
+        return get_task(self.task).tiled
 
 
 def _weights_file(path: str | Path, name: str, flag: str) -> tuple[Path, Path]:
@@ -226,7 +227,7 @@ def load_encoder_job(path: str | Path, data: str | Path | None = None) -> Export
     """The ``embed`` job of a pretraining run (``backbone.safetensors``)."""
     from training.backbones import BACKBONE_FORMAT, create_backbone
 
-    run_dir, weights = _weights_file(path, "backbone.safetensors", "--encoder")
+    run_dir, weights = _weights_file(path, get_task("embed").weights, get_task("embed").export_flag)
     state, meta = _read_safetensors(weights)
     if meta.get("format") != BACKBONE_FORMAT or "architecture" not in meta:
         raise ValueError(f"{weights}: not a nanomorph backbone (format {meta.get('format')!r})")
@@ -239,7 +240,7 @@ def load_encoder_job(path: str | Path, data: str | Path | None = None) -> Export
     return ExportJob(
         task="embed",
         net=EmbedNet(backbone),
-        outputs=["embedding"],
+        outputs=list(get_task("embed").outputs),
         contract=_contract(meta, weights),
         run_dir=run_dir,
         weights=weights,
@@ -255,7 +256,7 @@ def load_classifier_job(path: str | Path, data: str | Path | None = None) -> Exp
     """The ``classify`` job of a classifier run (``classifier.safetensors`` + classes/ood/metrics)."""
     from training.backbones import create_backbone
 
-    run_dir, weights = _weights_file(path, "classifier.safetensors", "--classifier")
+    run_dir, weights = _weights_file(path, get_task("classify").weights, get_task("classify").export_flag)
     state, meta = _read_safetensors(weights)
     if "architecture" not in meta or not any(k.startswith("head.") for k in state):
         raise ValueError(
@@ -282,7 +283,7 @@ def load_classifier_job(path: str | Path, data: str | Path | None = None) -> Exp
     return ExportJob(
         task="classify",
         net=ClassifyNet(model),
-        outputs=["probabilities", "embedding"],
+        outputs=list(get_task("classify").outputs),
         contract=_contract(meta, weights),
         run_dir=run_dir,
         weights=weights,
@@ -300,7 +301,7 @@ def load_segmenter_job(path: str | Path, data: str | Path | None = None) -> Expo
     """The ``segment`` job of a segmenter run (``segmenter.safetensors``: an smp U-Net)."""
     from training.models import build_unet
 
-    run_dir, weights = _weights_file(path, "segmenter.safetensors", "--segmenter")
+    run_dir, weights = _weights_file(path, get_task("segment").weights, get_task("segment").export_flag)
     state, meta = _read_safetensors(weights)
     classes = _json_file(run_dir / "classes.json") or json.loads(meta.get("classes", "[]"))
     if "architecture" not in meta or not classes:
@@ -320,7 +321,7 @@ def load_segmenter_job(path: str | Path, data: str | Path | None = None) -> Expo
     return ExportJob(
         task="segment",
         net=SegmentNet(unet),
-        outputs=["probabilities"],
+        outputs=list(get_task("segment").outputs),
         # Inference tiles per provider (fully convolutional: larger than the training tile).
         contract=_contract(meta, weights).with_infer_tiles(),
         run_dir=run_dir,
@@ -652,12 +653,7 @@ def model_card(job: ExportJob, tag: str, parity: dict[str, Any], quant: dict[str
         "",
         "## Intended use",
         "",
-        {
-            "classify": "Morphology class of a TEM image like those in the training data, with an "
-            "out-of-distribution flag for images unlike them.",
-            "embed": "Embeddings of TEM images for similarity search, maps and label suggestions.",
-            "segment": "Per-pixel classes of TEM frames like those in the training data, at native resolution.",
-        }[job.task],
+        get_task(job.task).use,
         *_instances_card(job),
         "",
         "## Limitations",
@@ -676,16 +672,11 @@ def model_card(job: ExportJob, tag: str, parity: dict[str, Any], quant: dict[str
         "",
         "```python",
         "from nanomorph.store import resolve",
-        "from nanomorph.runtime import "
-        + {"classify": "Classifier", "embed": "Embedder", "segment": "Segmenter"}[job.task],
+        "from nanomorph.runtime import " + get_task(job.task).runtime,
         "from nanomorph.contract import read_image",
         f"model = resolve({tag!r}, STORE)  # 'bentoml' or the store folder",
         "image, _ = read_image('frame.dm4')",
-        {
-            "classify": "print(Classifier(model).predict([image])[0]['label'])",
-            "embed": "vector = Embedder(model).embed([image])[0]",
-            "segment": "mask = Segmenter(model).predict(image)['mask']",
-        }[job.task],
+        get_task(job.task).example,
         "```",
         "",
         "or `nanomorph predict` / `nanomorph serve`. Raw ONNX: input `image` float32 (N, 1, H, W) in [0, 1] "
@@ -765,18 +756,16 @@ def export_runs(
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     tags: dict[str, str] = {}
     jobs: list[tuple[ExportJob, str]] = []
-    requested = [
-        ("embed", encoder, "backbone.safetensors", "--encoder", load_encoder_job),
-        ("classify", classifier, "classifier.safetensors", "--classifier", load_classifier_job),
-        ("segment", segmenter, "segmenter.safetensors", "--segmenter", load_segmenter_job),
-    ]
-    for task, source, weights_name, flag, loader in requested:
+    sources = {"embed": encoder, "classify": classifier, "segment": segmenter}
+    loaders = {"embed": load_encoder_job, "classify": load_classifier_job, "segment": load_segmenter_job}
+    for task in TASKS:
+        source, loader = sources[task], loaders[task]
         if not source:
             continue
-        _, weights = _weights_file(source, weights_name, flag)
+        _, weights = _weights_file(source, get_task(task).weights, get_task(task).export_flag)
         source_sha = _sha256(weights)
         # Skip finished work: the same weights already stored under this name (before building anything).
-        task_quant = quantize if task == "classify" else None
+        task_quant = quantize if get_task(task).quantizable else None
         done = None if force else _already_exported(store, f"{name}-{task}".lower(), source_sha, task_quant)
         if done is not None:
             log.info("%s: %s is already stored as %s (--force exports it again)", task, weights, done.tag)
@@ -790,7 +779,7 @@ def export_runs(
     with tempfile.TemporaryDirectory(prefix="nanomorph-export-") as tmp:
         for job, source_sha in jobs:
             tag = make_tag(name, job.task, version)
-            job_quant = quantize if job.task == "classify" else None
+            job_quant = quantize if get_task(job.task).quantizable else None
             log.info("%s: exporting %s", job.task, job.weights)
             fp32 = export_onnx(job, Path(tmp) / f"{job.task}.onnx")
             parity = check_parity(job, fp32, tolerance)

@@ -32,7 +32,7 @@ from torch import nn
 
 from nanomorph.atomic import atomic_path, atomic_write_text
 from nanomorph.config import resolved, save_resolved, yaml_defaults
-from nanomorph.contract import Contract, normalise, read_image, tile, untile
+from nanomorph.contract import Contract, mask_dtype, normalise, read_image, tile, untile
 from nanomorph.particles import BOUNDARY_CLASS
 from nanomorph.progress import progress
 from training.backbones import create_backbone, git_commit, load_backbone
@@ -211,7 +211,7 @@ def segment_image(
         ``(mask, probs)``: (H, W) uint8 argmax mask and (C, H, W) float32 probabilities.
     """
     probs = predict_probs(model, normalise(image_raw, contract), contract, device, batch_size)
-    mask = probs.argmax(axis=0).astype(np.uint8 if probs.shape[0] <= 256 else np.uint16)
+    mask = probs.argmax(axis=0).astype(mask_dtype(probs.shape[0]))
     return mask, probs.astype(np.float32, copy=False)
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from nanomorph.contract import Contract, list_images, normalise, peek_shape, read_image
+from nanomorph.contract import Contract, list_images, mask_dtype, normalise, peek_shape, read_image
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
 
@@ -146,7 +146,7 @@ def read_mask(path: str | Path, n_classes: int) -> np.ndarray:
             f"mask {path}: values {shown} are outside [0, {n_classes}) for {n_classes} classes "
             f"(found values {sorted(int(v) for v in np.unique(arr))[:20]}); check --classes"
         )
-    return arr.astype(np.uint8 if n_classes <= 256 else np.uint16)
+    return arr.astype(mask_dtype(n_classes))
 
 
 def check_pairs(pairs: list[SegPair], n_classes: int) -> None:

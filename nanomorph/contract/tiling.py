@@ -150,6 +150,18 @@ def _argmax0(probs: np.ndarray) -> np.ndarray:
     return index
 
 
+def mask_dtype(n_classes: int) -> type[np.unsignedinteger]:
+    """The dtype of every class-index mask of ``n_classes`` classes: uint8 up to 256, else uint16.
+
+    One rule for the runtime, the service and training. uint16 rather than int32 above 256 classes:
+    masks are saved as 8/16-bit PNG and TIFF (:func:`nanomorph.morphology.mask_to_png_bytes`) and
+    read back as uint16, and an 8192^2 frame's mask is 128 MiB in uint16 against 256 MiB in int32.
+    """
+    if not 0 < n_classes <= 1 << 16:
+        raise ValueError(f"a class mask holds 1 to 65536 classes, not {n_classes}")
+    return np.uint8 if n_classes <= 256 else np.uint16
+
+
 class Stitcher:
     """Blends tile predictions into the output as they arrive (bounded memory for any frame).
 
@@ -192,7 +204,7 @@ class Stitcher:
     def _allocate(self, channels: int) -> None:
         h, w = self.out_shape
         self._acc = np.zeros((channels, self.tile_size, self.width), dtype=np.float64)
-        self.mask = np.zeros((h, w), dtype=np.uint8 if channels <= 256 else np.uint16)
+        self.mask = np.zeros((h, w), dtype=mask_dtype(channels))
         if self.keep_probabilities:
             self.probabilities = np.zeros((channels, h, w), dtype=np.float32)
 
