@@ -33,8 +33,8 @@ def speck(bright_background: bool, dtype: type = np.uint8, size: int = 48) -> np
 
 
 @pytest.fixture()
-def client(nm_server: Server) -> Iterator[NanomorphClient]:
-    with NanomorphClient(nm_server.url, timeout=30.0, retries=1, backoff=0.05) as c:
+def client(default_server: Server) -> Iterator[NanomorphClient]:
+    with NanomorphClient(default_server.url, timeout=30.0, retries=1, backoff=0.05) as c:
         yield c
 
 
