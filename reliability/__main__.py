@@ -377,6 +377,14 @@ def _table(counter: dict[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counter.items())) or "-"
 
 
+def _outcome(run: dict[str, Any]) -> str:
+    """What a run of generated requests (hostile uploads, schemathesis) got back, in one sentence."""
+    return (
+        f"Responses by status: {_table(run['by_status'])}. >= 500 or no response: **{run['server_errors']}**; "
+        f"ready afterwards: {run['ready_after']}"
+    )
+
+
 def _by_kind(header: str, by_kind: dict[str, dict[str, int]]) -> list[str]:
     """A markdown table of responses by status, one row per kind of request."""
     return [
@@ -410,8 +418,7 @@ def _hostile(h: dict[str, Any]) -> list[str]:
     L = ["## Hostile uploads\n"]
     L.append(
         f"{h['requests']} generated requests (`reliability/hostile.py`, seed 0) at 4 concurrent clients, "
-        f"{h['seconds']} s. Responses by status: {_table(h['by_status'])}. "
-        f">= 500 or no response: **{h['server_errors']}**; ready afterwards: {h['ready_after']}; "
+        f"{h['seconds']} s. {_outcome(h)}; "
         f"refusals not in the documented `{{error, reason}}` JSON: {h['error_bodies_off_format']}; "
         f"deliberate 503s (documented reasons, not counted as errors): {h.get('documented_503') or 0}.\n"
     )
@@ -430,8 +437,7 @@ def _schemathesis(s: dict[str, Any]) -> list[str]:
     L = ["## Schemathesis (OpenAPI document `/docs.json`)\n"]
     L.append(
         f"{s['requests']} requests, positive and negative generation modes, {s['seconds']} s. "
-        f"Responses by status: {_table(s['by_status'])}. >= 500 or no response: **{s['server_errors']}**; "
-        f"ready afterwards: {s['ready_after']}; deliberate 503s: {s.get('documented_503') or 0}. "
+        f"{_outcome(s)}; deliberate 503s: {s.get('documented_503') or 0}. "
         f"Notes: {'; '.join(s.get('notes', [])[:3]) or '-'}.\n"
     )
     L.extend(_by_kind("operation (mode)", s["by_kind"]))
