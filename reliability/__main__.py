@@ -414,15 +414,25 @@ def _intro(results: dict[str, Any], mode: str, started: str, seconds: float) -> 
     return L
 
 
+def _generated_requests(title: str, run: dict[str, Any], what: str, extras: str, kind: str) -> list[str]:
+    """The section of a run of generated requests (hostile uploads, schemathesis): what was sent,
+    what came back, and the responses by kind of request."""
+    return [
+        f"## {title}\n",
+        f"{run['requests']} {what}, {run['seconds']} s. {_outcome(run)}; {extras}\n",
+        *_by_kind(kind, run["by_kind"]),
+    ]
+
+
 def _hostile(h: dict[str, Any]) -> list[str]:
-    L = ["## Hostile uploads\n"]
-    L.append(
-        f"{h['requests']} generated requests (`reliability/hostile.py`, seed 0) at 4 concurrent clients, "
-        f"{h['seconds']} s. {_outcome(h)}; "
+    L = _generated_requests(
+        "Hostile uploads",
+        h,
+        "generated requests (`reliability/hostile.py`, seed 0) at 4 concurrent clients",
         f"refusals not in the documented `{{error, reason}}` JSON: {h['error_bodies_off_format']}; "
-        f"deliberate 503s (documented reasons, not counted as errors): {h.get('documented_503') or 0}.\n"
+        f"deliberate 503s (documented reasons, not counted as errors): {h.get('documented_503') or 0}.",
+        "kind",
     )
-    L.extend(_by_kind("kind", h["by_kind"]))
     if h["findings"]:
         L.append("Findings (first 10):\n")
         for f in h["findings"][:10]:
@@ -434,14 +444,13 @@ def _hostile(h: dict[str, Any]) -> list[str]:
 
 
 def _schemathesis(s: dict[str, Any]) -> list[str]:
-    L = ["## Schemathesis (OpenAPI document `/docs.json`)\n"]
-    L.append(
-        f"{s['requests']} requests, positive and negative generation modes, {s['seconds']} s. "
-        f"{_outcome(s)}; deliberate 503s: {s.get('documented_503') or 0}. "
-        f"Notes: {'; '.join(s.get('notes', [])[:3]) or '-'}.\n"
+    return _generated_requests(
+        "Schemathesis (OpenAPI document `/docs.json`)",
+        s,
+        "requests, positive and negative generation modes",
+        f"deliberate 503s: {s.get('documented_503') or 0}. Notes: {'; '.join(s.get('notes', [])[:3]) or '-'}.",
+        "operation (mode)",
     )
-    L.extend(_by_kind("operation (mode)", s["by_kind"]))
-    return L
 
 
 def _load(r: dict[str, Any]) -> list[str]:
@@ -476,16 +485,15 @@ def _load(r: dict[str, Any]) -> list[str]:
 
 
 def _worker_kill(k: dict[str, Any]) -> list[str]:
-    L = ["## Fault: serving worker killed (`kill -9`) under load\n"]
-    L.append(
+    return [
+        "## Fault: serving worker killed (`kill -9`) under load\n",
         f"Load at 8 concurrent clients sending plain httpx requests that are never retried (for the project's "
         f"client, see Restarts); the BentoML worker (PID {k['killed_pid']}) was killed 2 s in. "
         f"A new worker (PID {k['new_pid']}) answered `/readyz` 200 **{k['seconds_to_ready']} s** after the kill "
         f"(`/readyz` not 200 for {k['seconds_unready']} s). Requests failed from the kill until recovery: "
         f"**{k['failed_during']}** (of {k['load']['requests']} sent in the whole run; failures by kind "
-        f"{k['load']['failures']}). Served after recovery: {k['served_after']}.\n"
-    )
-    return L
+        f"{k['load']['failures']}). Served after recovery: {k['served_after']}.\n",
+    ]
 
 
 def _restarts(results: dict[str, Any]) -> list[str]:
