@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -496,52 +497,45 @@ def _worker_kill(k: dict[str, Any]) -> list[str]:
     ]
 
 
+# The paragraphs of the restarts section, in order: str.format templates over the run's results
+# (``run``), its load figures (``ld``) and its failures by kind (``failures``).
+_RESTART_PARAGRAPHS = {
+    "worker_kill_client": "- **Worker killed** (`kill -9`, PID {run[killed_pid]}) 2 s into a load at "
+    "{ld[concurrency]} concurrent clients: a new worker (PID {run[new_pid]}) answered `/readyz` 200 "
+    "{run[seconds_to_ready]} s after the kill. Failed requests: **{ld[failed]}** of {ld[requests]} ({failures}); "
+    "the client retried {ld[retries]} times; p50 {ld[p50_ms]} ms, max {ld[max_ms]} ms. Served after: "
+    "{run[served_after]}.",
+    "recycle": "- **Worker recycled** (`NANOMORPH_RECYCLE_REQUESTS={run[recycle_every]}`) under a load of "
+    "{ld[requests]} requests at {ld[concurrency]} concurrent clients: {run[recycles_logged]} recycles logged, "
+    "{run[worker_pids_seen]} worker processes seen. Failed requests: **{ld[failed]}** ({failures}); the client "
+    "retried {ld[retries]} times; p50 {ld[p50_ms]} ms, p99 {ld[p99_ms]} ms, max {ld[max_ms]} ms, "
+    "{ld[throughput_rps]} req/s. Served after: {run[served_after]}.",
+    "recycle_httpx": "- For comparison, the same recycling load from plain httpx requests that are **never "
+    "retried** (what the drain alone achieves): {run[recycles_logged]} recycles, failed requests {ld[failed]} "
+    "of {ld[requests]} ({failures}). Such a request was sent on a keep-alive connection in the instant the "
+    "draining worker closed it, so the server never read it (a retry is safe), or it reached the new worker "
+    "before its models were loaded (503 + `Retry-After`); connections opened while no worker accepts wait in "
+    "the listening socket's backlog and are served.",
+}
+
+
+def _restart_paragraph(key: str, run: dict[str, Any]) -> str:
+    ld = defaultdict(lambda: None, run["load"])  # ``retries``: only client loads count them
+    return _RESTART_PARAGRAPHS[key].format(run=run, ld=ld, failures=_table(ld["failures"]))
+
+
 def _restarts(results: dict[str, Any]) -> list[str]:
     """Worker kill and recycling under load, through the project's client (and plain httpx)."""
-    L: list[str] = []
-    if "worker_kill_client" in results or "recycle" in results:
-        L.append("## Restarts under load, through the project's client\n")
-        L.append(
-            "The load goes through `nanomorph.client.NanomorphClient` with its defaults (3 retries, backoff "
-            "0.5 s doubling, never shorter than the server's `Retry-After`; every 503 carries "
-            "`Retry-After: 2`), one client and one keep-alive connection per thread. A request counts as "
-            "failed only when the client raises after its retries.\n"
-        )
-    if "worker_kill_client" in results:
-        k = results["worker_kill_client"]
-        ld = k["load"]
-        L.append(
-            f"- **Worker killed** (`kill -9`, PID {k['killed_pid']}) 2 s into a load at {ld['concurrency']} "
-            f"concurrent clients: a new worker (PID {k['new_pid']}) answered `/readyz` 200 {k['seconds_to_ready']} s "
-            f"after the kill. Failed requests: **{ld['failed']}** of {ld['requests']} ({_table(ld['failures'])}); "
-            f"the client retried {ld.get('retries')} times; p50 {ld['p50_ms']} ms, max {ld['max_ms']} ms. "
-            f"Served after: {k['served_after']}."
-        )
-    if "recycle" in results:
-        r = results["recycle"]
-        ld = r["load"]
-        L.append(
-            f"- **Worker recycled** (`NANOMORPH_RECYCLE_REQUESTS={r['recycle_every']}`) under a load of "
-            f"{ld['requests']} requests at {ld['concurrency']} concurrent clients: {r['recycles_logged']} recycles "
-            f"logged, {r['worker_pids_seen']} worker processes seen. Failed requests: **{ld['failed']}** "
-            f"({_table(ld['failures'])}); the client retried {ld.get('retries')} times; p50 {ld['p50_ms']} ms, "
-            f"p99 {ld['p99_ms']} ms, max {ld['max_ms']} ms, {ld['throughput_rps']} req/s. Served after: "
-            f"{r['served_after']}."
-        )
-    if "recycle_httpx" in results:
-        r = results["recycle_httpx"]
-        ld = r["load"]
-        L.append(
-            f"- For comparison, the same recycling load from plain httpx requests that are **never retried** "
-            f"(what the drain alone achieves): {r['recycles_logged']} recycles, failed requests {ld['failed']} "
-            f"of {ld['requests']} ({_table(ld['failures'])}). Such a request was sent on a keep-alive "
-            "connection in the instant the draining worker closed it, so the server never read it (a retry is "
-            "safe), or it reached the new worker before its models were loaded (503 + `Retry-After`); "
-            "connections opened while no worker accepts wait in the listening socket's backlog and are served."
-        )
-    if "worker_kill_client" in results or "recycle" in results:
-        L.append("")
-    return L
+    found = [_restart_paragraph(key, results[key]) for key in _RESTART_PARAGRAPHS if key in results]
+    if "worker_kill_client" not in results and "recycle" not in results:
+        return found
+    intro = (
+        "The load goes through `nanomorph.client.NanomorphClient` with its defaults (3 retries, backoff "
+        "0.5 s doubling, never shorter than the server's `Retry-After`; every 503 carries "
+        "`Retry-After: 2`), one client and one keep-alive connection per thread. A request counts as "
+        "failed only when the client raises after its retries.\n"
+    )
+    return ["## Restarts under load, through the project's client\n", intro, *found, ""]
 
 
 def _corrupt_model(c: dict[str, Any]) -> list[str]:
