@@ -15,7 +15,7 @@ What every task is checked for:
   runtime answers in-process.
 
 A subclass sets ``task`` and says how to build its tiny network, run the runtime, ask the service
-and check one answer. Test classes are collected from ``tests/tasks/test_tasks.py``.
+and check one answer. Test classes are collected from ``tests/tasks/test_every_task.py``.
 """
 
 from __future__ import annotations

@@ -127,3 +127,10 @@ class TestSegment(TaskTester):
 
     def assert_same(self, got: Any, want: Any) -> None:
         np.testing.assert_array_equal(got, want)
+
+
+def test_every_stored_task_has_a_tester() -> None:
+    """A new task gets its subclass here, so it cannot skip the shared checks."""
+    from nanomorph.store import TASKS
+
+    assert {tester.task for tester in TaskTester.__subclasses__()} == set(TASKS)
