@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,9 +40,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import cpu_name, export_to_store, load_average, record_section  # noqa: E402
 from nanomorph.contract import Contract, read_image  # noqa: E402
 from nanomorph.runtime import OnnxModel, Segmenter  # noqa: E402
-from nanomorph.store import make_tag, metadata_props, resolve, save_model  # noqa: E402
+from nanomorph.store import make_tag, metadata_props, resolve  # noqa: E402
 
 CLASSES = ["background", "wire"]
 SECTION = "## Large frames"
@@ -54,7 +54,7 @@ def build_model(store: Path, arch: str = "resnet18") -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from training.export import ExportJob, SegmentNet, export_onnx, set_metadata
+    from training.export import ExportJob, SegmentNet
     from training.models import build_unet
 
     torch.manual_seed(0)
@@ -68,14 +68,8 @@ def build_model(store: Path, arch: str = "resnet18") -> str:
         weights=store / "none",
         classes=CLASSES,
     )
-    onnx_path = store / "bench-segment.onnx"
-    export_onnx(job, onnx_path)
-    set_metadata(
-        onnx_path, metadata_props("segment", contract, CLASSES, {}, None, {"architecture": arch}, {})
-    )
-    tag = make_tag("bench", "segment", "1")
-    save_model(onnx_path, store, tag, "segment")
-    return tag
+    props = metadata_props("segment", contract, CLASSES, {}, None, {"architecture": arch}, {})
+    return export_to_store(job, store, make_tag("bench", "segment", "1"), props)
 
 
 def frame_tiff(side: int, seed: int = 0) -> bytes:
@@ -128,27 +122,7 @@ def served(url: str, data: bytes) -> tuple[float, int]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{os.cpu_count()} cores, {cpu}, load average {load}"
-
-
-def record(text: str, path: Path) -> None:
-    doc = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if SECTION in doc:
-        head, rest = doc.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        doc = head + text + (rest[nxt:] if nxt >= 0 else "\n")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    path.write_text(doc, encoding="utf-8")
+    return f"{os.cpu_count()} cores, {cpu_name()}, load average {load_average()}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.record:
-        record(text, ROOT / "docs" / "benchmarks.md")
+        record_section(text, ROOT / "docs" / "benchmarks.md", SECTION)
     return 0 if all(r["status"] == 200 for r in rows) else 1
 
 

@@ -41,9 +41,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import cpu_name, export_to_store, load_average, record_section  # noqa: E402
 from nanomorph.contract import Contract, read_image  # noqa: E402
 from nanomorph.runtime import Classifier, OnnxModel  # noqa: E402
-from nanomorph.store import make_tag, metadata_props, resolve, save_model  # noqa: E402
+from nanomorph.store import make_tag, metadata_props, resolve  # noqa: E402
 
 CLASSES = ["singular", "dispersed", "bundle", "network"]
 SECTION = "## Serving overhead"
@@ -55,7 +56,7 @@ def build_model(store: Path, image_size: int = 224, arch: str = "resnet18") -> s
     import timm
     import torch
 
-    from training.export import ClassifyNet, ExportJob, export_onnx, set_metadata
+    from training.export import ClassifyNet, ExportJob
     from training.models import Classifier as TorchClassifier
 
     torch.manual_seed(0)
@@ -71,8 +72,6 @@ def build_model(store: Path, image_size: int = 224, arch: str = "resnet18") -> s
         weights=store / "none",
         classes=CLASSES,
     )
-    onnx_path = store / "bench-classify.onnx"
-    export_onnx(job, onnx_path)
     d = int(getattr(backbone, "num_features"))  # noqa: B009
     centroids = np.eye(len(CLASSES), d, dtype=np.float32).tolist()
     props = metadata_props(
@@ -84,11 +83,7 @@ def build_model(store: Path, image_size: int = 224, arch: str = "resnet18") -> s
         encoder={"method": "none", "architecture": arch},
         provenance={"runs": {"bench": "bench/serve_overhead.py"}},
     )
-    set_metadata(onnx_path, props)
-    tag = make_tag("nanomorph", "classify", "bench")
-    save_model(onnx_path, store, tag, "classify")
-    onnx_path.unlink()
-    return tag
+    return export_to_store(job, store, make_tag("nanomorph", "classify", "bench"), props)
 
 
 def make_images(n: int, size: int = 224, seed: int = 0) -> list[bytes]:
@@ -175,32 +170,12 @@ def batch_totals(url: str) -> tuple[float, float]:
 def machine() -> str:
     import onnxruntime as ort
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
-        f"{cpu}, {cores} cores available, onnxruntime {ort.__version__} (CPUExecutionProvider), "
-        f"Python {platform.python_version()}; load average at the end {load} (other jobs share these cores)"
+        f"{cpu_name()}, {cores} cores available, onnxruntime {ort.__version__} (CPUExecutionProvider), "
+        f"Python {platform.python_version()}; load average at the end {load_average()} "
+        "(other jobs share these cores)"
     )
-
-
-def record(table: str, path: Path) -> None:
-    """Replaces (or appends) the "## Serving overhead" section of docs/benchmarks.md."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + table
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + table + (text[end + 1 :] if end >= 0 else "")
-    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     if args.record:
-        record(table, ROOT / "docs" / "benchmarks.md")
+        record_section(table, ROOT / "docs" / "benchmarks.md", SECTION)
         print(f"recorded in {ROOT / 'docs' / 'benchmarks.md'}")
     return 0
 

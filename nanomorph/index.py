@@ -357,28 +357,16 @@ def build_index(
         ValueError: the index was built with another model or from another folder.
     """
     src, out = Path(input_dir), Path(out_dir)
-    if not src.is_dir():
-        raise FileNotFoundError(f"input folder {src} does not exist")
+    files = _images_to_index(src, out, exclude, recursive)
     root = src.resolve()
-    skip = {Path(e).resolve() for e in (out, *exclude)}
-    files = [p for p in list_images(src, recursive=recursive) if not skip & set(p.resolve().parents)]
-    if not files:
-        raise ValueError(f"no supported images under {src} ({' '.join(SUPPORTED_SUFFIXES)})")
     out.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = _read_json(out / INFO) if (out / INFO).is_file() else {}
-    if info:
-        if info.get("model") != model:
-            raise ValueError(
-                f"{out / INFO}: index built with model {info.get('model')}, not {model}; "
-                "use another --out (embeddings of different models cannot be mixed)"
-            )
-        if info.get("root") and Path(info["root"]) != root:
-            raise ValueError(f"{out / INFO}: index built from {info['root']}, not {root}; use another --out")
+    _check_same_model_and_root(out, info, model, root)
 
     existing = SimilarityIndex.load(out, mmap=False) if (out / VECTORS).is_file() else None
     parts_dir = out / PARTS
     parts_dir.mkdir(exist_ok=True)
-    part_paths, part_vecs = _load_parts(parts_dir)
+    part_paths, _ = _load_parts(parts_dir)
     done = set(existing.paths if existing else []) | set(part_paths)
 
     rels = [p.relative_to(src).as_posix() for p in files]
@@ -390,54 +378,16 @@ def build_index(
         len(files) - len(todo),
         len(todo),
     )
-
-    n_part = len(list(parts_dir.glob("part-*.json")))
-
-    def save_chunk(indices: list[int], emb: np.ndarray) -> None:
-        nonlocal n_part
-        name = f"part-{n_part:06d}"
-        n_part += 1
-        _atomic_save_npy(parts_dir / f"{name}.npy", emb)
-        # The JSON is written last: a chunk counts only once both files are there.
-        atomic_write_text(parts_dir / f"{name}.json", json.dumps([rels[todo[i]] for i in indices]))
-
-    todo_paths = [files[i] for i in todo]
+    chunks = _ChunkWriter(parts_dir, [rels[i] for i in todo])
     # Everything embedded goes to parts/ (collect=False), so memory stays at one chunk.
     _, _, errors = embed_paths(
-        todo_paths, embedder, chunk=chunk, desc="index", on_chunk=save_chunk, collect=False
+        [files[i] for i in todo], embedder, chunk=chunk, desc="index", on_chunk=chunks.save, collect=False
     )
 
-    # Merge: existing + all parts, dropping files that are gone and duplicates.
-    part_paths, part_vecs = _load_parts(parts_dir)
-    all_paths = (existing.paths if existing else []) + part_paths
-    blocks = ([np.asarray(existing.vectors)] if existing and len(existing) else []) + part_vecs
-    present = set(rels)
-    dim = int(blocks[0].shape[1]) if blocks else int(info.get("dim") or 0)
-    matrix = np.concatenate(blocks) if blocks else np.zeros((0, dim), dtype=np.float32)
-    keep, seen = [], set()
-    for i, p in enumerate(all_paths):
-        if p in present and p not in seen:
-            keep.append(i)
-            seen.add(p)
-    removed = len(set(all_paths) - present)
-    matrix = l2_normalise(matrix[keep]) if keep else matrix[:0]
-    paths = [all_paths[i] for i in keep]
+    matrix, paths, removed = _merge(existing, parts_dir, set(rels), int(info.get("dim") or 0))
     _atomic_save_npy(out / VECTORS, matrix)
     atomic_write_text(out / PATHS, json.dumps(paths))
-    info = {
-        "format": FORMAT,
-        "model": model,
-        # A folder store is recorded absolute, so `index query` works from any working folder.
-        "store": None
-        if store is None
-        else (str(store) if str(store) == "bentoml" else str(Path(store).resolve())),
-        "task": getattr(getattr(getattr(embedder, "model", None), "stored", None), "task", None),
-        "dim": dim,
-        "count": len(paths),
-        "root": str(root),
-        "metric": "cosine",
-        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    info = _index_info(model, store, embedder, int(matrix.shape[1]), len(paths), root)
     atomic_write_text(out / INFO, json.dumps(info, indent=2) + "\n")
     for f in parts_dir.glob("part-*"):
         f.unlink()
@@ -454,6 +404,89 @@ def build_index(
         "removed": removed,
     }
     return {**info, **stats}
+
+
+def _images_to_index(src: Path, out: Path, exclude: Sequence[str | Path], recursive: bool) -> list[Path]:
+    """The images under ``src``, minus those inside ``out`` or an ``exclude`` folder."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"input folder {src} does not exist")
+    skip = {Path(e).resolve() for e in (out, *exclude)}
+    files = [p for p in list_images(src, recursive=recursive) if not skip & set(p.resolve().parents)]
+    if not files:
+        raise ValueError(f"no supported images under {src} ({' '.join(SUPPORTED_SUFFIXES)})")
+    return files
+
+
+def _check_same_model_and_root(out: Path, info: dict[str, Any], model: str, root: Path) -> None:
+    """An existing index is only extended with the same model's embeddings of the same folder."""
+    if not info:
+        return
+    if info.get("model") != model:
+        raise ValueError(
+            f"{out / INFO}: index built with model {info.get('model')}, not {model}; "
+            "use another --out (embeddings of different models cannot be mixed)"
+        )
+    if info.get("root") and Path(info["root"]) != root:
+        raise ValueError(f"{out / INFO}: index built from {info['root']}, not {root}; use another --out")
+
+
+class _ChunkWriter:
+    """Saves each embedded chunk as ``parts/part-NNNNNN.{npy,json}`` (vectors, then paths), so that
+    a killed build resumes from its last whole chunk. ``rels`` are the paths being embedded, in
+    the order that the embedder's chunk indices refer to."""
+
+    def __init__(self, parts_dir: Path, rels: list[str]) -> None:
+        self.parts_dir = parts_dir
+        self.rels = rels
+        self.n_part = len(list(parts_dir.glob("part-*.json")))
+
+    def save(self, indices: list[int], emb: np.ndarray) -> None:
+        name = f"part-{self.n_part:06d}"
+        self.n_part += 1
+        _atomic_save_npy(self.parts_dir / f"{name}.npy", emb)
+        # The JSON is written last: a chunk counts only once both files are there.
+        atomic_write_text(self.parts_dir / f"{name}.json", json.dumps([self.rels[i] for i in indices]))
+
+
+def _merge(
+    existing: SimilarityIndex | None, parts_dir: Path, present: set[str], dim: int
+) -> tuple[np.ndarray, list[str], int]:
+    """Existing index + all saved chunks, minus files that are gone and duplicates:
+    ``(L2-normalised vectors, their paths, number of indexed files removed)``. ``dim`` is used
+    only when there are no vectors at all."""
+    part_paths, part_vecs = _load_parts(parts_dir)
+    all_paths = (existing.paths if existing else []) + part_paths
+    blocks = ([np.asarray(existing.vectors)] if existing and len(existing) else []) + part_vecs
+    dim = int(blocks[0].shape[1]) if blocks else dim
+    matrix = np.concatenate(blocks) if blocks else np.zeros((0, dim), dtype=np.float32)
+    keep, seen = [], set()
+    for i, p in enumerate(all_paths):
+        if p in present and p not in seen:
+            keep.append(i)
+            seen.add(p)
+    removed = len(set(all_paths) - present)
+    matrix = l2_normalise(matrix[keep]) if keep else matrix[:0]
+    return matrix, [all_paths[i] for i in keep], removed
+
+
+def _index_info(
+    model: str, store: str | Path | None, embedder: Any, dim: int, count: int, root: Path
+) -> dict[str, Any]:
+    """The ``index.json`` contents."""
+    return {
+        "format": FORMAT,
+        "model": model,
+        # A folder store is recorded absolute, so `index query` works from any working folder.
+        "store": None
+        if store is None
+        else (str(store) if str(store) == "bentoml" else str(Path(store).resolve())),
+        "task": getattr(getattr(getattr(embedder, "model", None), "stored", None), "task", None),
+        "dim": dim,
+        "count": count,
+        "root": str(root),
+        "metric": "cosine",
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ CLI

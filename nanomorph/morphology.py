@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -444,103 +445,133 @@ def measure(
         ValueError: mask not 2-D / not integer / index out of range, bad pixel size, or class names
             in ``wire_classes``/``particle_classes`` that are not in ``classes``.
     """
-    if not classes:
-        raise ValueError("classes must list at least the background class (index 0)")
-    if len(set(classes)) != len(classes):
-        raise ValueError(f"class names must be unique, got {classes}")
-    m = _check_mask(mask, len(classes))
-    if pixel_size is not None:
-        pixel_size = float(pixel_size)
-        if not math.isfinite(pixel_size) or pixel_size <= 0:
-            raise ValueError(f"pixel_size must be a positive finite number, got {pixel_size}")
-    explicit = wire_classes is not None or particle_classes is not None
-    wires, parts = set(wire_classes or ()), set(particle_classes or ())
-    unknown = (wires | parts) - set(classes[1:])
-    if unknown:
-        raise ValueError(f"unknown class names {sorted(unknown)}; known foreground classes: {classes[1:]}")
-
-    u = unit_key(pixel_unit)
+    m = _check_mask(mask, _checked_classes(classes))
+    pixel_size = _checked_pixel_size(pixel_size)
+    kinds = _class_kinds(classes, wire_classes, particle_classes)
+    units = _Units(pixel_size, unit_key(pixel_unit))
     h, w = m.shape
     total = float(h * w)
     counts = np.bincount(m.ravel(), minlength=len(classes))
-
-    def put(d: dict[str, Any], key: str, value_px: float | None, power: int = 1) -> None:
-        """Store ``key_px`` and, with a pixel size, its physical twin ``key_<unit>[2]``."""
-        suffix = "2" if power == 2 else ""
-        d[f"{key}_px"] = _f(value_px)
-        if pixel_size is not None:
-            d[f"{key}_{u}{suffix}"] = _f(None if value_px is None else value_px * pixel_size**power)
-
-    def put_dist(d: dict[str, Any], key: str, values: np.ndarray, power: int = 1) -> None:
-        suffix = "2" if power == 2 else ""
-        d[f"{key}_px"] = _distribution(values)
-        if pixel_size is not None:
-            d[f"{key}_{u}{suffix}"] = _distribution(values, pixel_size**power)
-
-    out_classes: dict[str, Any] = {}
-    for idx, name in enumerate(classes):
-        if idx == 0:
-            continue
-        if explicit:
-            is_wire, is_part = name in wires, name in parts
-            kind = (
-                "both" if is_wire and is_part else "wire" if is_wire else "particle" if is_part else "basic"
-            )
-        else:
-            kind = class_kind(name)
-            is_wire, is_part = kind in ("wire", "both"), kind in ("particle", "both")
-
-        area = int(counts[idx])
-        res: dict[str, Any] = {"kind": kind}
-        put(res, "area", float(area), 2)
-        res["area_fraction"] = area / total
-        box = _bbox(m == idx) if area else None
-        if box is None:
-            labels = np.zeros((1, 1), dtype=np.int32)
-            n, dom_areas = 0, np.zeros(0)
-            binary = np.zeros((1, 1), dtype=bool)
-            percolates, direction = False, None
-        else:
-            binary = m[box] == idx
-            labels, n = ndi.label(binary, structure=_STRUCT8)
-            dom_areas = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.float64)
-            # Domains are labelled on the class's bounding box (fast on sparse masks); percolation
-            # then only counts crop edges that are also frame edges.
-            percolates, direction = _percolation_cropped(labels, box, (h, w))
-        res["n_domains"] = int(n)
-        put_dist(res, "domain_area", dom_areas, 2)
-        put_dist(res, "equivalent_diameter", np.sqrt(4.0 * dom_areas / np.pi))
-        res["percolates"] = percolates
-        res["percolation_direction"] = direction
-
-        if is_wire:
-            wire, dom_len, skel_len, length = _wire_numbers(binary, labels, n)
-            put(res, "skeleton_length", skel_len)
-            put(res, "length", length)
-            put(res, "mean_width", area / length if length > 0 else None)
-            put_dist(res, "domain_length", dom_len)
-            res.update(wire)
-        if is_part:
-            if n:
-                aspect, circ = _particle_shape(labels, n, dom_areas)
-            else:
-                aspect, circ = np.zeros(0), np.zeros(0)
-            res["aspect_ratio"] = _distribution(aspect)
-            res["circularity"] = _distribution(circ)
-        out_classes[name] = res
-
+    out_classes = {
+        name: _measure_class(m, idx, kinds[name], int(counts[idx]), units)
+        for idx, name in enumerate(classes)
+        if idx != 0
+    }
     summary = {
         "shape": [int(h), int(w)],
         "n_pixels": int(h * w),
         "pixel_size": pixel_size,
         "pixel_unit": pixel_unit if pixel_size is not None else None,
-        "unit_key": u if pixel_size is not None else None,
+        "unit_key": units.unit if pixel_size is not None else None,
         "classes": [str(c) for c in classes],
         "background": str(classes[0]),
         "background_fraction": float(counts[0]) / total,
         "orientation_convention": "degrees in [0, 180), 0 = horizontal, counter-clockwise as displayed",
     }
     return {"summary": summary, "classes": out_classes}
+
+
+def _checked_classes(classes: list[str]) -> int:
+    """The number of classes, after checking the names (background first, unique)."""
+    if not classes:
+        raise ValueError("classes must list at least the background class (index 0)")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"class names must be unique, got {classes}")
+    return len(classes)
+
+
+def _checked_pixel_size(pixel_size: float | None) -> float | None:
+    if pixel_size is None:
+        return None
+    pixel_size = float(pixel_size)
+    if not math.isfinite(pixel_size) or pixel_size <= 0:
+        raise ValueError(f"pixel_size must be a positive finite number, got {pixel_size}")
+    return pixel_size
+
+
+def _class_kinds(
+    classes: list[str], wire_classes: set[str] | None, particle_classes: set[str] | None
+) -> dict[str, str]:
+    """Foreground class name -> ``"wire"`` | ``"particle"`` | ``"both"`` | ``"basic"``: from the
+    given sets when either is given (unlisted classes are ``"basic"``), else guessed from the name
+    by :func:`class_kind`."""
+    foreground = classes[1:]
+    if wire_classes is None and particle_classes is None:
+        return {name: class_kind(name) for name in foreground}
+    wires, parts = set(wire_classes or ()), set(particle_classes or ())
+    unknown = (wires | parts) - set(foreground)
+    if unknown:
+        raise ValueError(f"unknown class names {sorted(unknown)}; known foreground classes: {foreground}")
+    kinds = {(True, True): "both", (True, False): "wire", (False, True): "particle", (False, False): "basic"}
+    return {name: kinds[(name in wires, name in parts)] for name in foreground}
+
+
+@dataclass(frozen=True)
+class _Units:
+    """Writes each number in pixels (``key_px``) and, with a pixel size, its physical twin
+    (``key_<unit>`` for lengths, ``key_<unit>2`` for areas)."""
+
+    pixel_size: float | None
+    unit: str
+
+    def put(self, d: dict[str, Any], key: str, value_px: float | None, power: int = 1) -> None:
+        suffix = "2" if power == 2 else ""
+        d[f"{key}_px"] = _f(value_px)
+        if self.pixel_size is not None:
+            d[f"{key}_{self.unit}{suffix}"] = _f(
+                None if value_px is None else value_px * self.pixel_size**power
+            )
+
+    def put_dist(self, d: dict[str, Any], key: str, values: np.ndarray, power: int = 1) -> None:
+        suffix = "2" if power == 2 else ""
+        d[f"{key}_px"] = _distribution(values)
+        if self.pixel_size is not None:
+            d[f"{key}_{self.unit}{suffix}"] = _distribution(values, self.pixel_size**power)
+
+
+def _class_domains(
+    m: np.ndarray, idx: int, area: int
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, bool, str | None]:
+    """``(binary crop, domain labels, n domains, domain areas, percolates, direction)`` of class
+    ``idx``. Domains are labelled on the class's bounding box (fast on sparse masks); percolation
+    then only counts crop edges that are also frame edges."""
+    box = _bbox(m == idx) if area else None
+    if box is None:
+        empty = np.zeros((1, 1), dtype=np.int32)
+        return np.zeros((1, 1), dtype=bool), empty, 0, np.zeros(0), False, None
+    binary = m[box] == idx
+    labels, n = ndi.label(binary, structure=_STRUCT8)
+    dom_areas = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.float64)
+    percolates, direction = _percolation_cropped(labels, box, m.shape)
+    return binary, labels, n, dom_areas, percolates, direction
+
+
+def _measure_class(m: np.ndarray, idx: int, kind: str, area: int, units: _Units) -> dict[str, Any]:
+    """The numbers of one foreground class (see :func:`measure`)."""
+    res: dict[str, Any] = {"kind": kind}
+    units.put(res, "area", float(area), 2)
+    res["area_fraction"] = area / float(m.size)
+    binary, labels, n, dom_areas, percolates, direction = _class_domains(m, idx, area)
+    res["n_domains"] = int(n)
+    units.put_dist(res, "domain_area", dom_areas, 2)
+    units.put_dist(res, "equivalent_diameter", np.sqrt(4.0 * dom_areas / np.pi))
+    res["percolates"] = percolates
+    res["percolation_direction"] = direction
+    if kind in ("wire", "both"):
+        wire, dom_len, skel_len, length = _wire_numbers(binary, labels, n)
+        units.put(res, "skeleton_length", skel_len)
+        units.put(res, "length", length)
+        units.put(res, "mean_width", area / length if length > 0 else None)
+        units.put_dist(res, "domain_length", dom_len)
+        res.update(wire)
+    if kind in ("particle", "both"):
+        if n:
+            aspect, circ = _particle_shape(labels, n, dom_areas)
+        else:
+            aspect, circ = np.zeros(0), np.zeros(0)
+        res["aspect_ratio"] = _distribution(aspect)
+        res["circularity"] = _distribution(circ)
+    return res
 
 
 def _percolation_cropped(

@@ -32,6 +32,7 @@ onnxruntime call cannot make the in-process and the served results differ.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -876,23 +877,10 @@ class StabilityTracker:
         self.seen.pop(rel, None)
 
 
-def run_watch(args: argparse.Namespace) -> int:
-    """``watch``: processes each new file once it is completely written, until Ctrl-C / SIGTERM
-    (or, with ``--once``, until every file present is done)."""
-    if bool(args.url) == bool(args.models):
-        raise ValueError("give exactly one of --url (through a server) or --models (in-process)")
-    input_dir, out = Path(args.input_dir), Path(args.out)
-    if not input_dir.is_dir():
-        raise FileNotFoundError(f"{input_dir}: no such folder")
-    if args.interval <= 0 or args.stable_seconds < 0:
-        raise ValueError("--interval must be > 0 and --stable-seconds >= 0")
-    writer = ResultWriter(out, args.task)
-    state = WatchState(out / STATE_FILE)
-    _save_config(args, out)
-    backend = make_backend(args, remote=bool(args.url))
-    _write_card(backend, out)
-    tracker = StabilityTracker(args.stable_seconds)
-    stop = threading.Event()
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGINT / SIGTERM set ``stop`` (the current file is finished first) instead of killing the
+    process; the previous handlers come back afterwards. Signals reach only the main thread."""
     previous: dict[signal.Signals, Any] = {}
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -902,57 +890,104 @@ def run_watch(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
-    log.info("watching %s for %s with %s; results in %s", input_dir, args.task, backend.describe, out)
-    total = Tally()
-    retry = 0
-
-    def record(item: Item, outcome: Outcome) -> None:
-        tracker.forget(item.rel)
-        if outcome.transient:
-            return  # not handled: tried again on a later scan
-        try:
-            state.mark(item, outcome, file_signature(item.path))
-        except OSError:
-            state.mark(item, outcome, (-1, -1))
-        state.save()
-        if outcome.ok:
-            log.info("%s: done", item.rel)
-
     try:
-        while not stop.is_set():
-            pending = 0
-            ready: list[Item] = []
-            for item in list_items(input_dir, out, recursive=not args.no_recursive):
-                if item.rel in writer.done:
-                    continue
-                try:
-                    signature = file_signature(item.path)
-                except OSError:
-                    continue  # removed meanwhile
-                if state.handled(item.rel, signature) or writer.known_failure(item):
-                    continue
-                if tracker.ready(item.rel, signature):
-                    ready.append(item)
-                else:
-                    pending += 1
-            if ready:
-                tally = process_items(
-                    ready, backend, writer, chunk=args.batch_size, stop=stop, on_outcome=record
-                )
-                total.ok += tally.ok
-                total.failed += tally.failed
-                total.transient += tally.transient
-                writer.write_csv()
-                _write_report(out)  # kept current for whoever opens it during the session
-                retry = tally.transient
-                if not args.once:
-                    pending += tally.transient
-            if args.once and not pending:
-                break
-            stop.wait(args.interval)
+        yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@dataclass
+class _WatchSession:
+    """What one ``watch`` keeps between scans of its folder."""
+
+    input_dir: Path
+    out: Path
+    recursive: bool
+    writer: ResultWriter
+    state: WatchState
+    tracker: StabilityTracker
+
+    def scan(self) -> tuple[list[Item], int]:
+        """``(files completely written and not handled yet, number still being written)``."""
+        ready: list[Item] = []
+        pending = 0
+        for item in list_items(self.input_dir, self.out, recursive=self.recursive):
+            if item.rel in self.writer.done:
+                continue
+            try:
+                signature = file_signature(item.path)
+            except OSError:
+                continue  # removed meanwhile
+            if self.state.handled(item.rel, signature) or self.writer.known_failure(item):
+                continue
+            if self.tracker.ready(item.rel, signature):
+                ready.append(item)
+            else:
+                pending += 1
+        return ready, pending
+
+    def record(self, item: Item, outcome: Outcome) -> None:
+        """Marks a file handled in the state file, unless its failure was transient (then a later
+        scan tries it again)."""
+        self.tracker.forget(item.rel)
+        if outcome.transient:
+            return
+        try:
+            self.state.mark(item, outcome, file_signature(item.path))
+        except OSError:
+            self.state.mark(item, outcome, (-1, -1))
+        self.state.save()
+        if outcome.ok:
+            log.info("%s: done", item.rel)
+
+
+def _check_watch_args(args: argparse.Namespace) -> None:
+    if bool(args.url) == bool(args.models):
+        raise ValueError("give exactly one of --url (through a server) or --models (in-process)")
+    if not Path(args.input_dir).is_dir():
+        raise FileNotFoundError(f"{Path(args.input_dir)}: no such folder")
+    if args.interval <= 0 or args.stable_seconds < 0:
+        raise ValueError("--interval must be > 0 and --stable-seconds >= 0")
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    """``watch``: processes each new file once it is completely written, until Ctrl-C / SIGTERM
+    (or, with ``--once``, until every file present is done)."""
+    _check_watch_args(args)
+    input_dir, out = Path(args.input_dir), Path(args.out)
+    writer = ResultWriter(out, args.task)
+    state = WatchState(out / STATE_FILE)
+    _save_config(args, out)
+    backend = make_backend(args, remote=bool(args.url))
+    _write_card(backend, out)
+    session = _WatchSession(
+        input_dir, out, not args.no_recursive, writer, state, StabilityTracker(args.stable_seconds)
+    )
+    stop = threading.Event()
+    log.info("watching %s for %s with %s; results in %s", input_dir, args.task, backend.describe, out)
+    total = Tally()
+    retry = 0
+    try:
+        with _stop_on_signals(stop):
+            while not stop.is_set():
+                ready, pending = session.scan()
+                if ready:
+                    tally = process_items(
+                        ready, backend, writer, chunk=args.batch_size, stop=stop, on_outcome=session.record
+                    )
+                    total.ok += tally.ok
+                    total.failed += tally.failed
+                    total.transient += tally.transient
+                    writer.write_csv()
+                    _write_report(out)  # kept current for whoever opens it during the session
+                    retry = tally.transient
+                    if not args.once:
+                        pending += tally.transient
+                if args.once and not pending:
+                    break
+                stop.wait(args.interval)
+    finally:
         backend.close()
         writer.close()
         state.save()

@@ -34,6 +34,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,99 +200,129 @@ def _wire_radii(rng: np.random.Generator, n: int, r_mean: float, cv: float = 0.1
     return np.clip(rng.normal(r_mean, cv * r_mean, n), 1.1, None)
 
 
+@dataclass
+class _WireLayout:
+    """The centre lines of one nanowire image before rendering, and its phase domains if any."""
+
+    paths: list[np.ndarray]
+    r_mean: float
+    domain: np.ndarray | None = None  # phase_separated: wires are cut at this region's boundary ...
+    stray: np.ndarray | None = None  # ... except these (per id of ``_render_wires``' nearest wire)
+    matrix: np.ndarray | None = None  # matrix thickness (phase domains); None: no matrix
+
+
+def _singular_wires(rng: np.random.Generator, size: int, s: float) -> _WireLayout:
+    r_mean = rng.uniform(1.8, 4.0)
+    n = int(rng.integers(1, 5))
+    paths = _separate_wires(
+        rng, size, n, (0.35, 0.85), (300, 4000), r_mean, margin=24 * s, min_inside=0.9, edge=0.15
+    )
+    return _WireLayout(paths, r_mean)
+
+
+def _dispersed_wires(rng: np.random.Generator, size: int, s: float) -> _WireLayout:
+    r_mean = rng.uniform(1.5, 3.2)
+    n = max(6, int(rng.integers(14, 36) * s * s))
+    return _WireLayout(_separate_wires(rng, size, n, (0.12, 0.32), (200, 3000), r_mean, margin=3), r_mean)
+
+
+def _network_wires(rng: np.random.Generator, size: int, s: float) -> _WireLayout:
+    r_mean = rng.uniform(1.4, 3.0)
+    n = max(8, int(rng.integers(10, 24) * max(s, 0.6)))
+    lp = rng.uniform(150, 1500)
+    paths: list[np.ndarray] = []
+    for k in range(n):
+        length = rng.uniform(0.7, 1.4) * size
+        if k > 0 and rng.random() < 0.5:
+            # Branch from a point on an existing wire: junctions make the mesh connected.
+            host = paths[int(rng.integers(len(paths)))]
+            start = host[int(rng.integers(len(host)))]
+            path = _wlc_path(rng, start, rng.uniform(0, 2 * np.pi), length, lp)
+            path = path - path[0] + start
+        else:
+            path = _wlc_path(rng, rng.uniform(0, size, 2), rng.uniform(0, 2 * np.pi), length, lp)
+        paths.append(path)
+    return _WireLayout(paths, r_mean)
+
+
+def _bundle_wires(rng: np.random.Generator, size: int, s: float) -> _WireLayout:
+    r_mean = rng.uniform(1.3, 2.4)
+    n_bundles = int(rng.integers(1, 4))
+    paths: list[np.ndarray] = []
+    for _ in range(n_bundles):
+        # Fewer wires per bundle in small frames, so a bundle still fits in the field of view.
+        m = max(3, int(rng.integers(4, 13) * min(1.0, max(s, 0.5))))
+        gap = rng.uniform(0.0, 1.2)
+        axis = _wlc_path(
+            rng,
+            rng.uniform(0.2, 0.8, 2) * size,
+            rng.uniform(0, 2 * np.pi),
+            rng.uniform(0.6, 1.3) * size,
+            rng.uniform(800, 5000),
+        )
+        normal = _normals(axis)
+        offsets = (np.arange(m) - (m - 1) / 2) * (2 * r_mean + gap)
+        for off in offsets:
+            a, b = np.sort(rng.uniform(0, 1, 2))
+            a, b = a * 0.35, 0.65 + b * 0.35  # staggered wire ends along the bundle
+            lo, hi = int(a * len(axis)), int(b * len(axis))
+            jitter = rng.normal(0, 0.25)  # slight lateral disorder in the packing
+            paths.append(axis[lo:hi] + normal[lo:hi] * (off + jitter))
+    # A few stray wires between the bundles.
+    for _ in range(int(rng.integers(0, 3))):
+        paths.append(_wlc_path(rng, rng.uniform(0, size, 2), rng.uniform(0, 2 * np.pi), 0.25 * size, 800))
+    return _WireLayout(paths, r_mean)
+
+
+def _phase_separated_wires(rng: np.random.Generator, size: int, s: float) -> _WireLayout:
+    r_mean = rng.uniform(1.4, 2.8)
+    # Wire-rich domains from a thresholded smooth random field (spinodal-like pattern).
+    field = ndimage.gaussian_filter(
+        rng.normal(size=(size, size)), rng.uniform(0.07, 0.14) * size, mode="wrap"
+    )
+    domain = field > np.quantile(field, 1.0 - rng.uniform(0.3, 0.55))
+    n = max(20, int(rng.integers(70, 140) * s * s))
+    n_stray = int(rng.integers(0, 4))
+    paths = []
+    rich = np.argwhere(domain)
+    for _ in range(n):
+        center = rich[int(rng.integers(len(rich)))] + rng.uniform(-0.5, 0.5, 2)
+        paths.append(_wlc_path(rng, center, rng.uniform(0, 2 * np.pi), rng.uniform(0.08, 0.22) * size, 400))
+    for _ in range(n_stray):
+        paths.append(
+            _wlc_path(
+                rng, rng.uniform(0, size, 2), rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.2) * size, 800
+            )
+        )
+    stray = np.concatenate([[False], np.zeros(n, bool), np.ones(n_stray, bool)])
+    # The wire-rich phase also carries more matrix (slightly darker domains, soft edges).
+    matrix = ndimage.gaussian_filter(domain.astype(np.float32), 2.0) * rng.uniform(0.3, 1.2)
+    return _WireLayout(paths, r_mean, domain, stray, matrix)
+
+
+_WIRE_LAYOUTS = {
+    "singular": _singular_wires,
+    "dispersed": _dispersed_wires,
+    "network": _network_wires,
+    "bundle": _bundle_wires,
+    "phase_separated": _phase_separated_wires,
+}
+
+
 def _nanowires(rng: np.random.Generator, cls: str, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Thickness, semantic mask and matrix thickness (phase domains) for a nanowire class."""
-    s = size / 256.0
-    matrix = np.zeros((size, size), dtype=np.float32)
-    keep_ids: np.ndarray | None = None
-    domain: np.ndarray | None = None
-    if cls == "singular":
-        r_mean = rng.uniform(1.8, 4.0)
-        n = int(rng.integers(1, 5))
-        paths = _separate_wires(
-            rng, size, n, (0.35, 0.85), (300, 4000), r_mean, margin=24 * s, min_inside=0.9, edge=0.15
-        )
-    elif cls == "dispersed":
-        r_mean = rng.uniform(1.5, 3.2)
-        n = max(6, int(rng.integers(14, 36) * s * s))
-        paths = _separate_wires(rng, size, n, (0.12, 0.32), (200, 3000), r_mean, margin=3)
-    elif cls == "network":
-        r_mean = rng.uniform(1.4, 3.0)
-        n = max(8, int(rng.integers(10, 24) * max(s, 0.6)))
-        lp = rng.uniform(150, 1500)
-        paths = []
-        for k in range(n):
-            length = rng.uniform(0.7, 1.4) * size
-            if k > 0 and rng.random() < 0.5:
-                # Branch from a point on an existing wire: junctions make the mesh connected.
-                host = paths[int(rng.integers(len(paths)))]
-                start = host[int(rng.integers(len(host)))]
-                path = _wlc_path(rng, start, rng.uniform(0, 2 * np.pi), length, lp)
-                path = path - path[0] + start
-            else:
-                path = _wlc_path(rng, rng.uniform(0, size, 2), rng.uniform(0, 2 * np.pi), length, lp)
-            paths.append(path)
-    elif cls == "bundle":
-        r_mean = rng.uniform(1.3, 2.4)
-        n_bundles = int(rng.integers(1, 4))
-        paths = []
-        for _ in range(n_bundles):
-            # Fewer wires per bundle in small frames, so a bundle still fits in the field of view.
-            m = max(3, int(rng.integers(4, 13) * min(1.0, max(s, 0.5))))
-            gap = rng.uniform(0.0, 1.2)
-            axis = _wlc_path(
-                rng,
-                rng.uniform(0.2, 0.8, 2) * size,
-                rng.uniform(0, 2 * np.pi),
-                rng.uniform(0.6, 1.3) * size,
-                rng.uniform(800, 5000),
-            )
-            normal = _normals(axis)
-            offsets = (np.arange(m) - (m - 1) / 2) * (2 * r_mean + gap)
-            for off in offsets:
-                a, b = np.sort(rng.uniform(0, 1, 2))
-                a, b = a * 0.35, 0.65 + b * 0.35  # staggered wire ends along the bundle
-                lo, hi = int(a * len(axis)), int(b * len(axis))
-                jitter = rng.normal(0, 0.25)  # slight lateral disorder in the packing
-                paths.append(axis[lo:hi] + normal[lo:hi] * (off + jitter))
-        # A few stray wires between the bundles.
-        for _ in range(int(rng.integers(0, 3))):
-            paths.append(_wlc_path(rng, rng.uniform(0, size, 2), rng.uniform(0, 2 * np.pi), 0.25 * size, 800))
-    elif cls == "phase_separated":
-        r_mean = rng.uniform(1.4, 2.8)
-        # Wire-rich domains from a thresholded smooth random field (spinodal-like pattern).
-        field = ndimage.gaussian_filter(
-            rng.normal(size=(size, size)), rng.uniform(0.07, 0.14) * size, mode="wrap"
-        )
-        domain = field > np.quantile(field, 1.0 - rng.uniform(0.3, 0.55))
-        n = max(20, int(rng.integers(70, 140) * s * s))
-        n_stray = int(rng.integers(0, 4))
-        paths = []
-        rich = np.argwhere(domain)
-        for _ in range(n):
-            center = rich[int(rng.integers(len(rich)))] + rng.uniform(-0.5, 0.5, 2)
-            paths.append(
-                _wlc_path(rng, center, rng.uniform(0, 2 * np.pi), rng.uniform(0.08, 0.22) * size, 400)
-            )
-        for _ in range(n_stray):
-            paths.append(
-                _wlc_path(
-                    rng, rng.uniform(0, size, 2), rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.2) * size, 800
-                )
-            )
-        keep_ids = np.concatenate([[False], np.zeros(n, bool), np.ones(n_stray, bool)])
-        # The wire-rich phase also carries more matrix (slightly darker domains, soft edges).
-        matrix = ndimage.gaussian_filter(domain.astype(np.float32), 2.0) * rng.uniform(0.3, 1.2)
-    else:
+    if cls not in _WIRE_LAYOUTS:
         raise ValueError(f"unknown nanowires class {cls!r}; choose from {CLASSES['nanowires']}")
-    radii = _wire_radii(rng, len(paths), r_mean)
-    factors = rng.uniform(0.85, 1.15, len(paths))
-    thickness, mask, nearest = _render_wires(paths, radii, factors, size)
-    if domain is not None and keep_ids is not None:
+    layout = _WIRE_LAYOUTS[cls](rng, size, size / 256.0)
+    radii = _wire_radii(rng, len(layout.paths), layout.r_mean)
+    factors = rng.uniform(0.85, 1.15, len(layout.paths))
+    thickness, mask, nearest = _render_wires(layout.paths, radii, factors, size)
+    if layout.domain is not None and layout.stray is not None:
         # Wires are confined to their domains: cut at the boundary, except the stray ones.
-        keep = domain | keep_ids[nearest]
+        keep = layout.domain | layout.stray[nearest]
         thickness = np.where(keep, thickness, 0.0).astype(np.float32)
         mask &= keep
+    matrix = np.zeros((size, size), dtype=np.float32) if layout.matrix is None else layout.matrix
     return thickness, mask, matrix
 
 
@@ -562,16 +593,7 @@ def generate(
     Raises:
         ValueError: bad arguments, or ``out_dir`` holds a data set made with other settings.
     """
-    if kind not in CLASSES:
-        raise ValueError(f"unknown kind {kind!r}; choose from {sorted(CLASSES)}")
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    if size < MIN_SIZE:
-        raise ValueError(f"--size must be at least {MIN_SIZE} px, got {size}")
-    if n_per_class < 0 or (n_unlabeled is not None and n_unlabeled < 0):
-        raise ValueError("image counts must be >= 0")
-    if not pixel_size_nm > 0:
-        raise ValueError(f"--pixel-size must be > 0 nm, got {pixel_size_nm}")
+    _check_generate_args(kind, fmt, size, n_per_class, n_unlabeled, pixel_size_nm)
     classes = CLASSES[kind]
     n_unl = n_per_class * len(classes) if n_unlabeled is None else n_unlabeled
     out = Path(out_dir)
@@ -579,62 +601,16 @@ def generate(
         raise NotADirectoryError(f"{out} exists and is not a folder")
     identity = {"kind": kind, "size": size, "seed": seed, "format": fmt, "pixel_size_nm": pixel_size_nm}
     summary_path = out / SUMMARY_NAME
-    previous: dict[str, Any] = {}
-    if summary_path.is_file():
-        try:
-            previous = json.loads(summary_path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise ValueError(f"{summary_path}: not valid JSON ({exc}); delete it to start over") from exc
-        if not isinstance(previous, dict) or not isinstance(previous.get("args"), dict):
-            raise ValueError(f"{summary_path}: not a nanomorph synth summary; delete it to start over")
-        old = {k: previous["args"].get(k) for k in identity}
-        if old != identity:
-            diff = ", ".join(f"{k} {old[k]!r} -> {identity[k]!r}" for k in identity if old[k] != identity[k])
-            raise ValueError(
-                f"{summary_path}: this folder holds a data set made with other settings ({diff}); "
-                "use another --out or delete the folder"
-            )
+    previous = _previous_summary(summary_path, identity)
     out.mkdir(parents=True, exist_ok=True)
-    ext = "png" if fmt == "png" else "tif"
+    job = _SynthJob(out, kind, size, seed, fmt, pixel_size_nm)
     t0 = time.perf_counter()
-    written = skipped = 0
-    link_mode = str(previous.get("segmentation_images", "hardlink"))
-
-    jobs: list[tuple[int, int, str]] = [
-        (ci, j, c) for ci, c in enumerate(classes) for j in range(n_per_class)
-    ]
-    progress = Progress(len(jobs) + n_unl, f"synth {kind}", interval_s=None, logger=log)
-    for ci, j, cls in jobs:
-        stem = _labeled_stem(seed, kind, cls, j)
-        cls_path = out / "classification" / cls / f"{stem}.{ext}"
-        seg_img = out / "segmentation" / "images" / f"{stem}.{ext}"
-        mask_path = out / "segmentation" / "masks" / f"{stem}.png"
-        inst_path = out / "segmentation" / "instances" / f"{stem}.png"
-        needed = [cls_path, seg_img, mask_path] + ([inst_path] if kind == "particles" else [])
-        if all(p.is_file() for p in needed):
-            skipped += 1
-        else:
-            image, semantic, inst = render_sample(kind, cls, size, _rng_for(seed, _STREAM_LABELED, ci, j))
-            write_mask(mask_path, semantic)
-            if inst is not None:
-                write_mask(inst_path, inst)
-            write_image(cls_path, image, fmt, pixel_size_nm)
-            # The segmentation image is the same file (hard link): same pixels, half the disk.
-            if _link_or_copy(cls_path, seg_img) == "copy":
-                link_mode = "copy"
-            written += 1
-        progress.update()
-    for j in range(n_unl):
-        path = out / "unlabeled" / f"u_{j:06d}.{ext}"
-        if path.is_file():
-            skipped += 1
-        else:
-            rng = _rng_for(seed, _STREAM_UNLABELED, j)
-            cls = classes[int(rng.integers(len(classes)))]
-            image, _, _ = render_sample(kind, cls, size, rng)
-            write_image(path, image, fmt, pixel_size_nm)
-            written += 1
-        progress.update()
+    progress = Progress(n_per_class * len(classes) + n_unl, f"synth {kind}", interval_s=None, logger=log)
+    written, skipped, link_mode = _write_labeled(
+        job, n_per_class, progress, str(previous.get("segmentation_images", "hardlink"))
+    )
+    more, already = _write_unlabeled(job, n_unl, progress)
+    written, skipped = written + more, skipped + already
     progress.close()
     seconds = time.perf_counter() - t0
     if contact_sheet and n_per_class > 0:
@@ -658,6 +634,108 @@ def generate(
     }
     atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _check_generate_args(
+    kind: str, fmt: str, size: int, n_per_class: int, n_unlabeled: int | None, pixel_size_nm: float
+) -> None:
+    if kind not in CLASSES:
+        raise ValueError(f"unknown kind {kind!r}; choose from {sorted(CLASSES)}")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if size < MIN_SIZE:
+        raise ValueError(f"--size must be at least {MIN_SIZE} px, got {size}")
+    if n_per_class < 0 or (n_unlabeled is not None and n_unlabeled < 0):
+        raise ValueError("image counts must be >= 0")
+    if not pixel_size_nm > 0:
+        raise ValueError(f"--pixel-size must be > 0 nm, got {pixel_size_nm}")
+
+
+def _previous_summary(summary_path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The summary of the data set already in the folder (``{}`` if none); refuses one made with
+    other settings (``identity``), so that a folder never mixes two data sets."""
+    if not summary_path.is_file():
+        return {}
+    try:
+        previous = json.loads(summary_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{summary_path}: not valid JSON ({exc}); delete it to start over") from exc
+    if not isinstance(previous, dict) or not isinstance(previous.get("args"), dict):
+        raise ValueError(f"{summary_path}: not a nanomorph synth summary; delete it to start over")
+    old = {k: previous["args"].get(k) for k in identity}
+    if old != identity:
+        diff = ", ".join(f"{k} {old[k]!r} -> {identity[k]!r}" for k in identity if old[k] != identity[k])
+        raise ValueError(
+            f"{summary_path}: this folder holds a data set made with other settings ({diff}); "
+            "use another --out or delete the folder"
+        )
+    return previous
+
+
+@dataclass(frozen=True)
+class _SynthJob:
+    """What decides the bytes of every file of one data set (and where they go)."""
+
+    out: Path
+    kind: str
+    size: int
+    seed: int
+    fmt: str
+    pixel_size_nm: float
+
+    @property
+    def ext(self) -> str:
+        return "png" if self.fmt == "png" else "tif"
+
+
+def _write_labeled(
+    job: _SynthJob, n_per_class: int, progress: Progress, link_mode: str
+) -> tuple[int, int, str]:
+    """The labeled images with their masks (files already there are skipped):
+    ``(written, skipped, how segmentation images were made: "hardlink" | "copy")``."""
+    written = skipped = 0
+    out, ext = job.out, job.ext
+    for ci, cls in enumerate(CLASSES[job.kind]):
+        for j in range(n_per_class):
+            stem = _labeled_stem(job.seed, job.kind, cls, j)
+            cls_path = out / "classification" / cls / f"{stem}.{ext}"
+            seg_img = out / "segmentation" / "images" / f"{stem}.{ext}"
+            mask_path = out / "segmentation" / "masks" / f"{stem}.png"
+            inst_path = out / "segmentation" / "instances" / f"{stem}.png"
+            needed = [cls_path, seg_img, mask_path] + ([inst_path] if job.kind == "particles" else [])
+            if all(p.is_file() for p in needed):
+                skipped += 1
+            else:
+                rng = _rng_for(job.seed, _STREAM_LABELED, ci, j)
+                image, semantic, inst = render_sample(job.kind, cls, job.size, rng)
+                write_mask(mask_path, semantic)
+                if inst is not None:
+                    write_mask(inst_path, inst)
+                write_image(cls_path, image, job.fmt, job.pixel_size_nm)
+                # The segmentation image is the same file (hard link): same pixels, half the disk.
+                if _link_or_copy(cls_path, seg_img) == "copy":
+                    link_mode = "copy"
+                written += 1
+            progress.update()
+    return written, skipped, link_mode
+
+
+def _write_unlabeled(job: _SynthJob, n_unlabeled: int, progress: Progress) -> tuple[int, int]:
+    """Separate renders of random classes (files already there are skipped): ``(written, skipped)``."""
+    written = skipped = 0
+    classes = CLASSES[job.kind]
+    for j in range(n_unlabeled):
+        path = job.out / "unlabeled" / f"u_{j:06d}.{job.ext}"
+        if path.is_file():
+            skipped += 1
+        else:
+            rng = _rng_for(job.seed, _STREAM_UNLABELED, j)
+            cls = classes[int(rng.integers(len(classes)))]
+            image, _, _ = render_sample(job.kind, cls, job.size, rng)
+            write_image(path, image, job.fmt, job.pixel_size_nm)
+            written += 1
+        progress.update()
+    return written, skipped
 
 
 def _count(folder: Path) -> int:

@@ -84,6 +84,17 @@ class LoadReport:
     def failed(self) -> int:
         return sum(self.failures.values())
 
+    def count(self, problem: str | None, start: float) -> None:
+        """Counts one finished request: a success (its latency since ``perf_counter`` ``start``)
+        or a failure of kind ``problem``."""
+        self.requests += 1
+        if problem is None:
+            self.ok += 1
+            self.latencies_ms.append(1000 * (time.perf_counter() - start))
+        else:
+            self.failures[problem] += 1
+            self.failure_times.append(time.monotonic())
+
     def percentile(self, q: float) -> float | None:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
 
@@ -148,13 +159,7 @@ async def _load(
                         problem = "wrong result count"
                 except httpx.HTTPError as exc:
                     problem = type(exc).__name__
-                report.requests += 1
-                if problem is None:
-                    report.ok += 1
-                    report.latencies_ms.append(1000 * (time.perf_counter() - start))
-                else:
-                    report.failures[problem] += 1
-                    report.failure_times.append(time.monotonic())
+                report.count(problem, start)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     report.seconds = time.monotonic() - t0
@@ -248,13 +253,7 @@ def run_client_load(
                 except NanomorphError as exc:
                     problem = f"{exc.status or 'no response'} {exc.reason}"
                 with lock:
-                    report.requests += 1
-                    if problem is None:
-                        report.ok += 1
-                        report.latencies_ms.append(1000 * (time.perf_counter() - start))
-                    else:
-                        report.failures[problem] += 1
-                        report.failure_times.append(time.monotonic())
+                    report.count(problem, start)
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for t in threads:

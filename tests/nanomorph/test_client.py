@@ -33,8 +33,8 @@ def speck(bright_background: bool, dtype: type = np.uint8, size: int = 48) -> np
 
 
 @pytest.fixture()
-def client(nm_server: Server) -> Iterator[NanomorphClient]:
-    with NanomorphClient(nm_server.url, timeout=30.0, retries=1, backoff=0.05) as c:
+def client(default_server: Server) -> Iterator[NanomorphClient]:
+    with NanomorphClient(default_server.url, timeout=30.0, retries=1, backoff=0.05) as c:
         yield c
 
 
@@ -117,6 +117,16 @@ def test_dead_port_fails_fast_with_a_clear_error() -> None:
     assert url in str(err.value) and "3 attempts" in str(err.value)
 
 
+def _send_json(handler: BaseHTTPRequestHandler, status: int, body: dict[str, object]) -> None:
+    """A fake server's JSON answer."""
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class _Flaky(BaseHTTPRequestHandler):
     """``GET /models`` answers 503 ``fail`` times, then 200."""
 
@@ -130,12 +140,7 @@ class _Flaky(BaseHTTPRequestHandler):
             body, status = {"error": "models are still loading", "reason": "model_unavailable"}, 503
         else:
             body, status = {"ready": True, "models": []}, 200
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        _send_json(self, status, body)
 
     def log_message(self, *args: object) -> None:
         pass
@@ -198,12 +203,7 @@ class _Dropping(BaseHTTPRequestHandler):
         if type(self).calls <= type(self).drop:
             self.close_connection = True
             return  # no response at all: the client sees the connection close
-        data = json.dumps({"model": "m", "results": [{"filename": "a.png", "label": "x"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        _send_json(self, 200, {"model": "m", "results": [{"filename": "a.png", "label": "x"}]})
 
     def log_message(self, *args: object) -> None:
         pass

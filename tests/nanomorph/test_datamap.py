@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from nanomorph.datamap import pca_2d, suspects
-from tests.fixtures.cli import run_nanomorph as nanomorph
+from tests.fixtures.cli import nanomorph
 
 
 def image_with_mean(m: float, size: int = 40) -> np.ndarray:
@@ -19,9 +19,9 @@ def image_with_mean(m: float, size: int = 40) -> np.ndarray:
 
 
 def test_map_writes_png_html_csv_and_flags_a_mislabeled_image(
-    tmp_path: Path, nm_store: tuple[Path, dict[str, str]]
+    tmp_path: Path, tiny_store: tuple[Path, dict[str, str]]
 ) -> None:
-    store, tags = nm_store
+    store, tags = tiny_store
     data = tmp_path / "classification"
     for cls, m in (("dark", 0.1), ("bright", 0.9)):
         (data / cls).mkdir(parents=True)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from nanomorph.index import SimilarityIndex
-from tests.fixtures.cli import run_nanomorph as nanomorph
+from tests.fixtures.cli import nanomorph
 
 
 def bright_fraction(frac: float, size: int = 40) -> np.ndarray:
@@ -31,8 +31,8 @@ def make_archive(root: Path, fracs: list[float]) -> list[Path]:
     return paths
 
 
-def test_build_query_round_trip_and_resume(tmp_path: Path, nm_store: tuple[Path, dict[str, str]]) -> None:
-    store, tags = nm_store
+def test_build_query_round_trip_and_resume(tmp_path: Path, tiny_store: tuple[Path, dict[str, str]]) -> None:
+    store, tags = tiny_store
     archive = tmp_path / "archive"
     paths = make_archive(archive, [0.1, 0.2, 0.35, 0.5, 0.65, 0.8])
     (archive / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
@@ -78,11 +78,11 @@ def test_build_query_round_trip_and_resume(tmp_path: Path, nm_store: tuple[Path,
 
 
 def test_resume_after_interrupted_build_and_errors(
-    tmp_path: Path, nm_store: tuple[Path, dict[str, str]]
+    tmp_path: Path, tiny_store: tuple[Path, dict[str, str]]
 ) -> None:
     from nanomorph.index import build_index, load_embedder
 
-    store, tags = nm_store
+    store, tags = tiny_store
     archive = tmp_path / "archive"
     make_archive(archive, [0.1, 0.3, 0.5, 0.7])
     out = tmp_path / "idx"
@@ -149,13 +149,13 @@ def test_search_matches_brute_force_in_blocks(monkeypatch: pytest.MonkeyPatch) -
         index.check_model("m:1", dim=8)
 
 
-def test_similar_endpoint_on_a_real_server(tmp_path: Path, nm_store: tuple[Path, dict[str, str]]) -> None:
+def test_similar_endpoint_on_a_real_server(tmp_path: Path, tiny_store: tuple[Path, dict[str, str]]) -> None:
     """``POST /similar`` answers from the index named by ``NANOMORPH_INDEX``."""
     import httpx
 
     from tests.fixtures.server import start_server
 
-    store, tags = nm_store
+    store, tags = tiny_store
     paths = make_archive(tmp_path / "archive", [0.1, 0.3, 0.5, 0.7, 0.9])
     out = tmp_path / "idx"
     r = nanomorph(

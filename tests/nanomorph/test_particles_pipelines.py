@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,15 +13,10 @@ from skimage.draw import disk
 
 from nanomorph.client import NanomorphClient
 from nanomorph.particles import COLUMNS, table_csv
-from tests.fixtures.cli import run_nanomorph
+from tests.fixtures.cli import nanomorph
 from tests.fixtures.server import Server, start_server
 from tests.fixtures.tiny_models import build_tiny_store
 from tests.nanomorph.test_pipelines import same_tree
-
-
-def nanomorph(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return run_nanomorph(*args, timeout=300)  # matplotlib's first import is slow on a loaded machine
-
 
 # The tiny segment model with classes (background, boundary, particle): bright pixels are particle
 # interior, the boundary channel is flat, so the watershed path runs end to end.

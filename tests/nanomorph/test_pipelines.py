@@ -6,10 +6,8 @@ import csv
 import filecmp
 import io
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from tests.fixtures.cli import run_nanomorph as nanomorph
+from tests.fixtures.cli import nanomorph, nanomorph_argv, process_env
 from tests.fixtures.emfiles import emi_bytes, fei_tiff_bytes, ome_tiff_bytes, ser_bytes
 from tests.fixtures.server import Server, free_port
 
@@ -64,14 +62,14 @@ def same_tree(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("task", ["classify", "segment", "embed"])
 def test_predict_and_client_write_identical_results(
-    task: str, tmp_path: Path, nm_store: tuple[Path, dict[str, str]], nm_server: Server
+    task: str, tmp_path: Path, tiny_store: tuple[Path, dict[str, str]], default_server: Server
 ) -> None:
     data = make_inputs(tmp_path / "in")
     local, served = tmp_path / "local", tmp_path / "served"
-    p = nanomorph("predict", "--models", nm_store[0], "--task", task, data, "--out", local)
+    p = nanomorph("predict", "--models", tiny_store[0], "--task", task, data, "--out", local)
     assert p.returncode == 0, p.stderr
     c = nanomorph(
-        "client", "--url", nm_server.url, "--task", task, data, "--out", served, "--concurrency", "3"
+        "client", "--url", default_server.url, "--task", task, data, "--out", served, "--concurrency", "3"
     )
     assert c.returncode == 0, c.stderr
     same_tree(local, served)  # report.html and model.json included
@@ -106,41 +104,41 @@ def test_predict_and_client_write_identical_results(
 
 
 def test_rerun_resumes_and_skips_done_and_bad_files(
-    tmp_path: Path, nm_store: tuple[Path, dict[str, str]]
+    tmp_path: Path, tiny_store: tuple[Path, dict[str, str]]
 ) -> None:
     data = make_inputs(tmp_path / "in")
     out = tmp_path / "out"
-    assert nanomorph("predict", "--models", nm_store[0], data, "--out", out).returncode == 0
+    assert nanomorph("predict", "--models", tiny_store[0], data, "--out", out).returncode == 0
     assert len(rows(out)) == 3
     # A run killed mid-write leaves a partial last line; the next run drops it and carries on.
     with open(out / "results.jsonl", "a") as fh:
         fh.write('{"path": "half')
-    again = nanomorph("predict", "--models", nm_store[0], data, "--out", out)
+    again = nanomorph("predict", "--models", tiny_store[0], data, "--out", out)
     assert again.returncode == 0, again.stderr
     assert "nothing new" in again.stderr
     assert len(rows(out)) == 3
     # One new image: only it is processed.
     Image.fromarray(dark_speck(32)).save(data / "run2" / "new.png")
-    third = nanomorph("predict", "--models", nm_store[0], data, "--out", out)
+    third = nanomorph("predict", "--models", tiny_store[0], data, "--out", out)
     assert third.returncode == 0 and "1 images to do" in third.stderr
     assert [r["path"] for r in rows(out)][-1] == "run2/new.png" and len(rows(out)) == 4
     # The corrupt file is still listed, not retried; a fixed file is retried by itself.
     assert [e["path"] for e in errors(out)] == ["run2/broken.png"]
     Image.fromarray(dark_speck(24)).save(data / "run2" / "broken.png")
-    fourth = nanomorph("predict", "--models", nm_store[0], data, "--out", out)
+    fourth = nanomorph("predict", "--models", tiny_store[0], data, "--out", out)
     assert fourth.returncode == 0 and len(rows(out)) == 5 and errors(out) == []
     # A folder of classify results is not silently mixed with segment results.
-    mixed = nanomorph("predict", "--models", nm_store[0], "--task", "segment", data, "--out", out)
+    mixed = nanomorph("predict", "--models", tiny_store[0], "--task", "segment", data, "--out", out)
     assert mixed.returncode == 2 and "classify results" in mixed.stderr
 
 
-def test_exit_codes_and_clear_errors(tmp_path: Path, nm_store: tuple[Path, dict[str, str]]) -> None:
+def test_exit_codes_and_clear_errors(tmp_path: Path, tiny_store: tuple[Path, dict[str, str]]) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.tif").write_bytes(b"II*\x00garbage")
-    run = nanomorph("predict", "--models", nm_store[0], bad, "--out", tmp_path / "o1")
+    run = nanomorph("predict", "--models", tiny_store[0], bad, "--out", tmp_path / "o1")
     assert run.returncode == 1 and errors(tmp_path / "o1")[0]["path"] == "a.tif"
-    missing = nanomorph("predict", "--models", nm_store[0], tmp_path / "nope", "--out", tmp_path / "o2")
+    missing = nanomorph("predict", "--models", tiny_store[0], tmp_path / "nope", "--out", tmp_path / "o2")
     assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
     dead = nanomorph(
         "client", "--url", f"http://127.0.0.1:{free_port()}", bad, "--out", tmp_path / "o3", "--wait", "1"
@@ -166,7 +164,7 @@ def _wait_rows(out: Path, n: int, timeout: float) -> list[dict]:
 
 
 def test_watch_processes_a_file_written_in_two_chunks_exactly_once(
-    tmp_path: Path, nm_store: tuple[Path, dict[str, str]]
+    tmp_path: Path, tiny_store: tuple[Path, dict[str, str]]
 ) -> None:
     watched, out = tmp_path / "incoming", tmp_path / "out"
     watched.mkdir()
@@ -174,7 +172,7 @@ def test_watch_processes_a_file_written_in_two_chunks_exactly_once(
         "watch",
         watched,
         "--models",
-        nm_store[0],
+        tiny_store[0],
         "--out",
         out,
         "--interval",
@@ -182,11 +180,10 @@ def test_watch_processes_a_file_written_in_two_chunks_exactly_once(
         "--stable-seconds",
         "1.0",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nanomorph.cli", *map(str, args)],
+    proc = subprocess.Popen(  # a real process: it is stopped with SIGTERM
+        nanomorph_argv(*args),
         cwd=REPO,
-        env=env,
+        env=process_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -219,7 +216,7 @@ def test_watch_processes_a_file_written_in_two_chunks_exactly_once(
     assert (out / "results.csv").read_text().count("frame_00") == 2
 
 
-def test_watch_once_through_the_server(tmp_path: Path, nm_server: Server) -> None:
+def test_watch_once_through_the_server(tmp_path: Path, default_server: Server) -> None:
     watched, out = tmp_path / "incoming", tmp_path / "out"
     watched.mkdir()
     Image.fromarray(dark_speck()).save(watched / "a.png")
@@ -228,7 +225,7 @@ def test_watch_once_through_the_server(tmp_path: Path, nm_server: Server) -> Non
         "watch",
         watched,
         "--url",
-        nm_server.url,
+        default_server.url,
         "--out",
         out,
         "--once",
@@ -242,7 +239,7 @@ def test_watch_once_through_the_server(tmp_path: Path, nm_server: Server) -> Non
 
 
 def test_every_file_in_a_folder_is_read_or_listed_in_errors(
-    tmp_path: Path, nm_store: tuple[Path, dict[str, str]]
+    tmp_path: Path, tiny_store: tuple[Path, dict[str, str]]
 ) -> None:
     data = tmp_path / "in"
     (data / "tia").mkdir(parents=True)
@@ -256,7 +253,7 @@ def test_every_file_in_a_folder_is_read_or_listed_in_errors(
     (data / "notes.txt").write_text("beam current 1 nA")
     (data / "orphan.emi").write_bytes(emi_bytes())
     out = tmp_path / "out"
-    run = nanomorph("predict", "--models", nm_store[0], "--task", "segment", data, "--out", out)
+    run = nanomorph("predict", "--models", tiny_store[0], "--task", "segment", data, "--out", out)
     assert run.returncode == 0, run.stderr
     by_path = {r["path"]: r for r in rows(out)}
     assert sorted(by_path) == ["ome.tif", "sem.tif", "tia/wire_1.ser", "tia/wire_1.tif"]
@@ -292,7 +289,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_shards_in_separate_processes_merge_into_the_unsharded_results(
-    tmp_path: Path, nm_store: tuple[Path, dict[str, str]]
+    tmp_path: Path, tiny_store: tuple[Path, dict[str, str]]
 ) -> None:
     data = make_inputs(tmp_path / "in")
     for i in range(6):
@@ -301,24 +298,13 @@ def test_shards_in_separate_processes_merge_into_the_unsharded_results(
         )
     (data / "notes.txt").write_text("not an image")
     whole, sharded = tmp_path / "whole", tmp_path / "sharded"
-    common = ["--models", str(nm_store[0]), "--task", "segment", str(data)]
+    common = ["--models", str(tiny_store[0]), "--task", "segment", str(data)]
     assert nanomorph("predict", *common, "--out", whole).returncode == 0
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "nanomorph.cli",
-                "predict",
-                *common,
-                "--out",
-                str(sharded),
-                "--shard",
-                f"{i}/3",
-            ],
+            nanomorph_argv("predict", *common, "--out", sharded, "--shard", f"{i}/3"),
             cwd=REPO,
-            env=env,
+            env=process_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -10,13 +10,7 @@ import pytest
 from nanomorph.contract import to_model_input
 from nanomorph.runtime import Classifier, Embedder, OnnxModel, Segmenter, default_providers
 from nanomorph.store import resolve
-from tests.fixtures.tiny_models import build_tiny_store, expected_class
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    root = tmp_path_factory.mktemp("store")
-    return root, build_tiny_store(root)
+from tests.fixtures.tiny_models import expected_class
 
 
 def _speck(bright_background: bool, shape: tuple[int, int] = (48, 40)) -> np.ndarray:
@@ -25,8 +19,8 @@ def _speck(bright_background: bool, shape: tuple[int, int] = (48, 40)) -> np.nda
     return 200.0 - img if bright_background else img
 
 
-def test_providers(monkeypatch: pytest.MonkeyPatch, store: tuple[Path, dict[str, str]]) -> None:
-    root, tags = store
+def test_providers(monkeypatch: pytest.MonkeyPatch, tiny_store: tuple[Path, dict[str, str]]) -> None:
+    root, tags = tiny_store
     monkeypatch.delenv("NANOMORPH_PROVIDERS", raising=False)
     assert default_providers()[-1] == "CPUExecutionProvider"
     monkeypatch.setenv("NANOMORPH_PROVIDERS", "CPUExecutionProvider")
@@ -37,8 +31,8 @@ def test_providers(monkeypatch: pytest.MonkeyPatch, store: tuple[Path, dict[str,
         default_providers()
 
 
-def test_onnx_model_run_dynamic_batch(store: tuple[Path, dict[str, str]]) -> None:
-    root, tags = store
+def test_onnx_model_run_dynamic_batch(tiny_store: tuple[Path, dict[str, str]]) -> None:
+    root, tags = tiny_store
     model = OnnxModel(root / "nanomorph-classify" / "1")  # a folder path works too
     for n in (1, 7):
         out = model.run(np.random.default_rng(n).random((n, 1, 32, 32), dtype=np.float32))
@@ -49,8 +43,8 @@ def test_onnx_model_run_dynamic_batch(store: tuple[Path, dict[str, str]]) -> Non
         model.run(np.zeros((2, 32, 32), dtype=np.float32))
 
 
-def test_classifier_labels_and_ood(store: tuple[Path, dict[str, str]]) -> None:
-    root, tags = store
+def test_classifier_labels_and_ood(tiny_store: tuple[Path, dict[str, str]]) -> None:
+    root, tags = tiny_store
     clf = Classifier(resolve(tags["classify"], root), batch_size=2)
     dark, bright = _speck(False), _speck(True)
     flat = np.full((30, 30), 7.0, dtype=np.float32)  # no contrast: normalises to 0.5 everywhere
@@ -68,8 +62,8 @@ def test_classifier_labels_and_ood(store: tuple[Path, dict[str, str]]) -> None:
     assert clf.predict([]) == []
 
 
-def test_embedder(store: tuple[Path, dict[str, str]]) -> None:
-    root, tags = store
+def test_embedder(tiny_store: tuple[Path, dict[str, str]]) -> None:
+    root, tags = tiny_store
     emb = Embedder(resolve(tags["embed"], root)).embed([_speck(False), _speck(True), _speck(False)])
     assert emb.shape == (3, 4) and emb.dtype == np.float32
     np.testing.assert_allclose(emb[0], emb[2])
@@ -80,8 +74,8 @@ def test_embedder(store: tuple[Path, dict[str, str]]) -> None:
 
 
 @pytest.mark.parametrize("shape", [(40, 50), (150, 130)])
-def test_segmenter_any_size(store: tuple[Path, dict[str, str]], shape: tuple[int, int]) -> None:
-    root, tags = store
+def test_segmenter_any_size(tiny_store: tuple[Path, dict[str, str]], shape: tuple[int, int]) -> None:
+    root, tags = tiny_store
     seg = Segmenter(resolve(tags["segment"], root), batch_size=3)
     img = np.zeros(shape, dtype=np.float32)
     img[:, 20:26] = 5.0  # a vertical bright "wire"
@@ -93,16 +87,16 @@ def test_segmenter_any_size(store: tuple[Path, dict[str, str]], shape: tuple[int
     np.testing.assert_allclose(out["probabilities"].sum(axis=0), 1.0, atol=1e-4)
 
 
-def test_task_mismatch(store: tuple[Path, dict[str, str]]) -> None:
-    root, tags = store
+def test_task_mismatch(tiny_store: tuple[Path, dict[str, str]]) -> None:
+    root, tags = tiny_store
     with pytest.raises(ValueError, match="not segment"):
         Segmenter(resolve(tags["classify"], root))
     with pytest.raises(ValueError, match="not classify"):
         Classifier(resolve(tags["embed"], root))
 
 
-def test_segmenter_large_tiles_and_mask_only_path_agree(store: tuple[Path, dict[str, str]]) -> None:
-    root, tags = store
+def test_segmenter_large_tiles_and_mask_only_path_agree(tiny_store: tuple[Path, dict[str, str]]) -> None:
+    root, tags = tiny_store
     stored = resolve(tags["segment"], root)
     img = np.random.default_rng(0).normal(100.0, 20.0, (700, 530)).astype(np.float32)
     img[:, 200:230] += 200.0  # a bright "wire"
@@ -118,12 +112,12 @@ def test_segmenter_large_tiles_and_mask_only_path_agree(store: tuple[Path, dict[
     np.testing.assert_array_equal(small.mask(img), ref["mask"])
 
 
-def test_segmenter_mask_memory_is_bounded(store: tuple[Path, dict[str, str]]) -> None:
+def test_segmenter_mask_memory_is_bounded(tiny_store: tuple[Path, dict[str, str]]) -> None:
     """Predictions are blended as they arrive: no stack of tile probabilities, no full-frame
     float64 accumulator (~60 bytes per pixel before). numpy's allocations are traced by tracemalloc."""
     import tracemalloc
 
-    root, tags = store
+    root, tags = tiny_store
     seg = Segmenter(resolve(tags["segment"], root), max_tile=64)
     img = np.random.default_rng(1).random((1536, 1536), dtype=np.float32)
     tracemalloc.start()

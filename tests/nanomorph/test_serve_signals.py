@@ -93,10 +93,10 @@ def _wait_in_flight(server: Server, thread: threading.Thread, timeout: float = 6
 
 
 def test_sigterm_drains_the_request_in_flight_and_leaves_nothing_behind(
-    tmp_path: Path, nm_store: tuple[Path, dict[str, str]]
+    tmp_path: Path, tiny_store: tuple[Path, dict[str, str]]
 ) -> None:
     env = {"NANOMORPH_BATCH_WAIT_MS": "4000", "NANOMORPH_SHUTDOWN_GRACE_S": "30"}
-    server = start_server(tmp_path, store=nm_store[0], env=env, timeout=300)  # `nanomorph serve`
+    server = start_server(tmp_path, store=tiny_store[0], env=env, timeout=300)  # `nanomorph serve`
     try:
         port = int(server.url.rsplit(":", 1)[1])
         tree = _tree(server.proc.pid)
@@ -122,10 +122,10 @@ def test_sigterm_drains_the_request_in_flight_and_leaves_nothing_behind(
 
 
 @pytest.mark.slow
-def test_the_drain_is_bounded_by_the_grace(tmp_path: Path, nm_store: tuple[Path, dict[str, str]]) -> None:
+def test_the_drain_is_bounded_by_the_grace(tmp_path: Path, tiny_store: tuple[Path, dict[str, str]]) -> None:
     """A request that would outlast the grace is cut off and the server still exits, leaving nothing."""
     env = {"NANOMORPH_BATCH_WAIT_MS": "60000", "NANOMORPH_SHUTDOWN_GRACE_S": "2"}
-    server = start_server(tmp_path, store=nm_store[0], env=env, timeout=300)
+    server = start_server(tmp_path, store=tiny_store[0], env=env, timeout=300)
     try:
         tree = _tree(server.proc.pid)
         box: dict[str, object] = {}

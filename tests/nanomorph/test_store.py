@@ -23,9 +23,8 @@ from nanomorph.store import (
     save_model,
     split_tag,
 )
+from tests.fixtures.cli import nanomorph, nanomorph_process
 from tests.fixtures.tiny_models import build_tiny_store
-
-NANOMORPH = [sys.executable, "-m", "nanomorph.cli"]
 
 
 @pytest.fixture()
@@ -110,23 +109,18 @@ def test_tags() -> None:
 
 def test_models_list_cli(store: tuple[Path, dict[str, str]]) -> None:
     root, _ = store
-    out = subprocess.run(
-        [*NANOMORPH, "models", "list", "--store", str(root)], capture_output=True, text=True, check=True
-    ).stdout
+    listed = nanomorph("models", "list", "--store", root)
+    assert listed.returncode == 0, listed.stderr
+    out = listed.stdout
     lines = out.strip().splitlines()
     assert lines[0].split() == ["TAG", "TASK", "CLASSES", "METRICS"]
     row = next(line for line in lines if line.startswith("nanomorph-classify:1"))
     assert "singular,dispersed,bundle,network" in row and "accuracy=1" in row
-    js = subprocess.run(
-        [*NANOMORPH, "models", "list", "--store", str(root), "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    js_run = nanomorph("models", "list", "--store", root, "--json")
+    assert js_run.returncode == 0, js_run.stderr
+    js = js_run.stdout
     assert {json.loads(line)["task"] for line in js.splitlines()} == {"embed", "classify", "segment"}
-    bad = subprocess.run(
-        [*NANOMORPH, "models", "list", "--store", str(root / "nope")], capture_output=True, text=True
-    )
+    bad = nanomorph("models", "list", "--store", root / "nope")
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -139,11 +133,9 @@ def test_bentoml_store(tmp_path: Path) -> None:
     )
     subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=Path(__file__).parents[2])
     assert (tmp_path / "bentoml" / "models" / "nanomorph-classify" / "1" / "manifest.json").is_file()
-    out = subprocess.run(
-        [*NANOMORPH, "models", "list", "--store", "bentoml"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    listed = nanomorph_process(
+        "models", "list", "--store", "bentoml", env=env
+    )  # BentoML reads its home at import
+    assert listed.returncode == 0, listed.stderr
+    out = listed.stdout
     assert "nanomorph-segment:1" in out and "background,wire" in out

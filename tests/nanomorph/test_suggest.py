@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from nanomorph.suggest import k_center_greedy, select, uncertainty_scores
-from tests.fixtures.cli import run_nanomorph as nanomorph
+from tests.fixtures.cli import nanomorph
 
 CLASSES = {"dark": 0.08, "grey": 0.4, "bright": 0.92}
 
@@ -44,8 +44,8 @@ def read_rows(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_diversity_covers_every_class(tmp_path: Path, nm_store: tuple[Path, dict[str, str]]) -> None:
-    store, tags = nm_store
+def test_diversity_covers_every_class(tmp_path: Path, tiny_store: tuple[Path, dict[str, str]]) -> None:
+    store, tags = tiny_store
     truth = make_pool(tmp_path / "unlabeled")
     out = tmp_path / "out"
     args: list[str | Path] = [
@@ -93,9 +93,9 @@ def test_diversity_covers_every_class(tmp_path: Path, nm_store: tuple[Path, dict
 
 
 def test_hybrid_and_uncertainty_with_classifier(
-    tmp_path: Path, nm_store: tuple[Path, dict[str, str]]
+    tmp_path: Path, tiny_store: tuple[Path, dict[str, str]]
 ) -> None:
-    store, tags = nm_store
+    store, tags = tiny_store
     make_pool(tmp_path / "unlabeled", per_class=4)
     # Images at the tiny classifier's decision boundaries (means 0.25, 0.75) are the uncertain ones.
     for m in (0.25, 0.75):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from scipy import ndimage
 
 from nanomorph import synth
 from nanomorph.contract import read_image
+from tests.fixtures.cli import nanomorph
 
 SIZE = 64
 
@@ -29,11 +28,6 @@ def _tree(root: Path) -> dict[str, bytes]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name not in skip
     }
-
-
-def _nanomorph() -> list[str]:
-    script = Path(sys.executable).parent / "nanomorph"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "nanomorph.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -229,27 +223,20 @@ def test_tiff16_keeps_raw_counts_and_pixel_size(tmp_path: Path) -> None:
 
 def test_cli_writes_data_set_and_reports_errors_in_one_line(tmp_path: Path) -> None:
     out = tmp_path / "data"
-    cmd = [*_nanomorph(), "synth", "--out", str(out), "--kind", "particles", "--n-per-class", "1"]
+    cmd = ["synth", "--out", str(out), "--kind", "particles", "--n-per-class", "1"]
     cmd += ["--size", "48", "--seed", "3"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = nanomorph(*cmd)
     assert done.returncode == 0, done.stderr
     assert "2 labeled" in done.stdout and "written 4" in done.stdout
     assert (out / "contact_sheet.png").is_file() and (out / "config.yaml").is_file()
     assert json.loads((out / "synth.json").read_text())["args"]["size"] == 48
     assert len(list((out / "segmentation" / "instances").glob("*.png"))) == 2
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    rerun = nanomorph(*cmd)
     assert rerun.returncode == 0 and "written 0, skipped 4" in rerun.stdout
-    bad = subprocess.run([*cmd[:-1], "4"], capture_output=True, text=True, timeout=120)
+    bad = nanomorph(*cmd[:-1], "4")
     assert bad.returncode == 2
     assert "synth.json" in bad.stderr and "Traceback" not in bad.stderr
-    tiny = subprocess.run(
-        [*_nanomorph(), "synth", "--out", str(tmp_path / "t"), "--size", "8"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    tiny = nanomorph("synth", "--out", tmp_path / "t", "--size", "8")
     assert tiny.returncode == 2 and "size" in tiny.stderr and "Traceback" not in tiny.stderr
-    no_out = subprocess.run(
-        [*_nanomorph(), "synth", "--kind", "particles"], capture_output=True, text=True, timeout=120
-    )
+    no_out = nanomorph("synth", "--kind", "particles")
     assert no_out.returncode == 2 and "--out is required" in no_out.stderr

@@ -23,9 +23,9 @@ def test_table_names_every_task_once_in_one_order() -> None:
         get_task("detect")
 
 
-def test_each_row_matches_the_models_it_describes(nm_store: tuple[Path, dict[str, str]]) -> None:
+def test_each_row_matches_the_models_it_describes(tiny_store: tuple[Path, dict[str, str]]) -> None:
     """The stored models' ONNX outputs are the row's, and the row's runtime class runs them."""
-    root, tags = nm_store
+    root, tags = tiny_store
     for task in TASKS:
         row = get_task(task)
         onnx = runtime.OnnxModel(resolve(tags[task], str(root)))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.fixtures.images import png_bytes, speck_image
 from tests.fixtures.server import REPO_ROOT, start_server
-from tests.service.conftest import png_bytes, speck_image
 
 TOKENS = "s3cret-token,second-token"
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tifffile
 
+from tests.fixtures.images import png_bytes, speck_image
 from tests.fixtures.server import Server
-from tests.service.conftest import png_bytes, speck_image
 
 
 def png_header_only(width: int, height: int) -> bytes:

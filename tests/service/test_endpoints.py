@@ -15,9 +15,9 @@ from PIL import Image
 
 from nanomorph.contract import Contract, normalise, to_model_input
 from nanomorph.morphology import png_bytes_to_mask
+from tests.fixtures.images import png_bytes, speck_image
 from tests.fixtures.server import Server
 from tests.fixtures.tiny_models import expected_class
-from tests.service.conftest import png_bytes, speck_image
 
 CONTRACT = Contract(image_size=32, tile_size=64, tile_overlap=16)  # build_tiny_store's contract
 CLASSES = ["singular", "dispersed", "bundle", "network"]

@@ -20,8 +20,8 @@ from nanomorph import serve as serve_cmd
 from service.batching import Batcher, Overloaded
 from service.guard import GuardError, check_token, decode_upload
 from service.settings import ENV_VARS, MIB, TASKS, Settings
+from tests.fixtures.images import png_bytes, speck_image
 from tests.fixtures.server import REPO_ROOT
-from tests.service.conftest import png_bytes, speck_image
 
 # ------------------------------------------------------------------------------------- settings
 

@@ -18,8 +18,8 @@ from nanomorph.morphology import PALETTE
 from service.settings import Settings
 from service.webui import BEARER, WEB_DIR, document, preview_png
 from tests.fixtures.emfiles import dm_bytes
+from tests.fixtures.images import png_bytes, speck_image
 from tests.fixtures.server import Server
-from tests.service.conftest import png_bytes, speck_image
 
 #: Generous timeout: under load the 2-core test machine can take seconds to answer.
 HTTP = httpx.Client(timeout=60)

@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from tests.fixtures.emfiles import dm_bytes
+from tests.fixtures.images import speck_image
 from tests.fixtures.server import Server
-from tests.service.conftest import speck_image
 
 
 def _find(*names: str) -> str | None:

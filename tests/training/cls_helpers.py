@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-NANOMORPH = str(Path(sys.executable).parent / "nanomorph")
+from tests.fixtures.cli import CliResult, nanomorph
+
 ARCH = "test_resnet"  # timm's tiny ResNet: the whole pipeline in seconds on 2 CPU cores
 
 
@@ -46,8 +43,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NANOMORPH_PLAIN_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [NANOMORPH, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, check=False
-    )
+def cli(*args: str) -> CliResult:
+    """``nanomorph ARGS...`` offline with plain progress lines (the one runner, tests.fixtures.cli)."""
+    return nanomorph(*args, env={"HF_HUB_OFFLINE": "1", "NANOMORPH_PLAIN_PROGRESS": "1"})

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from nanomorph.cli import main
 from nanomorph.serve import missing_default_models
 from nanomorph.store import resolve
+from tests.fixtures.cli import nanomorph
 
 TINY = [
     "--n-per-class", "6", "--n-unlabeled", "16", "--size", "64", "--image-size", "32",
@@ -28,7 +28,7 @@ def test_demo_builds_the_default_models_and_a_rerun_skips(
     store = tmp_path / "store"
     assert len(missing_default_models(str(store))) == 3
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--store", str(store), *TINY]) == 0
+    assert nanomorph("demo", "--out", out, "--store", store, *TINY).returncode == 0
 
     assert missing_default_models(str(store)) == []
     classify = resolve("nanomorph-classify:latest", store)
@@ -39,6 +39,6 @@ def test_demo_builds_the_default_models_and_a_rerun_skips(
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="nanomorph.demo"):
-        assert main(["demo", "--out", str(out), "--store", str(store), *TINY]) == 0
+        assert nanomorph("demo", "--out", out, "--store", store, *TINY).returncode == 0
     skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
     assert len(skipped) == 5, skipped  # synth, pretrain, finetune-cls, finetune-seg, export

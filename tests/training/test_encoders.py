@@ -102,7 +102,7 @@ def test_dinov2_and_timm_hub_layouts(tmp_path: Path) -> None:
 def test_finetune_cls_and_study_take_checkpoints_and_imagenet_side_by_side(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nanomorph.cli import main as cli_main
+    from tests.fixtures.cli import nanomorph
     from training.finetune_cls import resolve_encoder, train_classifier
 
     data = write_shapes(tmp_path / "classification", n_per_class=5)
@@ -124,9 +124,9 @@ def test_finetune_cls_and_study_take_checkpoints_and_imagenet_side_by_side(
     run = tmp_path / "ssl"
     write_encoder(run / "backbone.safetensors")
     out = tmp_path / "study"
-    code = cli_main(["study", "cls", "--data", str(data), "--encoder", f"cem={ckpt}@{ARCH}",
+    code = nanomorph(*["study", "cls", "--data", str(data), "--encoder", f"cem={ckpt}@{ARCH}",
                      "--encoder", f"ssl={run}", "--labels-per-class", "1", "--repeats", "1",
-                     "--modes", "linear", "--image-size", "32", "--out", str(out)])  # fmt: skip
+                     "--modes", "linear", "--image-size", "32", "--out", str(out)]).returncode  # fmt: skip
     assert code == 0
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from nanomorph.contract import Contract, read_image, to_model_input
 from nanomorph.runtime import Classifier as OnnxClassifier
 from nanomorph.runtime import Segmenter
 from nanomorph.store import IntegrityError, list_models, resolve
+from tests.fixtures.cli import nanomorph
 from training.backbones import create_backbone, save_backbone
 from training.export import check_parity, export_runs, load_classifier_job
 from training.models import Classifier, build_unet
@@ -133,11 +132,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_export_cli_all_three(runs: dict[str, Path]) -> None:
     store = runs["root"] / "store"
     cmd = [
-        sys.executable, "-m", "nanomorph.cli", "export",
+        "export",
         "--encoder", str(runs["encoder"]), "--classifier", str(runs["classifier"]),
         "--segmenter", str(runs["segmenter"]), "--name", "lab", "--version", "v1", "--store", str(store),
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = nanomorph(*cmd, env={"HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
     tags = json.loads(done.stdout.strip().splitlines()[-1])["tags"]
     assert tags == {"embed": "lab-embed:v1", "classify": "lab-classify:v1", "segment": "lab-segment:v1"}
@@ -181,14 +180,13 @@ def test_export_cli_all_three(runs: dict[str, Path]) -> None:
     assert mask.shape == (70, 90)
 
     # Re-running skips the finished work; the listing shows the three models.
-    again = subprocess.run(cmd[:-4] + ["--store", str(store)], capture_output=True, text=True)
+    again = nanomorph(*cmd[:-4], "--store", str(store))
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1])["tags"] == tags
     assert len(list_models(store)) == 3
-    listing = subprocess.run(
-        [sys.executable, "-m", "nanomorph.cli", "models", "list", "--store", str(store)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    listed = nanomorph("models", "list", "--store", store)
+    assert listed.returncode == 0, listed.stderr
+    listing = listed.stdout
     assert "lab-classify:v1" in listing and "bright,dark" in listing
 
     # A tampered weight is refused on load.

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
+from tests.fixtures.cli import nanomorph
 from tests.fixtures.images import SHAPE_CLASSES as CLASSES
 from tests.fixtures.images import write_shapes
 from tests.training.cls_helpers import ARCH, cli, one_thread, write_encoder
@@ -43,7 +44,7 @@ def _check_metrics(m: dict) -> None:
 
 
 def test_linear_probe_writes_the_run_folder_and_skips_a_rerun(
-    data: Path, encoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    data: Path, encoder: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
     args = ["finetune-cls", "--encoder", str(encoder.parent), "--data", str(data), "--mode", "linear",
@@ -97,12 +98,11 @@ def test_linear_probe_writes_the_run_folder_and_skips_a_rerun(
     assert (pred == np.asarray(labels)[split.test]).mean() == pytest.approx(m["accuracy"])
 
     # A rerun with the same settings does nothing; other settings into the same folder are refused.
-    from nanomorph.cli import main as cli_main
-
     stamp = os.stat(out / "metrics.json").st_mtime_ns
-    assert cli_main(args) == 0 and os.stat(out / "metrics.json").st_mtime_ns == stamp
-    assert cli_main([*args[:-2], "--mode", "finetune", "--out", str(out)]) == 2
-    assert "different finished run" in capsys.readouterr().err
+    assert nanomorph(*args).returncode == 0 and os.stat(out / "metrics.json").st_mtime_ns == stamp
+    refused = nanomorph(*args[:-2], "--mode", "finetune", "--out", str(out))
+    assert refused.returncode == 2
+    assert "different finished run" in refused.stderr
 
 
 def test_finetune_from_scratch_lp_ft(data: Path, tmp_path: Path) -> None:
@@ -168,25 +168,21 @@ def test_group_column_keeps_groups_out_of_the_test_split(data: Path, encoder: Pa
         load_images(csv_dir, resolve_encoder(str(encoder)).contract, group_column="source")
 
 
-def test_bad_input_gives_one_clear_line(
-    data: Path, encoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from nanomorph.cli import main as cli_main
-
+def test_bad_input_gives_one_clear_line(data: Path, encoder: Path, tmp_path: Path) -> None:
     out = str(tmp_path / "bad")
-    code = cli_main(["finetune-cls", "--encoder", str(encoder), "--data", str(data), "--labels-per-class", "7",
-                     "--out", out])  # fmt: skip
-    err = capsys.readouterr().err
+    run = nanomorph("finetune-cls", "--encoder", str(encoder), "--data", str(data), "--labels-per-class", "7",
+                    "--out", out)  # fmt: skip
+    code, err = run.returncode, run.stderr
     assert code == 2 and "class 'bar' has only 6 image(s) outside the test split" in err
     assert "Traceback" not in err
 
     empty = tmp_path / "empty_class"
     write_shapes(empty, n_per_class=3)
     (empty / "rods").mkdir()
-    code = cli_main(["finetune-cls", "--encoder", str(encoder), "--data", str(empty), "--out", out])
-    assert code == 2 and "class folder 'rods' has 0 images" in capsys.readouterr().err
+    run = nanomorph("finetune-cls", "--encoder", str(encoder), "--data", str(empty), "--out", out)
+    assert run.returncode == 2 and "class folder 'rods' has 0 images" in run.stderr
 
-    code = cli_main(
-        ["finetune-cls", "--encoder", str(tmp_path / "nope.safetensors"), "--data", str(data), "--out", out]
+    run = nanomorph(
+        "finetune-cls", "--encoder", tmp_path / "nope.safetensors", "--data", str(data), "--out", out
     )
-    assert code == 2 and "nope.safetensors does not exist" in capsys.readouterr().err
+    assert run.returncode == 2 and "nope.safetensors does not exist" in run.stderr

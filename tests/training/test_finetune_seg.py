@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nanomorph.cli import main as cli_main
 from nanomorph.contract import Contract
+from tests.fixtures.cli import nanomorph
 from training import finetune_seg
 from training.backbones import create_backbone, load_backbone, save_backbone
 from training.finetune_seg import load_segmenter, segment_image, train_segmenter
@@ -57,12 +55,11 @@ def make_data(root: Path, n: int = 8, size: int = 64, n_classes: int = 2, seed: 
     return root
 
 
-def test_cli_end_to_end_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_end_to_end_writes_every_file(tmp_path: Path) -> None:
     data, out = make_data(tmp_path / "data"), tmp_path / "run"
-    cmd = [sys.executable, "-m", "nanomorph.cli", "finetune-seg", "--encoder", "scratch", "--data", str(data),
+    cmd = ["finetune-seg", "--encoder", "scratch", "--data", str(data),
            "--classes", "background,wire", "--labeled-images", "all", "--seed", "3", "--out", str(out), *FAST]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NANOMORPH_PLAIN_PROGRESS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = nanomorph(*cmd, env={"HF_HUB_OFFLINE": "1", "NANOMORPH_PLAIN_PROGRESS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "mean IoU" in proc.stdout
     for name in ("config.yaml", "metrics.json", "metrics.jsonl", "segmenter.safetensors", "classes.json",
@@ -91,10 +88,11 @@ def test_cli_end_to_end_writes_every_file(tmp_path: Path, capsys: pytest.Capture
 
     # A rerun with the same settings reuses the finished run; other settings are refused, not mixed.
     mtime = (out / "segmenter.safetensors").stat().st_mtime_ns
-    assert cli_main(cmd[3:]) == 0
+    assert nanomorph(*cmd).returncode == 0
     assert (out / "segmenter.safetensors").stat().st_mtime_ns == mtime
-    assert cli_main([*cmd[3:], "--seed", "4"]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    refused = nanomorph(*cmd, "--seed", "4")
+    assert refused.returncode == 2
+    assert "--overwrite" in refused.stderr
 
 
 def test_splits_never_overlap_and_are_nested() -> None:
@@ -185,7 +183,7 @@ def test_pretrained_backbone_loads_strictly_and_stays_frozen(tmp_path: Path) -> 
                          "out": tmp_path / "run2"})  # fmt: skip
 
 
-def test_bad_mask_values_give_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_mask_values_give_a_clear_error(tmp_path: Path) -> None:
     data = make_data(tmp_path / "data", n=4)
     bad = np.zeros((64, 64), np.uint8)
     bad[5:9, 5:9] = 7
@@ -200,8 +198,9 @@ def test_bad_mask_values_give_a_clear_error(tmp_path: Path, capsys: pytest.Captu
         str(tmp_path / "r"),
         *FAST,
     ]
-    assert cli_main(argv) == 2
-    err = capsys.readouterr().err
+    run = nanomorph(*argv)
+    assert run.returncode == 2
+    err = run.stderr
     assert "frame02.png" in err and "7" in err and "[0, 2)" in err
     with pytest.raises(ValueError, match="found values \\[0, 7\\]"):
         read_mask(data / "masks" / "frame02.png", 2)

@@ -193,12 +193,12 @@ def test_study_counts_labeled_frames_and_trains_on_all_their_tiles(
 ) -> None:
     import csv
 
-    from nanomorph.cli import main as cli_main
+    from tests.fixtures.cli import nanomorph
 
     out = tmp_path / "study"
-    code = cli_main(["study", "cls", "--data", str(data), "--encoder", f"ssl={encoder_run}",
+    code = nanomorph(*["study", "cls", "--data", str(data), "--encoder", f"ssl={encoder_run}",
                      "--encoder", f"again={encoder_run}", "--labels-per-class", "1,2", "--repeats", "1",
-                     "--modes", "linear", "--test-fraction", "0.34", "--out", str(out)])  # fmt: skip
+                     "--modes", "linear", "--test-fraction", "0.34", "--out", str(out)]).returncode  # fmt: skip
     assert code == 0
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

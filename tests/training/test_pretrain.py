@@ -16,8 +16,8 @@ import torch
 import yaml
 from PIL import Image
 
-from nanomorph.cli import main
 from nanomorph.contract import Contract
+from tests.fixtures.cli import nanomorph, nanomorph_argv
 from tests.fixtures.images import write_disc_frames as _dataset
 from training.backbones import load_backbone
 from training.runio import load_checkpoint, read_metrics
@@ -42,12 +42,12 @@ def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def test_run_folder_contents_and_rerun(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_folder_contents_and_rerun(tmp_path: Path) -> None:
     data = _dataset(tmp_path / "unlabeled")
     out = tmp_path / "runs" / "bt"
     argv = ["pretrain", "--data", str(data), "--out", str(out), "--method", "barlowtwins", *TINY]
     argv += ["--projector", "64-64-128", "--epochs", "2", "--monitor-labels", str(_labels(tmp_path / "cls"))]
-    assert main(argv) == 0
+    assert nanomorph(*argv).returncode == 0
 
     assert {p.name for p in out.iterdir()} >= {
         "config.yaml",
@@ -90,32 +90,33 @@ def test_run_folder_contents_and_rerun(tmp_path: Path, capsys: pytest.CaptureFix
 
     # Re-running the finished run skips it, leaving the files alone.
     mtime = (out / "backbone.safetensors").stat().st_mtime_ns
-    assert main(argv) == 0
+    assert nanomorph(*argv).returncode == 0
     assert (out / "backbone.safetensors").stat().st_mtime_ns == mtime
     # Other settings into the same folder are refused with a clear message.
-    capsys.readouterr()
-    assert main([*argv[:-2], "--epochs", "3"]) == 2
-    assert "epochs" in capsys.readouterr().err
+    refused = nanomorph(*argv[:-2], "--epochs", "3")
+    assert refused.returncode == 2
+    assert "epochs" in refused.stderr
 
 
-def test_user_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["pretrain", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r"), *TINY]) == 2
-    assert "nothing" in capsys.readouterr().err
+def test_user_errors_are_one_clear_line(tmp_path: Path) -> None:
+    run = nanomorph("pretrain", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r"), *TINY)
+    assert run.returncode == 2
+    assert "nothing" in run.stderr
     data = _dataset(tmp_path / "few", n=3)
-    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "r"), *TINY]) == 2
-    assert "--batch-size" in capsys.readouterr().err
+    run = nanomorph("pretrain", "--data", str(data), "--out", str(tmp_path / "r"), *TINY)
+    assert run.returncode == 2
+    assert "--batch-size" in run.stderr
 
 
-def test_nan_loss_stops_with_a_clear_message(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_nan_loss_stops_with_a_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import training.ssl
 
     monkeypatch.setattr(training.ssl.SSLLoss, "forward", lambda self, a, b: (a * float("nan")).sum())
     data = _dataset(tmp_path / "d", n=8)
     out = tmp_path / "nan"
-    assert main(["pretrain", "--data", str(data), "--out", str(out), *TINY, "--epochs", "1"]) == 2
-    err = capsys.readouterr().err
+    run = nanomorph("pretrain", "--data", str(data), "--out", str(out), *TINY, "--epochs", "1")
+    assert run.returncode == 2
+    err = run.stderr
     assert "loss became nan" in err and "--resume" in err
     assert not (out / "backbone.safetensors").exists()
 
@@ -123,7 +124,7 @@ def test_nan_loss_stops_with_a_clear_message(
 def test_killed_run_resumes_to_the_same_end(tmp_path: Path) -> None:
     data = _dataset(tmp_path / "unlabeled")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "nanomorph.cli", "pretrain", "--data", str(data), "--out", str(out)]
+    cmd = nanomorph_argv("pretrain", "--data", data, "--out", out)  # a real process: it is killed
     cmd += [*TINY, "--epochs", "4", "--crops-per-image", "4", "--method", "simclr"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.fixtures.cli import nanomorph
 from tests.fixtures.images import write_shapes
 from tests.training.cls_helpers import ARCH, cli, one_thread, write_encoder
 
@@ -27,7 +28,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_study_cls_grid_resume_and_shared_splits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_study_cls_grid_resume_and_shared_splits(tmp_path: Path) -> None:
     data = write_shapes(tmp_path / "classification", n_per_class=7)
     encoder = write_encoder(tmp_path / "pre" / "backbone.safetensors")
     out = tmp_path / "study"
@@ -64,18 +65,16 @@ def test_study_cls_grid_resume_and_shared_splits(tmp_path: Path, capsys: pytest.
     r0, r1 = (set(details[f"ssl_linear_all_r{r}"]["split"]["test"]) for r in range(2))
     assert r0 != r1  # each repeat draws its own test split
 
-    # Resume (in-process CLI, same code path): a rerun computes nothing; cells lost from the csv (a
-    # killed run) are redone and the others kept.
-    from nanomorph.cli import main as cli_main
-
+    # Resume: a rerun computes nothing; cells lost from the csv (a killed run) are redone and the
+    # others kept.
     before = (out / "results.csv").read_text()
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
-    assert cli_main(args) == 0
+    assert nanomorph(*args).returncode == 0
     assert (out / "results.csv").read_text() == before
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
     lines = before.splitlines()
     (out / "results.csv").write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:10])  # cut mid-line
-    assert cli_main(args) == 0
+    assert nanomorph(*args).returncode == 0
     after = _rows(out / "results.csv")
     assert len(after) == 16  # the broken line is gone
     assert {(r["encoder"], r["mode"], r["labels"], r["repeat"]) for r in after} == expected
@@ -85,23 +84,18 @@ def test_study_cls_grid_resume_and_shared_splits(tmp_path: Path, capsys: pytest.
 
     # The same folder with other split settings is refused (its cells would not be comparable).
     config_before = (out / "config.yaml").read_text()
-    assert cli_main([*args[:-2], "--seed", "5", "--out", str(out)]) == 2
-    assert "other settings" in capsys.readouterr().err
+    refused = nanomorph(*args[:-2], "--seed", "5", "--out", str(out))
+    assert refused.returncode == 2
+    assert "other settings" in refused.stderr
     assert (out / "config.yaml").read_text() == config_before
 
 
-def test_study_cls_label_count_too_large_names_the_class(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from nanomorph.cli import main as cli_main
-
+def test_study_cls_label_count_too_large_names_the_class(tmp_path: Path) -> None:
     data = write_shapes(tmp_path / "classification", n_per_class=5)
-    code = cli_main(["study", "cls", "--data", str(data), "--arch", ARCH, "--image-size", "32",
-                     "--labels-per-class", "2,8", "--repeats", "1", "--out", str(tmp_path / "s")])  # fmt: skip
-    assert code == 2
-    assert (
-        "class 'bar' has only 3 image(s) outside the test split, fewer than the 8" in capsys.readouterr().err
-    )
+    run = nanomorph("study", "cls", "--data", str(data), "--arch", ARCH, "--image-size", "32",
+                    "--labels-per-class", "2,8", "--repeats", "1", "--out", str(tmp_path / "s"))  # fmt: skip
+    assert run.returncode == 2
+    assert "class 'bar' has only 3 image(s) outside the test split, fewer than the 8" in run.stderr
     assert not (tmp_path / "s" / "results.csv").exists()
 
 
