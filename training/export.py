@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanomorph import __version__
-from nanomorph.config import load_yaml, yaml_defaults
+from nanomorph.config import load_yaml
 from nanomorph.contract import Contract, list_images, normalise, read_image, tile, to_model_input
 from nanomorph.store import (
     META_PREFIX,
@@ -837,57 +837,7 @@ def export_runs(
     return tags
 
 
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = yaml_defaults(COMMAND)
-    parser.add_argument(
-        "--encoder",
-        default=d.get("encoder"),
-        help="pretraining run RUNS/X (backbone.safetensors): the embed model",
-    )
-    parser.add_argument(
-        "--classifier", default=d.get("classifier"), help="classifier run RUNS/Y: the classify model"
-    )
-    parser.add_argument(
-        "--segmenter", default=d.get("segmenter"), help="segmenter run RUNS/Z: the segment model"
-    )
-    parser.add_argument(
-        "--name", default=d.get("name", "nanomorph"), help="tag prefix: <name>-<task>:<version>"
-    )
-    parser.add_argument(
-        "--version", default=d.get("version"), help="version of the tags (default: UTC time + random)"
-    )
-    parser.add_argument(
-        "--store", default=d.get("store"), help="'bentoml' or a folder (default $NANOMORPH_STORE or bentoml)"
-    )
-    parser.add_argument(
-        "--quantize",
-        choices=("none", "int8"),
-        default=d.get("quantize", "none"),
-        help="int8: static quantisation of classify for CPU",
-    )
-    parser.add_argument(
-        "--max-accuracy-drop",
-        type=float,
-        default=d.get("max_accuracy_drop", 0.01),
-        help="refuse int8 above this drop (0.01 = 1 point)",
-    )
-    parser.add_argument(
-        "--tolerance",
-        type=float,
-        default=d.get("tolerance", TOLERANCE),
-        help="max abs diff onnxruntime vs PyTorch",
-    )
-    parser.add_argument(
-        "--data",
-        default=d.get("data"),
-        help="images for the parity check / int8 accuracy (default: the runs' data)",
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="export again even if these runs are already stored"
-    )
+# --------------------------------------------------------------------------------------------- the command (nanomorph.cli.export calls run)
 
 
 def run(args: argparse.Namespace) -> int:
