@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanomorph import __version__
-from nanomorph.config import load_yaml
+from nanomorph.config import load_yaml, yaml_defaults
 from nanomorph.contract import Contract, list_images, normalise, read_image, tile, to_model_input
 from nanomorph.store import (
     META_PREFIX,
@@ -475,7 +475,7 @@ def _labeled_split(job: ExportJob, data: str | Path | None) -> tuple[np.ndarray,
     from training.finetune_cls import load_images
     from training.splits import make_split, parse_labels_per_class
 
-    cfg = job.config
+    cfg = {**yaml_defaults("finetune-cls"), **job.config}  # a run's config.yaml over today's defaults
     folder = data or cfg.get("data")
     if not folder or not Path(folder).is_dir():
         raise ValueError(
@@ -487,10 +487,10 @@ def _labeled_split(job: ExportJob, data: str | Path | None) -> tuple[np.ndarray,
         raise ValueError(f"{folder}: classes {images.class_names} differ from the run's {job.classes}")
     split = make_split(
         images.labels,
-        parse_labels_per_class(cfg.get("labels_per_class", "all")),
-        float(cfg.get("val_fraction", 0.2)),
-        float(cfg.get("test_fraction", 0.3)),
-        int(cfg.get("seed", 0)),
+        parse_labels_per_class(cfg["labels_per_class"]),
+        float(cfg["val_fraction"]),
+        float(cfg["test_fraction"]),
+        int(cfg["seed"]),
         groups=None if images.groups is None else list(images.groups),
         class_names=images.class_names,
     )

@@ -173,5 +173,5 @@ def test_pretrain_choices_match_the_library() -> None:
     from training.pretrain import OPTIMIZER_DEFAULTS
     from training.ssl import PRESETS
 
-    assert cli_pretrain.PRESETS == tuple(sorted(PRESETS))
-    assert cli_pretrain.OPTIMIZERS == tuple(sorted(OPTIMIZER_DEFAULTS))
+    assert tuple(sorted(PRESETS)) == cli_pretrain.PRESETS
+    assert tuple(sorted(OPTIMIZER_DEFAULTS)) == cli_pretrain.OPTIMIZERS
