@@ -108,7 +108,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"nanomorph {name}: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
