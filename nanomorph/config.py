@@ -1,10 +1,10 @@
-"""YAML defaults, then a ``--config`` file, then command-line flags; the resolved config is saved
-beside every run's outputs (``config.yaml``)."""
+"""The packaged YAML defaults of each command (the only source of them) and the resolved config
+saved beside every run's outputs (``config.yaml``). The CLI applies them: :mod:`nanomorph.cli.options`."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +33,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must hold a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def apply_config_file(parser: argparse.ArgumentParser, argv: Iterable[str]) -> None:
-    """Adds ``--config FILE.yaml`` to ``parser`` and, when given in ``argv``, makes its values the
-    parser's defaults, so flags on the command line still win."""
-    if not any(a.dest == "config" for a in parser._actions):
-        parser.add_argument("--config", default=None, help="YAML file of option values (flags override it)")
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(list(argv))
-    if known.config:
-        values = load_yaml(known.config)
-        dests = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - dests - {"command"})
-        if unknown:
-            raise SystemExit(f"{parser.prog}: error: {known.config}: unknown option(s) {', '.join(unknown)}")
-        parser.set_defaults(**values)
 
 
 def to_plain(value: Any) -> Any:

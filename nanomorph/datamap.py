@@ -31,7 +31,7 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 
 from nanomorph.atomic import atomic_write_bytes, atomic_write_text
-from nanomorph.config import resolved, yaml_defaults
+from nanomorph.config import resolved
 from nanomorph.contract import Contract, ImageReadError, list_images, normalise, read_image, resize
 
 log = logging.getLogger(__name__)
@@ -302,33 +302,7 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
     return Path(dest)
 
 
-# -------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``nanomorph map`` options (defaults from ``nanomorph/configs/map.yaml``)."""
-    d = yaml_defaults("map")
-    parser.add_argument("input_dir", help="folder of images (a classification layout colours by class)")
-    parser.add_argument("--out", default=d.get("out", "map.png"), help="PNG to write (default %(default)s)")
-    parser.add_argument("--html", default=d.get("html"), help="also write a self-contained HTML map")
-    parser.add_argument(
-        "--models",
-        default=d.get("models"),
-        help="model store: a folder or 'bentoml' (default $NANOMORPH_STORE)",
-    )
-    parser.add_argument(
-        "--tag",
-        default=d.get("tag", "nanomorph-embed:latest"),
-        help="embed/classify model tag or stored model folder",
-    )
-    parser.add_argument(
-        "--method", choices=METHODS, default=d.get("method", "auto"), help="auto: UMAP if installed, else PCA"
-    )
-    parser.add_argument(
-        "--max-images", type=int, default=d.get("max_images", 5000), help="random sample above this"
-    )
-    parser.add_argument("--seed", type=int, default=d.get("seed", 0))
-    parser.add_argument("--batch-size", type=int, default=d.get("batch_size", 32))
+# -------------------------------------------------------------------------------------------- the command (nanomorph.cli calls run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -351,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("mapping a random sample of %d images", len(files))
     if len(files) < 2:
         raise ValueError(f"{root}: need at least 2 supported images to map, found {len(files)}")
-    embedder = load_embedder(args.tag, args.models or default_store(), args.batch_size)
+    embedder = load_embedder(args.tag, args.store or default_store(), args.batch_size)
     kept: list[Path] = []
     thumbs: list[np.ndarray] = []
     vecs: list[np.ndarray] = []

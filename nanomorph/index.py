@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from nanomorph.atomic import atomic_path, atomic_write_text
-from nanomorph.config import save_resolved, yaml_defaults
+from nanomorph.config import save_resolved
 from nanomorph.contract import SUPPORTED_SUFFIXES, ImageReadError, list_images, read_image
 from nanomorph.progress import Progress
 
@@ -489,49 +489,7 @@ def _index_info(
     }
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``nanomorph index build|query`` options (defaults from ``nanomorph/configs/index.yaml``)."""
-    d = yaml_defaults("index")
-    parser.description = (
-        "Similar-image search. Exact cosine search with numpy: the index holds N x D x 4 bytes "
-        "(1M images x 512-d = 2 GB) and is fine up to ~1M images; beyond, load vectors.npy into "
-        "faiss (HNSW / IVF-PQ)."
-    )
-    # One flat parser (not subparsers), so a --config file can set any option.
-    parser.add_argument("action", choices=("build", "query"), help="build an index / query it")
-    parser.add_argument("path", help="build: folder of images (searched recursively); query: an image file")
-    parser.add_argument("--out", default=d.get("out"), help="build: the index folder to write or resume")
-    parser.add_argument("--index", default=d.get("index"), help="query: the index folder")
-    parser.add_argument(
-        "--models",
-        default=d.get("models"),
-        help="model store: a folder or 'bentoml' (build default $NANOMORPH_STORE; query default: "
-        "the store the index records)",
-    )
-    parser.add_argument(
-        "--tag",
-        default=d.get("tag", DEFAULT_TAG),
-        help="build: embed (or classify) model tag, or a stored model folder (default %(default)s)",
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=d.get("batch_size", 32), help="images per onnxruntime call"
-    )
-    parser.add_argument(
-        "--chunk", type=int, default=d.get("chunk", 256), help="build: images per saved chunk (resume unit)"
-    )
-    parser.add_argument(
-        "--no-recursive",
-        action="store_true",
-        default=d.get("no_recursive", False),
-        help="build: top folder only",
-    )
-    parser.add_argument(
-        "-k", type=int, default=d.get("k", 10), help="query: neighbours (default %(default)s)"
-    )
-    parser.add_argument("--json", action="store_true", default=d.get("json", False), help="query: print JSON")
+# ------------------------------------------------------------------------------------------------ the command (nanomorph.cli calls run)
 
 
 def _run_build(args: argparse.Namespace) -> int:
@@ -541,7 +499,7 @@ def _run_build(args: argparse.Namespace) -> int:
         raise ValueError("index build needs --out INDEX_DIR")
     if args.batch_size < 1 or args.chunk < 1:
         raise ValueError("--batch-size and --chunk must be >= 1")
-    store = args.models or default_store()
+    store = args.store or default_store()
     embedder = load_embedder(args.tag, store, args.batch_size)
     model = str(embedder.model.stored.tag)
     stats = build_index(
@@ -566,7 +524,7 @@ def _run_query(args: argparse.Namespace) -> int:
     model = index.model
     if not model:
         raise ValueError(f"{Path(args.index) / INFO}: no model recorded")
-    embedder = load_embedder(model, args.models or index.info.get("store"), 1)
+    embedder = load_embedder(model, args.store or index.info.get("store"), 1)
     image, _ = read_image(args.path)
     vec = embedder.embed([image])[0]
     results = index.query(vec, args.k)

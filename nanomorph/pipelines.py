@@ -52,7 +52,7 @@ import numpy as np
 
 from nanomorph import outputs, report, shards
 from nanomorph.atomic import atomic_write_bytes, atomic_write_text
-from nanomorph.config import save_resolved, yaml_defaults
+from nanomorph.config import save_resolved
 from nanomorph.contract import (
     SUPPORTED_SUFFIXES,
     Contract,
@@ -69,7 +69,6 @@ from nanomorph.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
-MULTI_COMMAND = True
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
 ERRORS_CSV = "errors.csv"
@@ -726,7 +725,7 @@ def make_backend(args: argparse.Namespace, remote: bool) -> Backend:
     providers = [p.strip() for p in (args.providers or "").split(",") if p.strip()]
     return LocalBackend(
         args.task,
-        args.models or default_store(),
+        args.store or default_store(),
         tag=args.tag,
         providers=providers or None,
         pixel_size=args.pixel_size,
@@ -943,8 +942,8 @@ class _WatchSession:
 
 
 def _check_watch_args(args: argparse.Namespace) -> None:
-    if bool(args.url) == bool(args.models):
-        raise ValueError("give exactly one of --url (through a server) or --models (in-process)")
+    if bool(args.url) == bool(args.store):
+        raise ValueError("give exactly one of --url (through a server) or --store (in-process)")
     if not Path(args.input_dir).is_dir():
         raise FileNotFoundError(f"{Path(args.input_dir)}: no such folder")
     if args.interval <= 0 or args.stable_seconds < 0:
@@ -999,117 +998,7 @@ def run_watch(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------- the CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    """Options of ``predict``, ``client`` and ``watch`` (defaults from ``configs/<name>.yaml``)."""
-    d = yaml_defaults(name)
-    parser.add_argument("input_dir", help="folder of images (searched recursively)")
-    parser.add_argument("--out", required="out" not in d, default=d.get("out"), help="output folder")
-    parser.add_argument(
-        "--task", choices=TASKS, default=d.get("task", "classify"), help="default %(default)s"
-    )
-    if name in ("predict", "watch"):
-        parser.add_argument(
-            "--models",
-            default=d.get("models"),
-            help="model store: a folder store or 'bentoml' (default $NANOMORPH_STORE, else bentoml)"
-            + ("" if name == "predict" else "; in-process, instead of --url"),
-        )
-        parser.add_argument("--tag", default=d.get("tag"), help="model tag (default nanomorph-<task>:latest)")
-        parser.add_argument(
-            "--providers", default=d.get("providers"), help="onnxruntime providers, comma list"
-        )
-        parser.add_argument(
-            "--threads",
-            type=int,
-            default=d.get("threads", 0),
-            help="onnxruntime threads (default 0: all cores; set it to the CPUs a cluster job got)",
-        )
-    if name in ("client", "watch"):
-        parser.add_argument(
-            "--url",
-            required=name == "client" and "url" not in d,
-            default=d.get("url"),
-            help="server URL, e.g. http://localhost:3000"
-            + ("" if name == "client" else " (instead of --models)"),
-        )
-        parser.add_argument(
-            "--token", default=d.get("token"), help="bearer token (default $NANOMORPH_TOKEN; never saved)"
-        )
-        parser.add_argument(
-            "--concurrency",
-            type=int,
-            default=d.get("concurrency", 4),
-            help="requests in flight (default %(default)s)",
-        )
-        parser.add_argument(
-            "--timeout", type=float, default=d.get("timeout", 60.0), help="seconds per request"
-        )
-        parser.add_argument(
-            "--retries", type=int, default=d.get("retries", 3), help="retries on connection errors / 503"
-        )
-    if name == "client":
-        parser.add_argument(
-            "--wait",
-            type=float,
-            default=d.get("wait", 60.0),
-            help="seconds to wait for the server to be ready",
-        )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.get("batch_size", 16),
-        help="images per in-process onnxruntime call",
-    )
-    parser.add_argument(
-        "--pixel-size",
-        type=float,
-        default=d.get("pixel_size"),
-        help="segment: pixel size (default: from each file)",
-    )
-    parser.add_argument(
-        "--pixel-unit", default=d.get("pixel_unit"), help="segment: unit of --pixel-size (default nm)"
-    )
-    parser.add_argument(
-        "--no-overlays",
-        action="store_true",
-        default=d.get("no_overlays", False),
-        help="segment: skip overlay PNGs",
-    )
-    parser.add_argument(
-        "--no-recursive",
-        action="store_true",
-        default=d.get("no_recursive", False),
-        help="only the top folder",
-    )
-    if name == "watch":
-        parser.add_argument(
-            "--interval", type=float, default=d.get("interval", 1.0), help="seconds between scans"
-        )
-        parser.add_argument(
-            "--stable-seconds",
-            type=float,
-            default=d.get("stable_seconds", 2.0),
-            help="a file counts as written once its size and mtime are unchanged this long",
-        )
-        parser.add_argument(
-            "--once", action="store_true", help="process what is there (once complete), then exit"
-        )
-    else:
-        parser.add_argument(
-            "--retry-errors",
-            action="store_true",
-            help="also retry files that failed before and have not changed",
-        )
-        parser.add_argument(
-            "--shard",
-            default=d.get("shard"),
-            metavar="I/N",
-            help="process only part I of N (0 <= I < N) into OUT/shard-I-of-N/; "
-            "join the parts with `nanomorph merge OUT`",
-        )
+# ----------------------------------------------------------------------------------------- the command
 
 
 def run(args: argparse.Namespace) -> int:

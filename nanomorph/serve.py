@@ -22,7 +22,6 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from nanomorph.config import yaml_defaults
 from nanomorph.supervise import run_supervised
 from nanomorph.tasks import TASKS
 
@@ -49,71 +48,6 @@ _ENV_OPTIONS = {
 }
 #: Drain grace when neither --shutdown-grace-s nor $NANOMORPH_SHUTDOWN_GRACE_S sets one.
 DEFAULT_GRACE_S = 30.0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = yaml_defaults("serve")
-    parser.add_argument(
-        "--host", default=d.get("host", "127.0.0.1"), help="interface to listen on (default %(default)s)"
-    )
-    parser.add_argument("--port", type=int, default=d.get("port", 3000), help="port (default %(default)s)")
-    parser.add_argument(
-        "--store",
-        default=d.get("store"),
-        help="'bentoml' or a folder store (default $NANOMORPH_STORE, else bentoml)",
-    )
-    for task in TASKS:
-        parser.add_argument(
-            f"--{task}-model",
-            default=d.get(f"{task}_model"),
-            help=f"tag of the {task} model (default nanomorph-{task}:latest)",
-        )
-    parser.add_argument(
-        "--require",
-        default=d.get("require"),
-        help="tasks that must load before the server is ready ('all' or a comma list)",
-    )
-    parser.add_argument("--providers", default=d.get("providers"), help="onnxruntime providers, comma list")
-    parser.add_argument("--workers", type=int, default=d.get("workers"), help="worker processes (default 1)")
-    parser.add_argument(
-        "--max-batch-size", type=int, default=d.get("max_batch_size"), help="images per onnxruntime call"
-    )
-    parser.add_argument(
-        "--max-latency-ms", type=int, default=d.get("max_latency_ms"), help="queue time before 503"
-    )
-    parser.add_argument(
-        "--max-upload-mb", type=float, default=d.get("max_upload_mb"), help="largest upload (MiB)"
-    )
-    parser.add_argument(
-        "--shutdown-grace-s",
-        type=float,
-        default=d.get("shutdown_grace_s"),
-        help="on SIGTERM/SIGINT/SIGHUP, seconds the requests in flight get to finish "
-        f"(default $NANOMORPH_SHUTDOWN_GRACE_S, else {DEFAULT_GRACE_S:.0f})",
-    )
-    parser.add_argument(
-        "--recycle-requests",
-        type=int,
-        default=d.get("recycle_requests"),
-        help="restart a worker (draining it first) after about this many requests; 0: never (default)",
-    )
-    parser.add_argument(
-        "--recycle-rss-mb",
-        type=float,
-        default=d.get("recycle_rss_mb"),
-        help="restart a worker (draining it first) once its memory passes this many MiB; 0: never (default)",
-    )
-    parser.add_argument(
-        "--build-default",
-        action="store_true",
-        help="if the store holds no default models (nanomorph-{classify,embed,segment}:latest), build them "
-        "first from the bundled synthetic data (`nanomorph demo`; needs the training extra)",
-    )
-    parser.add_argument(
-        "--demo-dir",
-        default=d.get("demo_dir", "demo"),
-        help="working folder of --build-default (%(default)s)",
-    )
 
 
 def env_from_args(args: argparse.Namespace) -> dict[str, str]:

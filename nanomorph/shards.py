@@ -277,17 +277,7 @@ def _write_errors(path: Path, errors: list[dict[str, str]], columns: tuple[str, 
     atomic_write_text(path, buf.getvalue())
 
 
-# -------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="the --out folder of the `predict --shard I/N` runs")
-    parser.add_argument("--into", default=None, help="write the merged results here (default: OUT itself)")
-    parser.add_argument(
-        "--partial",
-        action="store_true",
-        help="merge what is there even if shards are missing or unfinished",
-    )
+# -------------------------------------------------------------------------------------------- the command (nanomorph.cli calls run)
 
 
 def run(args: argparse.Namespace) -> int:

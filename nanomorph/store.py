@@ -18,7 +18,6 @@ It also implements the ``nanomorph models list`` command. See docs/architecture.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -508,49 +507,3 @@ def save_model(
         raise
     atomic_write_text(root / name / LATEST_FILE, version + "\n")
     return load_model_dir(final, tag=f"{name}:{version}")
-
-
-# ------------------------------------------------------------------------------- `nanomorph models`
-
-
-def _format_metrics(metrics: Mapping[str, Any], limit: int = 4) -> str:
-    parts = []
-    for key, value in list(metrics.items())[:limit]:
-        parts.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
-    return " ".join(parts) or "-"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["list"], help="what to do (list: show stored models)")
-    parser.add_argument(
-        "--store",
-        default=None,
-        help="'bentoml' (the BentoML model store, at $BENTOML_HOME) or a folder; default $NANOMORPH_STORE or bentoml",
-    )
-    parser.add_argument("--verify", action="store_true", help="also check every file's sha256")
-    parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
-
-
-def run(args: argparse.Namespace) -> int:
-    store = args.store or default_store()
-    models = list_models(store, verify=bool(args.verify))
-    if args.json:
-        for m in models:
-            entry = {
-                "tag": m.tag,
-                "task": m.task,
-                "classes": m.classes,
-                "metrics": m.metrics,
-                "path": str(m.path),
-            }
-            print(json.dumps(entry, sort_keys=True))
-        return 0
-    if not models:
-        print(f"no models in {'the BentoML model store' if _is_bentoml(store) else store}")
-        return 0
-    rows = [("TAG", "TASK", "CLASSES", "METRICS")]
-    rows += [(m.tag, m.task, ",".join(m.classes) or "-", _format_metrics(m.metrics)) for m in models]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
-    return 0

@@ -14,7 +14,7 @@ Strategies, all on L2-normalised embeddings of a stored ``embed`` model (cosine 
   candidate pool and k-center greedy picks ``n`` of them (unseeded, starting from the most
   uncertain), so a batch is not n near-duplicates of one confusing image (cf. Citovsky et al., 2021, "Batch active learning at scale").
 
-``--encoder`` takes an exported embed model (tag in ``--models``, or a stored model folder): nanomorph
+``--encoder`` takes an exported embed model (tag in ``--store``, or a stored model folder): nanomorph
 never runs torch, so a training run folder must be exported first (``nanomorph export RUN``).
 Embeddings are cached in ``OUT/cache/`` (an index, see :mod:`nanomorph.index`), so a re-run or a
 run with a bigger ``-n`` embeds nothing again. Writes ``OUT/suggestions.csv`` (rank, path, score,
@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from nanomorph.atomic import atomic_write_bytes, atomic_write_text
-from nanomorph.config import save_resolved, yaml_defaults
+from nanomorph.config import save_resolved
 from nanomorph.contract import Contract, normalise, read_image, resize
 
 log = logging.getLogger(__name__)
@@ -246,61 +246,7 @@ def write_csv(rows: Sequence[dict[str, Any]], dest: Path) -> Path:
     return dest
 
 
-# -------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``nanomorph suggest`` options (defaults from ``nanomorph/configs/suggest.yaml``)."""
-    d = yaml_defaults("suggest")
-    parser.add_argument(
-        "--unlabeled",
-        required="unlabeled" not in d,
-        default=d.get("unlabeled"),
-        help="folder of candidate images",
-    )
-    parser.add_argument(
-        "--labeled", default=d.get("labeled"), help="folder of images labeled already (any layout)"
-    )
-    parser.add_argument(
-        "-n", type=int, default=d.get("n", 20), help="how many to suggest (default %(default)s)"
-    )
-    parser.add_argument(
-        "--strategy",
-        choices=STRATEGIES,
-        default=d.get("strategy", "diversity"),
-        help="diversity: k-center coverage of the embeddings; uncertainty: least sure classifier "
-        "predictions; hybrid: coverage among the most uncertain (the last two need --classifier). "
-        "Default %(default)s",
-    )
-    parser.add_argument("--out", required="out" not in d, default=d.get("out"), help="output folder")
-    parser.add_argument(
-        "--encoder",
-        default=d.get("encoder", "nanomorph-embed:latest"),
-        help="exported embed model: tag in --models, or a stored model folder; a training run folder "
-        "must be exported first (nanomorph export RUN). Default %(default)s",
-    )
-    parser.add_argument(
-        "--classifier",
-        default=d.get("classifier"),
-        help="stored classify model (tag in --models, or its folder) for uncertainty",
-    )
-    parser.add_argument(
-        "--uncertainty",
-        choices=UNCERTAINTY,
-        default=d.get("uncertainty", "margin"),
-        help="default %(default)s",
-    )
-    parser.add_argument(
-        "--pool-factor", type=int, default=d.get("pool_factor", 4), help="hybrid: candidate pool = factor x n"
-    )
-    parser.add_argument(
-        "--models",
-        default=d.get("models"),
-        help="model store: a folder or 'bentoml' (default $NANOMORPH_STORE)",
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=d.get("batch_size", 32), help="images per onnxruntime call"
-    )
+# -------------------------------------------------------------------------------------------- the command (nanomorph.cli calls run)
 
 
 def _classifier_probs(
@@ -338,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--labeled folder {args.labeled} does not exist")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    store = args.models or default_store()
+    store = args.store or default_store()
     embedder = load_embedder(args.encoder, store, args.batch_size)
     tag = str(embedder.model.stored.tag)
 

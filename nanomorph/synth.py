@@ -44,7 +44,7 @@ from scipy import ndimage
 
 from nanomorph import __version__
 from nanomorph.atomic import atomic_path, atomic_write_bytes, atomic_write_text
-from nanomorph.config import save_resolved, yaml_defaults
+from nanomorph.config import save_resolved
 from nanomorph.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -797,50 +797,8 @@ def make_contact_sheet(
 
 
 # --------------------------------------------------------------------------------------------------
-# CLI
+# the command (nanomorph.cli.synth calls run)
 # --------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``nanomorph synth`` options; defaults from ``nanomorph/configs/synth.yaml``."""
-    d = yaml_defaults("synth")
-    parser.add_argument(
-        "--out", type=Path, default=d.get("out"), help="output folder (the data set root; required)"
-    )
-    parser.add_argument(
-        "--kind", choices=sorted(CLASSES), default=d.get("kind", "nanowires"), help="specimen kind"
-    )
-    parser.add_argument(
-        "--n-per-class", type=int, default=d.get("n_per_class", 50), help="labeled images per class"
-    )
-    parser.add_argument(
-        "--n-unlabeled",
-        type=int,
-        default=d.get("n_unlabeled"),
-        help="unlabeled images (separate renders); default n-per-class x number of classes",
-    )
-    parser.add_argument("--size", type=int, default=d.get("size", 256), help="image side in pixels")
-    parser.add_argument(
-        "--seed", type=int, default=d.get("seed", 0), help="master seed (same seed, same bytes)"
-    )
-    parser.add_argument(
-        "--format",
-        dest="format",
-        choices=FORMATS,
-        default=d.get("format", "png"),
-        help="png (8-bit) or tiff16",
-    )
-    parser.add_argument(
-        "--pixel-size",
-        dest="pixel_size",
-        type=float,
-        default=d.get("pixel_size", DEFAULT_PIXEL_SIZE_NM),
-        help="pixel size in nm (written into tiff16 metadata)",
-    )
-    parser.add_argument(
-        "--no-contact-sheet", dest="contact_sheet", action="store_false", help="skip contact_sheet.png"
-    )
-    parser.set_defaults(contact_sheet=d.get("contact_sheet", True))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,36 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nanomorph.cli import main as cli_main
-from nanomorph.config import yaml_defaults
 
 log = logging.getLogger("nanomorph.demo")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = yaml_defaults("demo")
-    parser.add_argument(
-        "--out", type=Path, default=Path(defaults["out"]), help="working folder (data + runs)"
-    )
-    parser.add_argument(
-        "--store", default=defaults["store"], help="'bentoml' or a folder for the exported models"
-    )
-    parser.add_argument("--name", default=defaults["name"], help="tag prefix of the stored models")
-    for key in (
-        "n_per_class",
-        "n_unlabeled",
-        "size",
-        "seed",
-        "image_size",
-        "pretrain_epochs",
-        "pretrain_batch_size",
-        "seg_tile",
-        "cls_steps",
-        "seg_steps",
-    ):
-        parser.add_argument("--" + key.replace("_", "-"), type=int, default=defaults[key])
-    parser.add_argument("--pretrain-base-lr", type=float, default=defaults["pretrain_base_lr"])
-    for key in ("kind", "backbone", "method", "cls_mode", "pretrain_optimizer"):
-        parser.add_argument("--" + key.replace("_", "-"), default=defaults[key])
 
 
 def _stage(name: str, done: Path, argv: list[str]) -> None:

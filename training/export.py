@@ -476,7 +476,7 @@ def _labeled_split(job: ExportJob, data: str | Path | None) -> tuple[np.ndarray,
     from training.finetune_cls import load_images
     from training.splits import make_split, parse_labels_per_class
 
-    cfg = job.config
+    cfg = {**yaml_defaults("finetune-cls"), **job.config}  # a run's config.yaml over today's defaults
     folder = data or cfg.get("data")
     if not folder or not Path(folder).is_dir():
         raise ValueError(
@@ -488,10 +488,10 @@ def _labeled_split(job: ExportJob, data: str | Path | None) -> tuple[np.ndarray,
         raise ValueError(f"{folder}: classes {images.class_names} differ from the run's {job.classes}")
     split = make_split(
         images.labels,
-        parse_labels_per_class(cfg.get("labels_per_class", "all")),
-        float(cfg.get("val_fraction", 0.2)),
-        float(cfg.get("test_fraction", 0.3)),
-        int(cfg.get("seed", 0)),
+        parse_labels_per_class(cfg["labels_per_class"]),
+        float(cfg["val_fraction"]),
+        float(cfg["test_fraction"]),
+        int(cfg["seed"]),
         groups=None if images.groups is None else list(images.groups),
         class_names=images.class_names,
     )
@@ -826,57 +826,7 @@ def export_runs(
     return tags
 
 
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = yaml_defaults(COMMAND)
-    parser.add_argument(
-        "--encoder",
-        default=d.get("encoder"),
-        help="pretraining run RUNS/X (backbone.safetensors): the embed model",
-    )
-    parser.add_argument(
-        "--classifier", default=d.get("classifier"), help="classifier run RUNS/Y: the classify model"
-    )
-    parser.add_argument(
-        "--segmenter", default=d.get("segmenter"), help="segmenter run RUNS/Z: the segment model"
-    )
-    parser.add_argument(
-        "--name", default=d.get("name", "nanomorph"), help="tag prefix: <name>-<task>:<version>"
-    )
-    parser.add_argument(
-        "--version", default=d.get("version"), help="version of the tags (default: UTC time + random)"
-    )
-    parser.add_argument(
-        "--store", default=d.get("store"), help="'bentoml' or a folder (default $NANOMORPH_STORE or bentoml)"
-    )
-    parser.add_argument(
-        "--quantize",
-        choices=("none", "int8"),
-        default=d.get("quantize", "none"),
-        help="int8: static quantisation of classify for CPU",
-    )
-    parser.add_argument(
-        "--max-accuracy-drop",
-        type=float,
-        default=d.get("max_accuracy_drop", 0.01),
-        help="refuse int8 above this drop (0.01 = 1 point)",
-    )
-    parser.add_argument(
-        "--tolerance",
-        type=float,
-        default=d.get("tolerance", TOLERANCE),
-        help="max abs diff onnxruntime vs PyTorch",
-    )
-    parser.add_argument(
-        "--data",
-        default=d.get("data"),
-        help="images for the parity check / int8 accuracy (default: the runs' data)",
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="export again even if these runs are already stored"
-    )
+# --------------------------------------------------------------------------------------------- the command (nanomorph.cli.export calls run)
 
 
 def run(args: argparse.Namespace) -> int:

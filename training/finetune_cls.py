@@ -69,7 +69,7 @@ OUTPUT_FILES = (
     "README.md",
 )
 # Keys of the resolved config that do not change the result (a rerun with another value is the same run).
-_NOT_RESULT_KEYS = {"force", "config", "command", "out", "device"}
+_NOT_RESULT_KEYS = {"force", "resume", "config", "command", "out", "device"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,7 +487,7 @@ def finetune(
     """
     steps = int(cfg["scratch_steps"] if scratch else cfg["steps"])
     enc_lr = float(cfg["scratch_encoder_lr"] if scratch else cfg["encoder_lr"])
-    freeze_bn = cfg.get("freeze_bn", "auto")
+    freeze_bn = cfg["freeze_bn"]
     freeze_bn = (not scratch) if freeze_bn in ("auto", None) else bool(freeze_bn)
     eval_every = max(1, int(cfg["eval_every"]))
     batch = int(cfg["batch_size"])
@@ -526,7 +526,7 @@ def finetune(
             _set_bn_eval(model)
         idx = rng.choice(len(y_train), size=batch, replace=True, p=probs)
         xb = torch.from_numpy(x_train[idx])
-        if cfg.get("augment", True):
+        if cfg["augment"]:
             xb = augment_batch(xb, gen)
         loss = F.cross_entropy(model(xb.to(device)), torch.from_numpy(y_train[idx]).to(device))
         opt.zero_grad(set_to_none=True)
@@ -832,63 +832,6 @@ def _write_outputs(
 # CLI
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = yaml_defaults(COMMAND)
-    parser.add_argument(
-        "--encoder",
-        default=d.get("encoder", "scratch"),
-        help="RUNS/X/backbone.safetensors, RUNS/X, scratch, imagenet[@ARCH] or a checkpoint file[@ARCH] "
-        "(CEM500K MoCoV2, DINOv2/timm; docs/encoders.md)",
-    )
-    parser.add_argument(
-        "--arch", default=d.get("arch", "resnet18"), help="timm architecture for --encoder scratch"
-    )
-    parser.add_argument(
-        "--data",
-        type=Path,
-        required=False,
-        default=None,
-        help="classification folder (<class>/ or labels.csv)",
-    )
-    parser.add_argument("--mode", choices=("linear", "finetune"), default=d.get("mode", "linear"))
-    parser.add_argument(
-        "--labels-per-class", default=str(d.get("labels_per_class", "all")), help="K or 'all'"
-    )
-    parser.add_argument("--val-fraction", type=float, default=d.get("val_fraction", 0.2))
-    parser.add_argument("--test-fraction", type=float, default=d.get("test_fraction", 0.3))
-    parser.add_argument(
-        "--group-column",
-        default=d.get("group_column"),
-        help="labels.csv column grouping images for the test split",
-    )
-    parser.add_argument("--seed", type=int, default=d.get("seed", 0))
-    parser.add_argument(
-        "--image-size", type=int, default=d.get("image_size"), help="default: the encoder's contract"
-    )
-    frames_mod.add_tiling_arguments(parser, d)
-    parser.add_argument("--batch-size", type=int, default=d.get("batch_size", 16))
-    parser.add_argument(
-        "--steps", type=int, default=d.get("steps", 200), help="fine-tuning steps (pretrained encoder)"
-    )
-    parser.add_argument(
-        "--scratch-steps",
-        type=int,
-        default=d.get("scratch_steps", 400),
-        help="fine-tuning steps from random init",
-    )
-    parser.add_argument("--head-lr", type=float, default=d.get("head_lr", 1e-3))
-    parser.add_argument("--encoder-lr", type=float, default=d.get("encoder_lr", 1e-4))
-    parser.add_argument("--scratch-encoder-lr", type=float, default=d.get("scratch_encoder_lr", 1e-3))
-    parser.add_argument("--eval-every", type=int, default=d.get("eval_every", 20))
-    parser.add_argument("--device", default=d.get("device", "auto"))
-    parser.add_argument(
-        "--no-augment", dest="augment", action="store_false", help="no flips/rotations when fine-tuning"
-    )
-    parser.add_argument("--force", action="store_true", help="redo a run that already finished in --out")
-    parser.add_argument("--out", type=Path, default=None, help="run folder RUNS/Y")
-    parser.set_defaults(augment=d.get("augment", True))
-
-
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resolved(cfg).items() if k not in _NOT_RESULT_KEYS}
 
@@ -898,7 +841,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--data DIR is required (a folder of <class>/ sub-folders or a labels.csv)")
     if args.out is None:
         raise ValueError("--out RUNS/Y is required")
-    cfg = {**yaml_defaults(COMMAND), **{k: v for k, v in vars(args).items() if k != "config"}}
+    cfg = {k: v for k, v in vars(args).items() if k != "config"}
     out: Path = args.out
     if (out / "metrics.json").is_file() and not args.force:
         previous = load_yaml(out / "config.yaml") if (out / "config.yaml").is_file() else {}

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,18 +75,8 @@ _RESULT_KEYS = (
 
 # ----------------------------------------------------------------------------------------- config
 def default_config() -> dict[str, Any]:
-    """The packaged defaults (``training/configs/finetune-seg.yaml``) plus fallbacks for missing keys."""
-    base: dict[str, Any] = {
-        "encoder": "scratch", "arch": None, "data": None, "classes": None, "labeled_images": "all",
-        "freeze_encoder": False, "tile": 256, "tile_overlap": None, "test_fraction": 0.3,
-        "val_fraction": 0.2, "seed": 0, "epochs": 20, "steps": None, "batch_size": 8, "lr": 1e-3,
-        "encoder_lr_scale": 0.1, "decoder_warmup": 0.1, "weight_decay": 1e-4, "fg_fraction": 0.5,
-        "dice_weight": 1.0, "max_val_evals": 5, "overlays": 4, "device": "auto", "workers": 0,
-        "infer_batch_size": 8, "out": "runs/segmenter", "overwrite": False, "save_model": True,
-        "keep_checkpoint": True, "checkpoint_every_s": 60, "instances": "auto",
-    }  # fmt: skip
-    base.update(yaml_defaults(COMMAND))
-    return base
+    """The packaged defaults (``training/configs/finetune-seg.yaml``, the only source of them)."""
+    return dict(yaml_defaults(COMMAND))
 
 
 def _parse_classes(value: Any, data: Path) -> list[str]:
@@ -267,13 +258,13 @@ def _check_finished(out: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     saved.setdefault("instances", "off")  # runs from before instance training had none
     clash = {k: (saved.get(k), config.get(k)) for k in _RESULT_KEYS if saved.get(k) != config.get(k)}
     if clash:
-        if config.get("overwrite"):
+        if config.get("force"):
             return None
         raise ValueError(
             f"{out} holds a finished run with other settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in clash.items())}); "
-            "use another --out or --overwrite"
+            "use another --out or --force (formerly --overwrite)"
         )
-    if config.get("overwrite") or (config.get("save_model", True) and not model_path.is_file()):
+    if config.get("force") or (config["save_model"] and not model_path.is_file()):
         return None
     return metrics
 
@@ -284,8 +275,8 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
     Args:
         config: options by their ``finetune-seg`` names (``data``, ``classes``, ``encoder``,
             ``labeled_images``, ``seed``, ``out``, ...); missing ones take the packaged defaults.
-            Besides the CLI flags: ``save_model`` (False skips the safetensors file) and
-            ``keep_checkpoint`` (False deletes ``checkpoint.pt`` when done), for studies.
+            Studies set ``save_model`` (False skips the safetensors file) and
+            ``keep_checkpoint`` (False deletes ``checkpoint.pt`` when done).
 
     Returns:
         The content of ``metrics.json``: ``mean_iou_foreground``, ``mean_dice_foreground``,
@@ -295,6 +286,9 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
         ValueError / FileNotFoundError: bad options or data, with a message naming the file.
     """
     cfg = default_config()
+    if "overwrite" in config:  # the old name of "force", for one release
+        warnings.warn("finetune-seg option 'overwrite' is deprecated, use 'force'", DeprecationWarning, 2)
+        config = {"force": config["overwrite"], **{k: v for k, v in config.items() if k != "overwrite"}}
     unknown = sorted(set(config) - set(cfg) - {"command", "config"})
     if unknown:
         raise ValueError(f"unknown finetune-seg option(s): {', '.join(unknown)}")
@@ -394,7 +388,7 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
     step, best_score, best_step = 0, -1.0, -1
     best_state: dict[str, torch.Tensor] | None = None
     train_seconds = 0.0
-    if ckpt_path.is_file() and not cfg.get("overwrite"):
+    if ckpt_path.is_file() and not cfg.get("force"):
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.get("fingerprint") == json.dumps({k: cfg.get(k) for k in _RESULT_KEYS}, sort_keys=True):
             unet.load_state_dict(ckpt["model"])
@@ -403,7 +397,7 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
             if best_step >= 0:
                 best = load_checkpoint(best_path)
                 if int(best.get("step", -2)) != best_step:
-                    raise ValueError(f"{best_path} does not belong to {ckpt_path}; rerun with --overwrite")
+                    raise ValueError(f"{best_path} does not belong to {ckpt_path}; rerun with --force")
                 best_state = best["model"]
             train_seconds = float(ckpt.get("train_seconds", 0.0))
             metrics_log.truncate(lambda r: int(r.get("step", 0)) <= step)
@@ -411,7 +405,7 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
         else:
             log.warning("%s was written with other settings; starting afresh", ckpt_path)
             metrics_log.truncate(lambda r: False)
-    elif cfg.get("overwrite"):
+    elif cfg.get("force"):
         metrics_log.truncate(lambda r: False)
 
     best_saved_step = best_step
@@ -549,7 +543,7 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
         "config": resolved(cfg),
     }
     atomic_write_text(out / "classes.json", json.dumps(classes, indent=2) + "\n")
-    if cfg.get("save_model", True):
+    if cfg["save_model"]:
         save_segmenter(
             unet,
             out / "segmenter.safetensors",
@@ -566,7 +560,7 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
     # metrics.json last: its presence marks the run finished.
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     best_path.unlink(missing_ok=True)  # the selected weights live in segmenter.safetensors now
-    if not cfg.get("keep_checkpoint", True):
+    if not cfg["keep_checkpoint"]:
         ckpt_path.unlink(missing_ok=True)
     log.info(
         "test mean IoU (foreground) %s, Dice %s on %d held-out images -> %s",
@@ -640,70 +634,7 @@ def _write_card(out: Path, metrics: dict[str, Any], enc_info: dict[str, str]) ->
     )
 
 
-# ------------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = default_config()
-    a = parser.add_argument
-    a("--encoder", default=d["encoder"], help="RUNS/X/backbone.safetensors, a run folder, or 'scratch'")
-    a(
-        "--arch",
-        default=d["arch"],
-        help="timm architecture for 'scratch' (default resnet18); must match a backbone",
-    )
-    a(
-        "--data",
-        type=Path,
-        default=d["data"],
-        help="folder with images/ and masks/ (same stems, integer masks)",
-    )
-    a(
-        "--classes",
-        default=d["classes"],
-        help="comma-separated class names, background first (e.g. background,wire)",
-    )
-    a(
-        "--labeled-images",
-        default=d["labeled_images"],
-        help="number K of labeled images to train on, or 'all'",
-    )
-    a("--freeze-encoder", action=argparse.BooleanOptionalAction, default=d["freeze_encoder"],
-      help="keep the encoder fixed (train the decoder only)")  # fmt: skip
-    a("--tile", type=int, default=d["tile"], help="tile side in pixels (multiple of 32)")
-    a("--tile-overlap", type=int, default=d["tile_overlap"], help="sliding-window overlap (default tile/4)")
-    a("--test-fraction", type=float, default=d["test_fraction"], help="held-out share of the images")
-    a(
-        "--val-fraction",
-        type=float,
-        default=d["val_fraction"],
-        help="share of the labeled images for validation",
-    )
-    a("--seed", type=int, default=d["seed"], help="fixes the splits, the tiles and the initialisation")
-    a("--epochs", type=int, default=d["epochs"], help="passes over the labeled area (in tiles)")
-    a("--steps", type=int, default=d["steps"], help="optimizer steps (overrides --epochs)")
-    a("--batch-size", type=int, default=d["batch_size"], help="tiles per step")
-    a("--lr", type=float, default=d["lr"], help="decoder learning rate (AdamW)")
-    a(
-        "--encoder-lr-scale",
-        type=float,
-        default=d["encoder_lr_scale"],
-        help="encoder lr = lr x this (pretrained)",
-    )
-    a("--decoder-warmup", type=float, default=d["decoder_warmup"],
-      help="share of steps training the decoder alone before a pretrained encoder is unfrozen")  # fmt: skip
-    a("--weight-decay", type=float, default=d["weight_decay"])
-    a("--fg-fraction", type=float, default=d["fg_fraction"], help="share of tiles centred on foreground")
-    a("--dice-weight", type=float, default=d["dice_weight"], help="loss = CE + this x soft Dice")
-    a("--max-val-evals", type=int, default=d["max_val_evals"], help="validations during training (at most)")
-    a("--overlays", type=int, default=d["overlays"], help="test images to save as overlay PNGs")
-    a("--device", default=d["device"], help="auto, cpu or cuda[:N]")
-    a("--workers", type=int, default=d["workers"], help="data loader workers (0 = in process)")
-    a("--infer-batch-size", type=int, default=d["infer_batch_size"], help="tiles per inference batch")
-    a("--instances", default=d["instances"],
-      help="auto: train instance-aware (boundary class + watershed) when DATA/instances/ exists; off: never")  # fmt: skip
-    a("--out", type=Path, default=Path(d["out"]), help="run folder")
-    a("--overwrite", action="store_true", default=d["overwrite"], help="retrain even if --out holds a run")
-
-
+# --------------------------------------------------------------------------- the command (nanomorph.cli calls run)
 def run(args: argparse.Namespace) -> int:
     metrics = train_segmenter(dict(vars(args)))
     print(

@@ -9,7 +9,6 @@ model inputs (tiles) they are cut into.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -142,35 +141,3 @@ def rows_of(
     if keep is not None:
         mask &= keep
     return np.flatnonzero(mask)
-
-
-def add_tiling_arguments(parser: argparse.ArgumentParser, d: dict[str, Any]) -> None:
-    """The classification tiling flags (shared with ``study cls``); docs/encoders.md."""
-    g = parser.add_argument_group(
-        "frames at the encoder's scale",
-        "large images are cut into native-resolution tiles, each resized to the model input, and the "
-        "tile probabilities averaged; K counts images, every tile of a labeled image trains",
-    )
-    g.add_argument(
-        "--cls-tile",
-        type=int,
-        default=d.get("cls_tile"),
-        help="tile side in native pixels (0: whole image resized, as before); "
-        "default: the pretraining run's crop_size with --encoder RUN, else 0",
-    )
-    g.add_argument(
-        "--cls-stride", type=int, default=d.get("cls_stride"), help="pixels between tiles (default: the tile)"
-    )
-    g.add_argument(
-        "--cls-pixel-size",
-        type=float,
-        default=d.get("cls_pixel_size"),
-        help="nm per pixel the tile size refers to: images whose metadata give another pixel size get "
-        "tiles of the same nm (default: none, tiles in pixels)",
-    )
-    g.add_argument(
-        "--cls-min-std",
-        type=float,
-        default=d.get("cls_min_std"),
-        help="tiles of a normalised image with intensity std below this are skipped (default 0: none)",
-    )

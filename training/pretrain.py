@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from nanomorph.config import save_resolved, yaml_defaults
+from nanomorph.config import save_resolved
 from nanomorph.contract import Contract
 from nanomorph.progress import progress
 from training import distributed as dist_utils
@@ -60,7 +60,7 @@ from training.runio import (
     write_model_card,
 )
 from training.schedule import WarmupCosine
-from training.ssl import PRESETS, SSLConfig, SSLLoss, SSLModel, build_projector, param_groups, resolve_config
+from training.ssl import SSLConfig, SSLLoss, SSLModel, build_projector, param_groups, resolve_config
 
 log = logging.getLogger("nanomorph.pretrain")
 
@@ -103,63 +103,8 @@ class NonFiniteLossError(ValueError):
     """The loss became NaN/inf: training stops, the last good checkpoint is kept."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``nanomorph pretrain``; defaults come from ``training/configs/pretrain.yaml``."""
-    p = parser
-    p.add_argument("--data", type=Path, help="folder of unlabeled images (read recursively)")
-    p.add_argument("--out", type=Path, help="run folder to write (RUNS/NAME)")
-    p.add_argument("--method", choices=["simclr", "barlowtwins"])
-    p.add_argument("--backbone", help="timm model name, e.g. resnet18, resnet50")
-    p.add_argument("--init", help="none | imagenet | PATH (safetensors or .pth/.pth.tar with a state_dict)")
-    p.add_argument("--image-size", type=int, help="model input side")
-    p.add_argument("--crop-size", type=int, help="native-resolution crop side before augmentation")
-    p.add_argument("--crops-per-image", type=int, help="crops per image per epoch")
-    p.add_argument("--batch-size", type=int, help="images per process and step")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="projector/loss settings preset")
-    p.add_argument("--projector", help="projector layer sizes, e.g. 2048-128 (hidden...-output)")
-    p.add_argument("--temperature", type=float, help="NT-Xent temperature (SimCLR)")
-    p.add_argument("--lambda", dest="lambda_param", type=float, help="off-diagonal weight (Barlow Twins)")
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZER_DEFAULTS))
-    p.add_argument(
-        "--base-lr", type=float, help="lr = base_lr * global_batch / 256 (sgd, lars) or * sqrt(...) (adamw)"
-    )
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--scale-min", type=float, help="random resized crop: smallest area fraction")
-    p.add_argument("--scale-max", type=float, help="random resized crop: largest area fraction")
-    p.add_argument(
-        "--structured-crops",
-        type=_yes_no,
-        metavar="true|false",
-        help="draw crops only where frames carry structure (skip scale-bar strips, empty tiles)",
-    )
-    p.add_argument("--quality-every", type=int, help="epochs between quality-signal measurements (0 = off)")
-    p.add_argument("--quality-crops", type=int, help="fixed crops the quality signals are measured on")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--workers", type=int, help="DataLoader workers (-1 = auto)")
-    p.add_argument("--cache-mb", type=int, help="memory budget for decoded images (MiB)")
-    p.add_argument("--cache-dir", type=Path, help="folder for .npy copies of decoded images")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--log-every", type=int, help="steps between step records")
-    p.add_argument("--knn-k", type=int, help="neighbours of the k-NN monitor")
-    p.add_argument("--monitor-labels", type=Path, help="classification folder for a k-NN accuracy monitor")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.set_defaults(**yaml_defaults("pretrain"))
-
-
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def _yes_no(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def scaled_lr(optimizer: str, base_lr: float, global_batch: int) -> float:

@@ -48,7 +48,7 @@ def instance_params(
     Raises:
         ValueError: ``instances/`` exists but a pair has no instance map (named).
     """
-    mode = str(cfg.get("instances", "auto")).lower()
+    mode = str(cfg["instances"]).lower()  # the default lives in configs/finetune-seg.yaml
     if mode == "off" or not (resolve_data_dir(data) / "instances").is_dir():
         if mode not in ("auto", "off", "on"):
             raise ValueError(f"--instances must be auto, on or off, got {mode!r}")

@@ -34,9 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nanomorph.atomic import atomic_path, atomic_write_text
-from nanomorph.config import save_resolved, yaml_defaults
+from nanomorph.config import save_resolved
 from nanomorph.progress import progress
-from training.frames import add_tiling_arguments
 
 if TYPE_CHECKING:  # torch-backed types; the module itself imports torch only when a study runs
     from training.finetune_cls import EncoderSpec, LabeledImages
@@ -699,84 +698,7 @@ def _run_seg_cell(
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI
-
-
-class _Repeatable(argparse.Action):
-    """A repeatable option whose command-line values replace (not extend) its default."""
-
-    def __call__(
-        self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, option: Any = None
-    ) -> None:
-        current = getattr(ns, self.dest, None)
-        items = [] if current is self.default or not isinstance(current, list) else current
-        setattr(ns, self.dest, [*items, values])
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = yaml_defaults(COMMAND)
-    a = parser.add_argument
-    a(
-        "task",
-        choices=("cls", "seg"),
-        help="cls: classification over labels per class; seg: segmentation over labeled images",
-    )
-    a(
-        "--data",
-        type=Path,
-        default=d.get("data"),
-        help="cls: classification folder; seg: folder with images/ and masks/",
-    )
-    a(
-        "--encoders",
-        "--encoder",
-        dest="encoders",
-        action=_Repeatable,
-        default=d.get("encoders"),
-        help="name=SOURCE[,other=SOURCE...], repeatable; SOURCE: RUNS/X, its backbone.safetensors, "
-        "imagenet[@ARCH] or a checkpoint file[@ARCH] (docs/encoders.md); scratch is always added",
-    )
-    a(
-        "--labels-per-class",
-        default=str(d.get("labels_per_class", "1,2,4,8,16,32,all")),
-        help="cls grid, e.g. 1,2,4,8,all",
-    )
-    a(
-        "--labeled-images",
-        default=str(d.get("labeled_images", "1,2,4,8,all")),
-        help="seg grid, e.g. 1,2,4,all",
-    )
-    a("--repeats", type=int, default=d.get("repeats", 5))
-    a(
-        "--modes",
-        default=d.get("modes"),
-        help="cls: linear,finetune (default); seg: frozen,finetune (default)",
-    )
-    a("--seed", type=int, default=d.get("seed", 0))
-    a("--val-fraction", type=float, default=d.get("val_fraction", 0.2))
-    a("--test-fraction", type=float, default=d.get("test_fraction", 0.3))
-    a(
-        "--group-column",
-        default=d.get("group_column"),
-        help="cls: labels.csv column; a group never straddles train/test",
-    )
-    a("--image-size", type=int, default=d.get("image_size"), help="cls: default the first encoder's contract")
-    a("--arch", default=d.get("arch"), help="scratch baseline architecture (default: the first encoder's)")
-    a("--steps", type=int, default=d.get("steps"), help="cls fine-tuning steps (default: finetune-cls's)")
-    a(
-        "--scratch-steps",
-        type=int,
-        default=d.get("scratch_steps"),
-        help="cls fine-tuning steps from random init",
-    )
-    a("--batch-size", type=int, default=d.get("batch_size"))
-    add_tiling_arguments(parser, d)
-    a("--eval-every", type=int, default=d.get("eval_every"))
-    a("--classes", default=d.get("classes"), help="seg: class names, background first")
-    a("--tile", type=int, default=d.get("tile"), help="seg: tile size")
-    a("--seg-steps", type=int, default=d.get("seg_steps"), help="seg: training steps per cell")
-    a("--device", default=d.get("device", "auto"))
-    a("--out", type=Path, default=Path(d.get("out") or "study"), help="study folder")
+# the command (nanomorph.cli.study calls run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -204,10 +204,9 @@ def test_service_import_never_imports_torch_or_training() -> None:
 
 
 def test_serve_options_become_environment() -> None:
-    import argparse
+    from nanomorph.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    serve_cmd.add_arguments(parser)
+    parser = build_parser("serve")
     args = parser.parse_args(
         ["--port", "4000", "--store", "/s", "--classify-model", "x-classify:1", "--max-batch-size", "8"]
     )

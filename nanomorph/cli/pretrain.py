@@ -1,0 +1,70 @@
+"""``nanomorph pretrain``: self-supervised pretraining (:mod:`training.pretrain`, imported by ``run``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nanomorph.cli.options import add_run_policy, yes_no
+
+# Literal here so that `nanomorph pretrain --help` does not import torch; a test checks them
+# against training.ssl.PRESETS and training.pretrain.OPTIMIZER_DEFAULTS.
+PRESETS = ("default", "original", "paper")
+OPTIMIZERS = ("adamw", "lars", "sgd")
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    p = parser
+    p.add_argument("--data", type=Path, help="folder of unlabeled images (read recursively)")
+    p.add_argument("--out", type=Path, help="run folder to write (RUNS/NAME)")
+    p.add_argument("--method", choices=["simclr", "barlowtwins"], help="self-supervised objective")
+    p.add_argument("--backbone", help="timm model name, e.g. resnet18, resnet50")
+    p.add_argument("--init", help="none | imagenet | PATH (safetensors or .pth/.pth.tar with a state_dict)")
+    p.add_argument("--image-size", type=int, help="model input side")
+    p.add_argument("--crop-size", type=int, help="native-resolution crop side before augmentation")
+    p.add_argument("--crops-per-image", type=int, help="crops per image per epoch")
+    p.add_argument("--batch-size", type=int, help="images per process and step")
+    p.add_argument("--epochs", type=int, help="passes over the unlabeled images")
+    p.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch")
+    p.add_argument("--preset", choices=PRESETS, help="projector/loss settings preset")
+    p.add_argument("--projector", help="projector layer sizes, e.g. 2048-128 (hidden...-output)")
+    p.add_argument("--temperature", type=float, help="NT-Xent temperature (SimCLR)")
+    p.add_argument("--lambda", dest="lambda_param", type=float, help="off-diagonal weight (Barlow Twins)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="optimiser (LARS from lightly)")
+    p.add_argument(
+        "--base-lr", type=float, help="lr = base_lr * global_batch / 256 (sgd, lars) or * sqrt(...) (adamw)"
+    )
+    p.add_argument("--weight-decay", type=float, help="null: sgd 5e-4, lars 1e-6, adamw 0.05")
+    p.add_argument("--momentum", type=float, help="sgd / lars momentum")
+    p.add_argument(
+        "--warmup-epochs", type=float, help="linear warm-up, then cosine to 0 (at most 10%% of the epochs)"
+    )
+    p.add_argument("--scale-min", type=float, help="random resized crop: smallest area fraction")
+    p.add_argument("--scale-max", type=float, help="random resized crop: largest area fraction")
+    p.add_argument(
+        "--structured-crops",
+        type=yes_no,
+        metavar="true|false",
+        help="draw crops only where frames carry structure (skip scale-bar strips, empty tiles)",
+    )
+    p.add_argument("--quality-every", type=int, help="epochs between quality-signal measurements (0 = off)")
+    p.add_argument("--quality-crops", type=int, help="fixed crops the quality signals are measured on")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--workers", type=int, help="DataLoader workers (-1 = auto)")
+    p.add_argument("--cache-mb", type=int, help="memory budget for decoded images (MiB)")
+    p.add_argument("--cache-dir", type=Path, help="folder for .npy copies of decoded images")
+    p.add_argument("--seed", type=int, help="fixes the crops, augmentations and initialisation")
+    p.add_argument("--log-every", type=int, help="steps between step records")
+    p.add_argument("--knn-k", type=int, help="neighbours of the k-NN monitor")
+    p.add_argument("--monitor-labels", type=Path, help="classification folder for a k-NN accuracy monitor")
+    add_run_policy(
+        p,
+        force_help="start over: discard what --out holds",
+        resume_help="continue the run in --out from its last checkpoint",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from training import pretrain
+
+    return pretrain.run(args)
