@@ -1,7 +1,7 @@
 """Cost of the per-image files a segment run writes, old names/format vs the files people open.
 
-Old (before ``nanomorph.outputs``): a grey 0/1 PNG mask and a plain overlay PNG. New: a palette PNG mask, a
-calibrated ImageJ label TIFF and an overlay with legend and scale bar (nanomorph.outputs). Both are
+Old (before ``nanomorph.batch.outputs``): a grey 0/1 PNG mask and a plain overlay PNG. New: a palette PNG mask, a
+calibrated ImageJ label TIFF and an overlay with legend and scale bar (nanomorph.batch.outputs). Both are
 timed on the same synthetic image (uniform noise: the worst case for PNG compression) and mask
 (random discs of two classes), alternating rounds, best of each; prints ms per image, bytes
 written and the ratio new / old.
@@ -18,7 +18,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from nanomorph import outputs
+from nanomorph.batch import outputs
 from nanomorph.morphology import overlay
 
 

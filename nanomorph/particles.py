@@ -414,7 +414,7 @@ def report(
 
 # ------------------------------------------------------------------------------- batch files
 def table_file(stem: str) -> str:
-    """Per-image table: ``particles/<stem>_particles.csv`` (stems as in :mod:`nanomorph.outputs`)."""
+    """Per-image table: ``particles/<stem>_particles.csv`` (stems as in :mod:`nanomorph.batch.outputs`)."""
     return f"particles/{stem}_particles.csv"
 
 

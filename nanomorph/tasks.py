@@ -2,7 +2,7 @@
 
 Every per-task branch reads this table instead of naming tasks itself: the model store (which
 tasks exist), :mod:`nanomorph.runtime` (:func:`~nanomorph.runtime.task_helper` builds a task's
-helper), the service's model loader, ``nanomorph predict`` (:class:`nanomorph.pipelines.LocalBackend`)
+helper), the service's model loader, ``nanomorph predict`` (:class:`nanomorph.batch.pipelines.LocalBackend`)
 and ``nanomorph export`` (ONNX outputs, input size, weights file, model card). A new task is one
 more :class:`Task` row here plus its runtime class. Plain data: no numpy, torch or onnxruntime.
 """

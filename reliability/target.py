@@ -26,7 +26,7 @@ def prepare(work: Path) -> tuple[Path, dict[str, str], list[str]]:
     env: dict[str, str] = {}
     notes: list[str] = []
     try:
-        from nanomorph.index import build_index, load_embedder
+        from nanomorph.archive.index import build_index, load_embedder
 
         images = work / "archive"
         images.mkdir(parents=True, exist_ok=True)

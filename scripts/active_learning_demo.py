@@ -15,7 +15,7 @@ On synthetic nanowire images (:func:`nanomorph.synth.generate`, 5 morphology cla
      unlabeled images for N epochs, then exported the same way;
 
 3. for every budget and seed (the seed picks a random 80 % of the pool and the random picks),
-   selects images with ``random``, ``diversity`` (k-center greedy, :func:`nanomorph.suggest.select`)
+   selects images with ``random``, ``diversity`` (k-center greedy, :func:`nanomorph.archive.suggest.select`)
    and ``hybrid`` (rounds of 5: uncertainty of a nearest-centroid classifier trained on the labels
    so far, then k-center inside the 4x most uncertain), and reports the test accuracy of a
    nearest-centroid classifier and of an L2-regularised logistic regression on the embeddings,
@@ -43,8 +43,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from nanomorph.archive.suggest import k_center_greedy, select, uncertainty_scores  # noqa: E402
 from nanomorph.contract import Contract, list_images, read_image  # noqa: E402
-from nanomorph.suggest import k_center_greedy, select, uncertainty_scores  # noqa: E402
 from nanomorph.synth import CLASSES, generate  # noqa: E402
 
 SECTION = "## Active learning"

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from nanomorph.index import SimilarityIndex
+from nanomorph.archive.index import SimilarityIndex
 from nanomorph.runtime import OnnxModel, task_helper
 from nanomorph.store import StoredModel, resolve
 from nanomorph.tasks import TASKS, get_task

@@ -21,7 +21,7 @@ Shape of the service:
 * Request and response models are in :mod:`service.schemas`, the error handlers in
   :mod:`service.errors`, the settings in :mod:`service.settings`; this module holds the endpoints.
 * ``POST /similar`` searches the index folder named by ``NANOMORPH_INDEX`` (built by ``nanomorph
-  index build`` with the served embed model; :class:`nanomorph.index.SimilarityIndex`); without
+  index build`` with the served embed model; :class:`nanomorph.archive.index.SimilarityIndex`); without
   one, or with an index of another model, it answers 503 ``index_unavailable``.
 
 Never imports torch or ``training``.

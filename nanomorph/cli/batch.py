@@ -1,5 +1,5 @@
 """``nanomorph predict``, ``client`` and ``watch``: one folder of images in, one results folder out
-(:mod:`nanomorph.pipelines`). They share most options, so one module builds all three parsers."""
+(:mod:`nanomorph.batch.pipelines`). They share most options, so one module builds all three parsers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from nanomorph.cli.options import add_store
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    from nanomorph.pipelines import TASKS
+    from nanomorph.batch.pipelines import TASKS
 
     a = parser.add_argument
     a("input_dir", help="folder of images (searched recursively)")
@@ -76,6 +76,6 @@ def _over_http(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanomorph import pipelines
+    from nanomorph.batch import pipelines
 
     return pipelines.run(args)

@@ -1,4 +1,4 @@
-"""``nanomorph index build|query``: similar-image search (:mod:`nanomorph.index`)."""
+"""``nanomorph index build|query``: similar-image search (:mod:`nanomorph.archive.index`)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanomorph import index
+    from nanomorph.archive import index
 
     return index.run(args)

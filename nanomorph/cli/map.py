@@ -1,4 +1,4 @@
-"""``nanomorph map``: a 2-D map of the embeddings of a folder (:mod:`nanomorph.datamap`)."""
+"""``nanomorph map``: a 2-D map of the embeddings of a folder (:mod:`nanomorph.archive.datamap`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from nanomorph.cli.options import add_store
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    from nanomorph.datamap import METHODS
+    from nanomorph.archive.datamap import METHODS
 
     a = parser.add_argument
     a("input_dir", help="folder of images (a classification layout colours by class)")
@@ -23,6 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanomorph import datamap
+    from nanomorph.archive import datamap
 
     return datamap.run(args)

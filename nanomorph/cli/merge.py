@@ -1,4 +1,4 @@
-"""``nanomorph merge``: join the outputs of ``predict --shard I/N`` runs (:mod:`nanomorph.shards`)."""
+"""``nanomorph merge``: join the outputs of ``predict --shard I/N`` runs (:mod:`nanomorph.batch.shards`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,6 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanomorph import shards
+    from nanomorph.batch import shards
 
     return shards.run(args)

@@ -1,4 +1,4 @@
-"""``nanomorph suggest``: which images to label next (:mod:`nanomorph.suggest`)."""
+"""``nanomorph suggest``: which images to label next (:mod:`nanomorph.archive.suggest`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from nanomorph.cli.options import add_store
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    from nanomorph.suggest import STRATEGIES, UNCERTAINTY
+    from nanomorph.archive.suggest import STRATEGIES, UNCERTAINTY
 
     a = parser.add_argument
     a("--unlabeled", required=True, help="folder of candidate images")
@@ -34,6 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanomorph import suggest
+    from nanomorph.archive import suggest
 
     return suggest.run(args)

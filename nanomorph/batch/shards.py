@@ -145,7 +145,7 @@ def merge(out: Path, dest: Path | None = None, partial: bool = False) -> dict[st
         ValueError: missing shards (without ``partial``), mixed tasks/models, misplaced or
             duplicated rows, or two shards holding different files under one name.
     """
-    from nanomorph.pipelines import ERROR_COLUMNS, ResultWriter
+    from nanomorph.batch.pipelines import ERROR_COLUMNS, ResultWriter
 
     dest = dest or out
     count, shards = find_shards(out)
@@ -205,7 +205,7 @@ def merge(out: Path, dest: Path | None = None, partial: bool = False) -> dict[st
         atomic_write_text(dest / "model.json", next(iter(cards.values())))
     task = next(iter(tasks)) if tasks else "classify"
     ResultWriter(dest, str(task)).close()  # results.csv from results.jsonl, as every run writes it
-    from nanomorph.report import write_report
+    from nanomorph.batch.report import write_report
 
     write_report(dest)
     return {"shards": len(shards), "of": count, "rows": len(ordered), "errors": len(errors)}
@@ -237,7 +237,7 @@ def _check_finished(shards: dict[int, Path], count: int) -> None:
     """Every file of each shard's part of its input folder has a row or an error line."""
     import yaml
 
-    from nanomorph.pipelines import list_items
+    from nanomorph.batch.pipelines import list_items
 
     listings: dict[tuple[str, bool], list[str]] = {}
     unfinished = []

@@ -59,7 +59,7 @@ def model_card(
 
 
 def write_model_card(out: Path, card: dict[str, Any]) -> None:
-    from nanomorph.pipelines import clean
+    from nanomorph.batch.pipelines import clean
 
     atomic_write_text(out / MODEL_CARD, json.dumps(clean(card), indent=1, sort_keys=True) + "\n")
 

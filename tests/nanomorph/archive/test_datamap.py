@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from nanomorph.datamap import pca_2d, suspects
+from nanomorph.archive.datamap import pca_2d, suspects
 from tests.fixtures.cli import nanomorph
 
 
@@ -72,7 +72,7 @@ def test_pca_and_suspects() -> None:
 
 
 def test_classes_from_folders_or_labels_csv(tmp_path: Path) -> None:
-    from nanomorph.datamap import folder_classes
+    from nanomorph.archive.datamap import folder_classes
 
     files = [tmp_path / "a" / "1.png", tmp_path / "b" / "2.png"]
     assert folder_classes(tmp_path, files) == ["a", "b"]

@@ -306,7 +306,7 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanomorph.index import Progress, load_embedder
+    from nanomorph.archive.index import Progress, load_embedder
     from nanomorph.store import default_store
 
     root = Path(args.input_dir)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nanomorph.suggest import k_center_greedy, select, uncertainty_scores
+from nanomorph.archive.suggest import k_center_greedy, select, uncertainty_scores
 from tests.fixtures.cli import nanomorph
 
 CLASSES = {"dark": 0.08, "grey": 0.4, "bright": 0.92}

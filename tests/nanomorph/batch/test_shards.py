@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nanomorph import shards
+from nanomorph.batch import shards
 
 
 def test_parse_shard() -> None:

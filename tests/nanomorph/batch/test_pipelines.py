@@ -20,7 +20,7 @@ from tests.fixtures.cli import nanomorph, nanomorph_argv, process_env
 from tests.fixtures.emfiles import emi_bytes, fei_tiff_bytes, ome_tiff_bytes, ser_bytes
 from tests.fixtures.server import Server, free_port
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def dark_speck(size: int = 40) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nanomorph.index import SimilarityIndex
+from nanomorph.archive.index import SimilarityIndex
 from tests.fixtures.cli import nanomorph
 
 
@@ -80,7 +80,7 @@ def test_build_query_round_trip_and_resume(tmp_path: Path, tiny_store: tuple[Pat
 def test_resume_after_interrupted_build_and_errors(
     tmp_path: Path, tiny_store: tuple[Path, dict[str, str]]
 ) -> None:
-    from nanomorph.index import build_index, load_embedder
+    from nanomorph.archive.index import build_index, load_embedder
 
     store, tags = tiny_store
     archive = tmp_path / "archive"
@@ -129,7 +129,7 @@ def test_resume_after_interrupted_build_and_errors(
 
 
 def test_search_matches_brute_force_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    import nanomorph.index as nmi
+    import nanomorph.archive.index as nmi
 
     rng = np.random.default_rng(0)
     vecs = nmi.l2_normalise(rng.normal(size=(1000, 16)))

@@ -16,14 +16,14 @@ All three write the same outputs through one :class:`ResultWriter`, so running a
     ``--retry-errors``); failures of the server (unreachable, 503, 5xx) are retried by the next run.
 ``OUT/embeddings/<path>.npy`` (embed); ``OUT/masks/<stem>_mask.png`` (palette PNG),
 ``OUT/masks/<stem>_labels.tif`` (calibrated ImageJ TIFF) and ``OUT/overlays/<stem>_overlay.png``
-(segment, see :mod:`nanomorph.outputs`); ``OUT/model.json`` (the model card's key numbers),
-``OUT/report.html`` (self-contained summary, :mod:`nanomorph.report`), ``OUT/config.yaml``
+(segment, see :mod:`nanomorph.batch.outputs`); ``OUT/model.json`` (the model card's key numbers),
+``OUT/report.html`` (self-contained summary, :mod:`nanomorph.batch.report`), ``OUT/config.yaml``
 (resolved options, never the token), and for ``watch`` ``OUT/watch_state.json`` (files done, with
 size and mtime; written atomically).
 
 Every file under INPUT_DIR is accounted for: read, or a row in ``errors.csv`` (unsupported
 suffixes too), except companions read with an image (a TIA ``.emi`` beside its ``.ser``).
-``predict --shard I/N`` processes one deterministic part of the folder (:mod:`nanomorph.shards`).
+``predict --shard I/N`` processes one deterministic part of the folder (:mod:`nanomorph.batch.shards`).
 
 Floats in the rows are rounded to 6 significant digits, so that the last bits of a batched
 onnxruntime call cannot make the in-process and the served results differ.
@@ -50,8 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from nanomorph import outputs, report, shards
 from nanomorph.atomic import atomic_write_bytes, atomic_write_text
+from nanomorph.batch import outputs, report, shards
 from nanomorph.config import save_resolved
 from nanomorph.contract import (
     SUPPORTED_SUFFIXES,

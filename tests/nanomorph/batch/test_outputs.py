@@ -13,7 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from nanomorph import outputs, report
+from nanomorph.batch import outputs, report
 from nanomorph.contract import read_image
 from nanomorph.morphology import PALETTE
 

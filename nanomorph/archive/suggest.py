@@ -16,7 +16,7 @@ Strategies, all on L2-normalised embeddings of a stored ``embed`` model (cosine 
 
 ``--encoder`` takes an exported embed model (tag in ``--store``, or a stored model folder): nanomorph
 never runs torch, so a training run folder must be exported first (``nanomorph export RUN``).
-Embeddings are cached in ``OUT/cache/`` (an index, see :mod:`nanomorph.index`), so a re-run or a
+Embeddings are cached in ``OUT/cache/`` (an index, see :mod:`nanomorph.archive.index`), so a re-run or a
 run with a bigger ``-n`` embeds nothing again. Writes ``OUT/suggestions.csv`` (rank, path, score,
 reason), ``OUT/suggestions.png`` (contact sheet) and ``OUT/config.yaml``.
 """
@@ -252,7 +252,7 @@ def write_csv(rows: Sequence[dict[str, Any]], dest: Path) -> Path:
 def _classifier_probs(
     tag: str, store: str, paths: Sequence[Path], batch_size: int
 ) -> tuple[np.ndarray, list[str]]:
-    from nanomorph.index import Progress, resolve_model
+    from nanomorph.archive.index import Progress, resolve_model
     from nanomorph.runtime import Classifier
 
     clf = Classifier(resolve_model(tag, store), batch_size=batch_size)
@@ -268,7 +268,7 @@ def _classifier_probs(
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanomorph.index import SimilarityIndex, build_index, load_embedder
+    from nanomorph.archive.index import SimilarityIndex, build_index, load_embedder
     from nanomorph.store import default_store
 
     if args.n < 1:
