@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import logging
 import tempfile
@@ -51,6 +50,17 @@ from nanomorph.store import (
     metadata_props,
     new_version,
     save_model,
+)
+from training.artifacts import (
+    BACKBONE_FILE,
+    BACKBONE_FORMAT,
+    CLASSIFIER_FILE,
+    SEGMENTER_FILE,
+    contract_of,
+    git_commit,
+    read_weights,
+    run_weights,
+    sha256_file,
 )
 from training.models import Classifier
 
@@ -130,28 +140,6 @@ class ExportJob:
         return self.task == "segment"
 
 
-def _weights_file(path: str | Path, name: str, flag: str) -> tuple[Path, Path]:
-    """``(run folder, weights file)`` from a run folder or the weights file itself."""
-    path = Path(path)
-    weights = path / name if path.is_dir() else path
-    if not weights.is_file():
-        hint = " (is the run unfinished?)" if path.is_dir() else ""
-        raise FileNotFoundError(f"{flag} {path}: {weights} does not exist{hint}")
-    return weights.parent, weights
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-        return load_file(str(path)), meta
-    except Exception as exc:  # safetensors raises its own error types on a damaged file
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
-
-
 def _json_file(path: Path, default: Any = None) -> Any:
     if not path.is_file():
         return default
@@ -180,15 +168,6 @@ def _last_jsonl(path: Path) -> dict[str, Any]:
         return json.loads(lines[-1]) if lines else {}
     except json.JSONDecodeError:
         return {}
-
-
-def _contract(meta: dict[str, str], where: Path) -> Contract:
-    try:
-        if meta.get("contract"):
-            return Contract.from_json(meta["contract"])
-        return Contract(image_size=int(meta.get("image_size", 224)))
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{where}: bad contract in its metadata ({exc})") from exc
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
@@ -224,12 +203,10 @@ def _encoder_info(meta: dict[str, str]) -> dict[str, Any]:
 
 def load_encoder_job(path: str | Path, data: str | Path | None = None) -> ExportJob:
     """The ``embed`` job of a pretraining run (``backbone.safetensors``)."""
-    from training.backbones import BACKBONE_FORMAT, create_backbone
+    from training.backbones import create_backbone
 
-    run_dir, weights = _weights_file(path, "backbone.safetensors", "--encoder")
-    state, meta = _read_safetensors(weights)
-    if meta.get("format") != BACKBONE_FORMAT or "architecture" not in meta:
-        raise ValueError(f"{weights}: not a nanomorph backbone (format {meta.get('format')!r})")
+    run_dir, weights = run_weights(path, BACKBONE_FILE, "--encoder")
+    state, meta = read_weights(weights, BACKBONE_FORMAT, required=("architecture",))
     backbone = create_backbone(meta["architecture"])
     backbone.load_state_dict(state, strict=True)
     metrics = _scalar_metrics(_last_jsonl(run_dir / "metrics.jsonl")) or _scalar_metrics(
@@ -240,7 +217,7 @@ def load_encoder_job(path: str | Path, data: str | Path | None = None) -> Export
         task="embed",
         net=EmbedNet(backbone),
         outputs=["embedding"],
-        contract=_contract(meta, weights),
+        contract=contract_of(meta, weights),
         run_dir=run_dir,
         weights=weights,
         metrics=metrics,
@@ -255,8 +232,8 @@ def load_classifier_job(path: str | Path, data: str | Path | None = None) -> Exp
     """The ``classify`` job of a classifier run (``classifier.safetensors`` + classes/ood/metrics)."""
     from training.backbones import create_backbone
 
-    run_dir, weights = _weights_file(path, "classifier.safetensors", "--classifier")
-    state, meta = _read_safetensors(weights)
+    run_dir, weights = run_weights(path, CLASSIFIER_FILE, "--classifier")
+    state, meta = read_weights(weights)
     if "architecture" not in meta or not any(k.startswith("head.") for k in state):
         raise ValueError(
             f"{weights}: not a nanomorph classifier (needs 'architecture' metadata and head.* weights)"
@@ -283,7 +260,7 @@ def load_classifier_job(path: str | Path, data: str | Path | None = None) -> Exp
         task="classify",
         net=ClassifyNet(model),
         outputs=["probabilities", "embedding"],
-        contract=_contract(meta, weights),
+        contract=contract_of(meta, weights),
         run_dir=run_dir,
         weights=weights,
         classes=[str(c) for c in classes],
@@ -300,8 +277,8 @@ def load_segmenter_job(path: str | Path, data: str | Path | None = None) -> Expo
     """The ``segment`` job of a segmenter run (``segmenter.safetensors``: an smp U-Net)."""
     from training.models import build_unet
 
-    run_dir, weights = _weights_file(path, "segmenter.safetensors", "--segmenter")
-    state, meta = _read_safetensors(weights)
+    run_dir, weights = run_weights(path, SEGMENTER_FILE, "--segmenter")
+    state, meta = read_weights(weights)
     classes = _json_file(run_dir / "classes.json") or json.loads(meta.get("classes", "[]"))
     if "architecture" not in meta or not classes:
         raise ValueError(f"{weights}: not a nanomorph segmenter (needs 'architecture' and classes)")
@@ -322,7 +299,7 @@ def load_segmenter_job(path: str | Path, data: str | Path | None = None) -> Expo
         net=SegmentNet(unet),
         outputs=["probabilities"],
         # Inference tiles per provider (fully convolutional: larger than the training tile).
-        contract=_contract(meta, weights).with_infer_tiles(),
+        contract=contract_of(meta, weights).with_infer_tiles(),
         run_dir=run_dir,
         weights=weights,
         classes=[str(c) for c in classes],
@@ -711,14 +688,6 @@ def _instances_card(job: ExportJob) -> list[str]:
 # ------------------------------------------------------------------------------------------ export
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _already_exported(
     store: str | Path, name: str, source_sha: str, quantize: str | None
 ) -> StoredModel | None:
@@ -773,8 +742,8 @@ def export_runs(
     for task, source, weights_name, flag, loader in requested:
         if not source:
             continue
-        _, weights = _weights_file(source, weights_name, flag)
-        source_sha = _sha256(weights)
+        _, weights = run_weights(source, weights_name, flag)
+        source_sha = sha256_file(weights)
         # Skip finished work: the same weights already stored under this name (before building anything).
         task_quant = quantize if task == "classify" else None
         done = None if force else _already_exported(store, f"{name}-{task}".lower(), source_sha, task_quant)
@@ -784,8 +753,6 @@ def export_runs(
             continue
         jobs.append((loader(source, data), source_sha))  # type: ignore[operator]
     staged: list[tuple[ExportJob, str, Path, dict[str, Any]]] = []
-    from training.backbones import git_commit
-
     commit = git_commit()
     with tempfile.TemporaryDirectory(prefix="nanomorph-export-") as tmp:
         for job, source_sha in jobs:
