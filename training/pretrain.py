@@ -17,8 +17,9 @@ with one verdict line.
 Runs unchanged under ``torchrun --nproc_per_node=N`` (DDP; the losses gather across processes;
 only rank 0 writes).
 
-Re-running: a finished run folder is skipped (exit 0, nothing rewritten) when its settings match;
-an unfinished one needs ``--resume`` (which continues from the last completed epoch).
+Re-running (``training.runs``): a finished run folder is skipped (exit 0, nothing rewritten) when its
+settings match; an unfinished one needs ``--resume`` (which continues from the last completed
+epoch); other settings are refused with the keys that changed; ``--force`` starts over.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from nanomorph.config import save_resolved, yaml_defaults
 from nanomorph.contract import Contract
 from training import distributed as dist_utils
 from training import quality as quality_lib
+from training import runs
 from training.augment import AugmentConfig, BatchAugment
 from training.backbones import create_backbone, save_backbone
 from training.data import ArrayCache, LabeledFolder, UnlabeledFolder
@@ -145,6 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--knn-k", type=int, help="neighbours of the k-NN monitor")
     p.add_argument("--monitor-labels", type=Path, help="classification folder for a k-NN accuracy monitor")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="start over even if --out holds a run")
     p.set_defaults(**yaml_defaults("pretrain"))
 
 
@@ -209,12 +212,26 @@ def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
     }
 
 
-def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    return [
-        f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
-        for k in RUN_KEYS
-        if json.dumps(saved.get(k), sort_keys=True) != json.dumps(current.get(k), sort_keys=True)
-    ]
+def _existing_run(
+    out: Path, cfg: dict[str, Any], args: argparse.Namespace, is_main: bool = True
+) -> tuple[runs.Action, dict[str, Any] | None]:
+    """The run-folder policy for ``out`` and the checkpoint to resume from (None: start)."""
+    ckpt_path = out / "checkpoint.pt"
+    if getattr(args, "force", False):
+        if is_main:  # the old run's log would read as this one's
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        return runs.decide(out, runs.RunState(started=ckpt_path.exists()), cfg, force=True), None
+    checkpoint = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    if checkpoint is not None and checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{ckpt_path}: not a nanomorph pretraining checkpoint")
+    done = int(checkpoint["epoch"]) if checkpoint is not None else 0
+    state = runs.RunState(
+        finished=done >= cfg["epochs"] and (out / "backbone.safetensors").exists(),
+        started=checkpoint is not None or (out / "metrics.jsonl").exists(),
+        saved=json.loads(checkpoint["run"]) if checkpoint is not None else None,
+        progress=f"epoch {done}/{cfg['epochs']}" if checkpoint else "stopped before its first checkpoint",
+    )
+    return runs.decide(out, state, cfg, resume=bool(args.resume), keys=RUN_KEYS), checkpoint
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> Any:
@@ -325,34 +342,12 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
     if not data_dir.is_dir():
         raise FileNotFoundError(f"--data {data_dir} is not a folder")
 
-    # --- what is already in the run folder: skip / refuse / resume --------------------------
+    # --- what is already in the run folder: skip / refuse / resume (training.runs) ------------
     ckpt_path = out / "checkpoint.pt"
-    checkpoint: dict[str, Any] | None = None
-    if ckpt_path.exists():
-        checkpoint = load_checkpoint(ckpt_path)
-        if checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{ckpt_path}: not a nanomorph pretraining checkpoint")
-        saved = json.loads(checkpoint["run"])
-        diffs = _differences(saved, cfg)
-        done = int(checkpoint["epoch"])
-        if done >= cfg["epochs"] and (out / "backbone.safetensors").exists() and not diffs:
-            log.info("%s is already complete (%d epochs); nothing to do", out, done)
-            return 0
-        if diffs:
-            raise ValueError(
-                f"{out} holds a run with other settings ({'; '.join(diffs)}); "
-                "choose a new --out or repeat the original settings"
-            )
-        if not args.resume:
-            raise ValueError(
-                f"{out} holds an unfinished run (epoch {done}/{cfg['epochs']}); "
-                "pass --resume to continue it or choose a new --out"
-            )
-    elif (out / "metrics.jsonl").exists() and not args.resume:
-        raise ValueError(
-            f"{out} holds a run that stopped before its first checkpoint; "
-            "pass --resume to restart it or choose a new --out"
-        )
+    action, checkpoint = _existing_run(out, cfg, args, info.is_main)
+    if action is runs.Action.SKIP:
+        log.info("%s is already complete (%d epochs); nothing to do", out, cfg["epochs"])
+        return 0
 
     # --- seeds, device ----------------------------------------------------------------------
     device = info.device
