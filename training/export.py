@@ -51,6 +51,7 @@ from nanomorph.store import (
     new_version,
     save_model,
 )
+from training import runs
 from training.artifacts import (
     BACKBONE_FILE,
     BACKBONE_FORMAT,
@@ -587,21 +588,23 @@ def try_quantize(
 # ------------------------------------------------------------------------------------ model cards
 
 
-def model_card(job: ExportJob, tag: str, parity: dict[str, Any], quant: dict[str, Any] | None) -> str:
-    """The model card (README.md) of one stored model."""
-    c = job.contract
-    size = (
-        f"{c.tile_size} px tiles (overlap {c.tile_overlap})"
-        if job.dynamic_hw
-        else f"{c.image_size} x {c.image_size} px"
-    )
-    lines = [
-        f"# {tag}",
-        "",
-        f"nanomorph `{job.task}` model exported from `{job.run_dir}` ({job.weights.name}).",
-        "",
-    ]
-    lines += ["## Data", ""]
+_INTENDED_USE = {
+    "classify": "Morphology class of a TEM image like those in the training data, with an "
+    "out-of-distribution flag for images unlike them.",
+    "embed": "Embeddings of TEM images for similarity search, maps and label suggestions.",
+    "segment": "Per-pixel classes of TEM frames like those in the training data, at native resolution.",
+}
+_RUNTIME_CLASS = {"classify": "Classifier", "embed": "Embedder", "segment": "Segmenter"}
+_RUNTIME_CALL = {
+    "classify": "print(Classifier(model).predict([image])[0]['label'])",
+    "embed": "vector = Embedder(model).embed([image])[0]",
+    "segment": "mask = Segmenter(model).predict(image)['mask']",
+}
+
+
+def _card_facts(job: ExportJob) -> list[str]:
+    """Data, classes and metrics sections of a model card."""
+    lines = ["## Data", ""]
     lines += [
         f"- {k.replace('_', ' ')}: {json.dumps(v) if isinstance(v, (dict, list)) else v}"
         for k, v in job.data.items()
@@ -611,7 +614,12 @@ def model_card(job: ExportJob, tag: str, parity: dict[str, Any], quant: dict[str
     lines += [
         f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in job.metrics.items()
     ] or ["- none recorded"]
-    lines += [
+    return lines
+
+
+def _card_export(job: ExportJob, parity: dict[str, Any], quant: dict[str, Any] | None) -> list[str]:
+    """The export section of a model card: opset, parity, quantisation, encoder."""
+    lines = [
         "",
         "## Export",
         "",
@@ -624,17 +632,23 @@ def model_card(job: ExportJob, tag: str, parity: dict[str, Any], quant: dict[str
             f"- int8 quantisation {'kept' if quant['kept'] else 'refused'}: {quant['split']} accuracy "
             f"{quant['accuracy_fp32']:.4f} -> {quant['accuracy_int8']:.4f}, speed-up {quant['speedup']:.2f}x"
         )
-    lines += [
-        f"- encoder: {job.encoder.get('architecture')} ({job.encoder.get('method')} pretraining)",
+    lines.append(f"- encoder: {job.encoder.get('architecture')} ({job.encoder.get('method')} pretraining)")
+    return lines
+
+
+def _card_use(job: ExportJob, tag: str) -> list[str]:
+    """Intended use, limitations, contract and how to call the model."""
+    c = job.contract
+    size = (
+        f"{c.tile_size} px tiles (overlap {c.tile_overlap})"
+        if job.dynamic_hw
+        else f"{c.image_size} x {c.image_size} px"
+    )
+    return [
         "",
         "## Intended use",
         "",
-        {
-            "classify": "Morphology class of a TEM image like those in the training data, with an "
-            "out-of-distribution flag for images unlike them.",
-            "embed": "Embeddings of TEM images for similarity search, maps and label suggestions.",
-            "segment": "Per-pixel classes of TEM frames like those in the training data, at native resolution.",
-        }[job.task],
+        _INTENDED_USE[job.task],
         *_instances_card(job),
         "",
         "## Limitations",
@@ -653,23 +667,28 @@ def model_card(job: ExportJob, tag: str, parity: dict[str, Any], quant: dict[str
         "",
         "```python",
         "from nanomorph.store import resolve",
-        "from nanomorph.runtime import "
-        + {"classify": "Classifier", "embed": "Embedder", "segment": "Segmenter"}[job.task],
+        "from nanomorph.runtime import " + _RUNTIME_CLASS[job.task],
         "from nanomorph.contract import read_image",
         f"model = resolve({tag!r}, STORE)  # 'bentoml' or the store folder",
         "image, _ = read_image('frame.dm4')",
-        {
-            "classify": "print(Classifier(model).predict([image])[0]['label'])",
-            "embed": "vector = Embedder(model).embed([image])[0]",
-            "segment": "mask = Segmenter(model).predict(image)['mask']",
-        }[job.task],
+        _RUNTIME_CALL[job.task],
         "```",
         "",
         "or `nanomorph predict` / `nanomorph serve`. Raw ONNX: input `image` float32 (N, 1, H, W) in [0, 1] "
         f"after the contract; outputs {', '.join(f'`{o}`' for o in job.outputs)}.",
         "",
     ]
-    return "\n".join(lines)
+
+
+def model_card(job: ExportJob, tag: str, parity: dict[str, Any], quant: dict[str, Any] | None) -> str:
+    """The model card (README.md) of one stored model."""
+    head = [
+        f"# {tag}",
+        "",
+        f"nanomorph `{job.task}` model exported from `{job.run_dir}` ({job.weights.name}).",
+        "",
+    ]
+    return "\n".join([*head, *_card_facts(job), *_card_export(job, parity, quant), *_card_use(job, tag)])
 
 
 def _instances_card(job: ExportJob) -> list[str]:
@@ -706,6 +725,92 @@ def _already_exported(
     return None
 
 
+def _jobs_to_export(
+    sources: dict[str, str | Path | None],
+    name: str,
+    store: str | Path,
+    quantize: str | None,
+    data: str | Path | None,
+    force: bool,
+) -> tuple[list[tuple[ExportJob, str]], dict[str, str]]:
+    """``([(job, source sha256)], {task: tag already stored})``: the run-folder policy
+    (training.runs) for the store: the same weights already stored under this name are skipped
+    (before anything is built) unless ``force``."""
+    requested = {
+        "embed": (BACKBONE_FILE, "--encoder", load_encoder_job),
+        "classify": (CLASSIFIER_FILE, "--classifier", load_classifier_job),
+        "segment": (SEGMENTER_FILE, "--segmenter", load_segmenter_job),
+    }
+    jobs: list[tuple[ExportJob, str]] = []
+    done_tags: dict[str, str] = {}
+    for task, (weights_name, flag, loader) in requested.items():
+        source = sources.get(task)
+        if not source:
+            continue
+        _, weights = run_weights(source, weights_name, flag)
+        source_sha = sha256_file(weights)
+        task_quant = quantize if task == "classify" else None
+        done = None if force else _already_exported(store, f"{name}-{task}".lower(), source_sha, task_quant)
+        state = runs.RunState(finished=done is not None, started=done is not None)
+        if runs.decide(f"{store}: {name}-{task}", state, {}, force=force) is runs.Action.SKIP:
+            assert done is not None
+            log.info("%s: %s is already stored as %s (--force exports it again)", task, weights, done.tag)
+            done_tags[task] = done.tag
+            continue
+        jobs.append((loader(source, data), source_sha))  # type: ignore[operator]
+    return jobs, done_tags
+
+
+def _stage(
+    job: ExportJob,
+    source_sha: str,
+    tag: str,
+    folder: Path,
+    quantize: str | None,
+    checks: dict[str, Any],
+    provenance_base: dict[str, Any],
+) -> tuple[Path, dict[str, Any]]:
+    """Exports one job to ONNX in ``folder``, checks parity, writes its metadata and (classify)
+    quantises; returns the file to store and the extra files of its store entry."""
+    job_quant = quantize if job.task == "classify" else None
+    log.info("%s: exporting %s", job.task, job.weights)
+    fp32 = export_onnx(job, folder / f"{job.task}.onnx")
+    parity = check_parity(job, fp32, checks["tolerance"])
+    provenance = {
+        "runs": {job.task: job.run_dir.name},
+        "run_path": str(job.run_dir.resolve()),
+        "source": job.weights.name,
+        "source_sha256": source_sha,
+        **provenance_base,
+        "quantize": job_quant,
+    }
+    # Bound to the provenance dict itself: quantisation adds to it before the second call.
+    props = functools.partial(
+        metadata_props,
+        job.task,
+        job.contract,
+        job.classes,
+        job.metrics,
+        job.ood,
+        job.encoder,
+        provenance,
+        instances=job.instances,
+    )
+    set_metadata(fp32, props())
+    chosen, quant = fp32, None
+    if job_quant == "int8":
+        chosen, quant = try_quantize(job, fp32, checks["max_accuracy_drop"], checks["data"])
+        provenance["quantization"] = {k: quant[k] for k in ("kept", "accuracy_drop", "speedup")}
+        set_metadata(chosen, props())
+    extra = {
+        "readme": model_card(job, tag, parity, quant),
+        "parity": {k: parity[k] for k in ("max_abs_diff", "tolerance", "real_images")},
+        "data": job.data,
+        "quantization": quant,
+    }
+    return chosen, extra
+
+
 def export_runs(
     encoder: str | Path | None = None,
     classifier: str | Path | None = None,
@@ -731,72 +836,21 @@ def export_runs(
     quantize = None if quantize in (None, "none") else quantize
     store = store or default_store()
     version = version or new_version()
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    tags: dict[str, str] = {}
-    jobs: list[tuple[ExportJob, str]] = []
-    requested = [
-        ("embed", encoder, "backbone.safetensors", "--encoder", load_encoder_job),
-        ("classify", classifier, "classifier.safetensors", "--classifier", load_classifier_job),
-        ("segment", segmenter, "segmenter.safetensors", "--segmenter", load_segmenter_job),
-    ]
-    for task, source, weights_name, flag, loader in requested:
-        if not source:
-            continue
-        _, weights = run_weights(source, weights_name, flag)
-        source_sha = sha256_file(weights)
-        # Skip finished work: the same weights already stored under this name (before building anything).
-        task_quant = quantize if task == "classify" else None
-        done = None if force else _already_exported(store, f"{name}-{task}".lower(), source_sha, task_quant)
-        if done is not None:
-            log.info("%s: %s is already stored as %s (--force exports it again)", task, weights, done.tag)
-            tags[task] = done.tag
-            continue
-        jobs.append((loader(source, data), source_sha))  # type: ignore[operator]
-    staged: list[tuple[ExportJob, str, Path, dict[str, Any]]] = []
-    commit = git_commit()
+    sources = {"embed": encoder, "classify": classifier, "segment": segmenter}
+    jobs, tags = _jobs_to_export(sources, name, store, quantize, data, force)
+    provenance_base = {
+        "git_commit": git_commit(),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "nanomorph_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    checks = {"tolerance": tolerance, "max_accuracy_drop": max_accuracy_drop, "data": data}
     with tempfile.TemporaryDirectory(prefix="nanomorph-export-") as tmp:
+        staged = []
         for job, source_sha in jobs:
             tag = make_tag(name, job.task, version)
-            job_quant = quantize if job.task == "classify" else None
-            log.info("%s: exporting %s", job.task, job.weights)
-            fp32 = export_onnx(job, Path(tmp) / f"{job.task}.onnx")
-            parity = check_parity(job, fp32, tolerance)
-            provenance = {
-                "runs": {job.task: job.run_dir.name},
-                "run_path": str(job.run_dir.resolve()),
-                "source": job.weights.name,
-                "source_sha256": source_sha,
-                "git_commit": commit,
-                "created_at": created,
-                "nanomorph_version": __version__,
-                "torch_version": torch.__version__,
-                "quantize": job_quant,
-            }
-            # Bound to the provenance dict itself: quantisation adds to it before the second call.
-            props = functools.partial(
-                metadata_props,
-                job.task,
-                job.contract,
-                job.classes,
-                job.metrics,
-                job.ood,
-                job.encoder,
-                provenance,
-                instances=job.instances,
-            )
-            set_metadata(fp32, props())
-            chosen, quant = fp32, None
-            if job_quant == "int8":
-                chosen, quant = try_quantize(job, fp32, max_accuracy_drop, data)
-                provenance["quantization"] = {k: quant[k] for k in ("kept", "accuracy_drop", "speedup")}
-                set_metadata(chosen, props())
-            extra = {
-                "readme": model_card(job, tag, parity, quant),
-                "parity": {k: parity[k] for k in ("max_abs_diff", "tolerance", "real_images")},
-                "data": job.data,
-                "quantization": quant,
-            }
-            staged.append((job, tag, chosen, extra))
+            path, extra = _stage(job, source_sha, tag, Path(tmp), quantize, checks, provenance_base)
+            staged.append((job, tag, path, extra))
         for job, tag, path, extra in staged:
             stored = save_model(path, store, tag, job.task, extra)
             log.info("%s: stored %s (%s)", job.task, stored.tag, stored.path)
