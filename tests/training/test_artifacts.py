@@ -22,13 +22,17 @@ def encoder_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+def _facts(src: A.EncoderSource) -> tuple[object, ...]:
+    return src.kind, src.architecture, src.init, src.method
+
+
 def test_scratch_and_imagenet_forms() -> None:
     scratch = A.resolve_encoder_source("scratch")
-    assert (scratch.kind, scratch.architecture, scratch.init, scratch.method) == ("scratch", "resnet18", None, "none")
+    assert _facts(scratch) == ("scratch", "resnet18", None, "none")
     assert A.resolve_encoder_source("Scratch", ARCH).architecture == ARCH
     assert scratch.contract is None
     net = A.resolve_encoder_source("imagenet@resnet50")
-    assert (net.kind, net.architecture, net.init, net.method) == ("imagenet", "resnet50", "imagenet", "imagenet")
+    assert _facts(net) == ("imagenet", "resnet50", "imagenet", "imagenet")
     assert A.resolve_encoder_source("imagenet", ARCH).architecture == ARCH
 
 
@@ -78,7 +82,8 @@ def test_missing_and_bad_sources_name_the_path(tmp_path: Path) -> None:
         A.resolve_encoder_source(bad)
     with pytest.raises(FileNotFoundError, match="gone.safetensors does not exist"):
         A.read_metadata(tmp_path / "gone.safetensors")
-    with pytest.raises(FileNotFoundError, match=r"--classifier .*classifier\.safetensors does not exist \(is the run"):
+    unfinished = r"--classifier .*classifier\.safetensors does not exist \(is the run unfinished"
+    with pytest.raises(FileNotFoundError, match=unfinished):
         A.run_weights(tmp_path / "empty", A.CLASSIFIER_FILE, "--classifier")
 
 
