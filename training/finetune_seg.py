@@ -261,7 +261,8 @@ def _config(config: dict[str, Any]) -> dict[str, Any]:
     cfg["tile_overlap"] = int(cfg["tile_overlap"]) if cfg["tile_overlap"] is not None else tile_size // 4
     if tile_size % 32:
         raise ValueError(f"--tile must be a multiple of 32 (U-Net downsamples 5 times), got {tile_size}")
-    cfg["force"] = bool(cfg.get("force") or cfg.pop("overwrite", False))  # --overwrite: the old --force
+    overwrite = cfg.pop("overwrite", False)  # the old spelling of --force
+    cfg["force"] = bool(cfg.get("force") or overwrite)
     return cfg
 
 
