@@ -7,37 +7,25 @@ contract, ...) so that downstream commands rebuild the exact network from the fi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from nanomorph.atomic import atomic_path
+# git_commit and read_metadata are imported from here by older callers; they live in artifacts.
+from training.artifacts import (  # noqa: F401
+    BACKBONE_FILE,
+    BACKBONE_FORMAT,
+    git_commit,
+    read_metadata,
+    read_weights,
+    write_weights,
+)
 
 log = logging.getLogger(__name__)
-
-BACKBONE_FORMAT = "nanomorph-backbone/1"
-
-
-def git_commit() -> str:
-    """The source tree's commit (``unknown`` outside a git checkout), for provenance."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def offline() -> bool:
@@ -117,9 +105,7 @@ def load_init_checkpoint(model: nn.Module, path: str | Path) -> dict[str, list[s
     if not path.is_file():
         raise FileNotFoundError(f"--init checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state, _ = read_weights(path)
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -168,27 +154,7 @@ def load_init_checkpoint(model: nn.Module, path: str | Path) -> dict[str, list[s
 
 def save_backbone(model: nn.Module, path: str | Path, metadata: dict[str, Any]) -> Path:
     """Saves an encoder's weights with string metadata (non-strings are JSON-encoded), atomically."""
-    from safetensors.torch import save_file
-
-    meta = {"format": BACKBONE_FORMAT, "git_commit": git_commit()}
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    if "architecture" not in meta:
-        raise ValueError("backbone metadata needs 'architecture'")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-    return Path(path)
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """String metadata of a safetensors file, without loading tensors."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    with safe_open(str(path), framework="pt") as fh:
-        return dict(fh.metadata() or {})
+    return write_weights(model, path, metadata, BACKBONE_FORMAT, required=("architecture",))
 
 
 def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, str]]:
@@ -198,12 +164,8 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, str]]:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "backbone.safetensors"
-    from safetensors.torch import load_file
-
-    meta = read_metadata(path)
-    if meta.get("format") != BACKBONE_FORMAT:
-        raise ValueError(f"{path}: not a nanomorph backbone (format {meta.get('format')!r})")
+        path = path / BACKBONE_FILE
+    state, meta = read_weights(path, BACKBONE_FORMAT, required=("architecture",))
     model = create_backbone(meta["architecture"])
-    model.load_state_dict(load_file(str(path)), strict=True)
+    model.load_state_dict(state, strict=True)
     return model, meta

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import logging
 import tempfile
@@ -53,6 +52,15 @@ from nanomorph.store import (
     save_model,
 )
 from nanomorph.tasks import TASKS, get_task
+from training import runs
+from training.artifacts import (
+    BACKBONE_FORMAT,
+    contract_of,
+    git_commit,
+    read_weights,
+    run_weights,
+    sha256_file,
+)
 from training.models import Classifier
 
 log = logging.getLogger("nanomorph.export")
@@ -131,28 +139,6 @@ class ExportJob:
         return get_task(self.task).tiled
 
 
-def _weights_file(path: str | Path, name: str, flag: str) -> tuple[Path, Path]:
-    """``(run folder, weights file)`` from a run folder or the weights file itself."""
-    path = Path(path)
-    weights = path / name if path.is_dir() else path
-    if not weights.is_file():
-        hint = " (is the run unfinished?)" if path.is_dir() else ""
-        raise FileNotFoundError(f"{flag} {path}: {weights} does not exist{hint}")
-    return weights.parent, weights
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-        return load_file(str(path)), meta
-    except Exception as exc:  # safetensors raises its own error types on a damaged file
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
-
-
 def _json_file(path: Path, default: Any = None) -> Any:
     if not path.is_file():
         return default
@@ -181,15 +167,6 @@ def _last_jsonl(path: Path) -> dict[str, Any]:
         return json.loads(lines[-1]) if lines else {}
     except json.JSONDecodeError:
         return {}
-
-
-def _contract(meta: dict[str, str], where: Path) -> Contract:
-    try:
-        if meta.get("contract"):
-            return Contract.from_json(meta["contract"])
-        return Contract(image_size=int(meta.get("image_size", 224)))
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{where}: bad contract in its metadata ({exc})") from exc
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
@@ -225,12 +202,10 @@ def _encoder_info(meta: dict[str, str]) -> dict[str, Any]:
 
 def load_encoder_job(path: str | Path, data: str | Path | None = None) -> ExportJob:
     """The ``embed`` job of a pretraining run (``backbone.safetensors``)."""
-    from training.backbones import BACKBONE_FORMAT, create_backbone
+    from training.backbones import create_backbone
 
-    run_dir, weights = _weights_file(path, get_task("embed").weights, get_task("embed").export_flag)
-    state, meta = _read_safetensors(weights)
-    if meta.get("format") != BACKBONE_FORMAT or "architecture" not in meta:
-        raise ValueError(f"{weights}: not a nanomorph backbone (format {meta.get('format')!r})")
+    run_dir, weights = run_weights(path, get_task("embed").weights, get_task("embed").export_flag)
+    state, meta = read_weights(weights, BACKBONE_FORMAT, required=("architecture",))
     backbone = create_backbone(meta["architecture"])
     backbone.load_state_dict(state, strict=True)
     metrics = _scalar_metrics(_last_jsonl(run_dir / "metrics.jsonl")) or _scalar_metrics(
@@ -241,7 +216,7 @@ def load_encoder_job(path: str | Path, data: str | Path | None = None) -> Export
         task="embed",
         net=EmbedNet(backbone),
         outputs=list(get_task("embed").outputs),
-        contract=_contract(meta, weights),
+        contract=contract_of(meta, weights),
         run_dir=run_dir,
         weights=weights,
         metrics=metrics,
@@ -256,8 +231,8 @@ def load_classifier_job(path: str | Path, data: str | Path | None = None) -> Exp
     """The ``classify`` job of a classifier run (``classifier.safetensors`` + classes/ood/metrics)."""
     from training.backbones import create_backbone
 
-    run_dir, weights = _weights_file(path, get_task("classify").weights, get_task("classify").export_flag)
-    state, meta = _read_safetensors(weights)
+    run_dir, weights = run_weights(path, get_task("classify").weights, get_task("classify").export_flag)
+    state, meta = read_weights(weights)
     if "architecture" not in meta or not any(k.startswith("head.") for k in state):
         raise ValueError(
             f"{weights}: not a nanomorph classifier (needs 'architecture' metadata and head.* weights)"
@@ -284,7 +259,7 @@ def load_classifier_job(path: str | Path, data: str | Path | None = None) -> Exp
         task="classify",
         net=ClassifyNet(model),
         outputs=list(get_task("classify").outputs),
-        contract=_contract(meta, weights),
+        contract=contract_of(meta, weights),
         run_dir=run_dir,
         weights=weights,
         classes=[str(c) for c in classes],
@@ -301,8 +276,8 @@ def load_segmenter_job(path: str | Path, data: str | Path | None = None) -> Expo
     """The ``segment`` job of a segmenter run (``segmenter.safetensors``: an smp U-Net)."""
     from training.models import build_unet
 
-    run_dir, weights = _weights_file(path, get_task("segment").weights, get_task("segment").export_flag)
-    state, meta = _read_safetensors(weights)
+    run_dir, weights = run_weights(path, get_task("segment").weights, get_task("segment").export_flag)
+    state, meta = read_weights(weights)
     classes = _json_file(run_dir / "classes.json") or json.loads(meta.get("classes", "[]"))
     if "architecture" not in meta or not classes:
         raise ValueError(f"{weights}: not a nanomorph segmenter (needs 'architecture' and classes)")
@@ -323,7 +298,7 @@ def load_segmenter_job(path: str | Path, data: str | Path | None = None) -> Expo
         net=SegmentNet(unet),
         outputs=list(get_task("segment").outputs),
         # Inference tiles per provider (fully convolutional: larger than the training tile).
-        contract=_contract(meta, weights).with_infer_tiles(),
+        contract=contract_of(meta, weights).with_infer_tiles(),
         run_dir=run_dir,
         weights=weights,
         classes=[str(c) for c in classes],
@@ -611,21 +586,9 @@ def try_quantize(
 # ------------------------------------------------------------------------------------ model cards
 
 
-def model_card(job: ExportJob, tag: str, parity: dict[str, Any], quant: dict[str, Any] | None) -> str:
-    """The model card (README.md) of one stored model."""
-    c = job.contract
-    size = (
-        f"{c.tile_size} px tiles (overlap {c.tile_overlap})"
-        if job.dynamic_hw
-        else f"{c.image_size} x {c.image_size} px"
-    )
-    lines = [
-        f"# {tag}",
-        "",
-        f"nanomorph `{job.task}` model exported from `{job.run_dir}` ({job.weights.name}).",
-        "",
-    ]
-    lines += ["## Data", ""]
+def _card_facts(job: ExportJob) -> list[str]:
+    """Data, classes and metrics sections of a model card."""
+    lines = ["## Data", ""]
     lines += [
         f"- {k.replace('_', ' ')}: {json.dumps(v) if isinstance(v, (dict, list)) else v}"
         for k, v in job.data.items()
@@ -635,7 +598,12 @@ def model_card(job: ExportJob, tag: str, parity: dict[str, Any], quant: dict[str
     lines += [
         f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in job.metrics.items()
     ] or ["- none recorded"]
-    lines += [
+    return lines
+
+
+def _card_export(job: ExportJob, parity: dict[str, Any], quant: dict[str, Any] | None) -> list[str]:
+    """The export section of a model card: opset, parity, quantisation, encoder."""
+    lines = [
         "",
         "## Export",
         "",
@@ -648,8 +616,19 @@ def model_card(job: ExportJob, tag: str, parity: dict[str, Any], quant: dict[str
             f"- int8 quantisation {'kept' if quant['kept'] else 'refused'}: {quant['split']} accuracy "
             f"{quant['accuracy_fp32']:.4f} -> {quant['accuracy_int8']:.4f}, speed-up {quant['speedup']:.2f}x"
         )
-    lines += [
-        f"- encoder: {job.encoder.get('architecture')} ({job.encoder.get('method')} pretraining)",
+    lines.append(f"- encoder: {job.encoder.get('architecture')} ({job.encoder.get('method')} pretraining)")
+    return lines
+
+
+def _card_use(job: ExportJob, tag: str) -> list[str]:
+    """Intended use, limitations, contract and how to call the model."""
+    c = job.contract
+    size = (
+        f"{c.tile_size} px tiles (overlap {c.tile_overlap})"
+        if job.dynamic_hw
+        else f"{c.image_size} x {c.image_size} px"
+    )
+    return [
         "",
         "## Intended use",
         "",
@@ -683,7 +662,17 @@ def model_card(job: ExportJob, tag: str, parity: dict[str, Any], quant: dict[str
         f"after the contract; outputs {', '.join(f'`{o}`' for o in job.outputs)}.",
         "",
     ]
-    return "\n".join(lines)
+
+
+def model_card(job: ExportJob, tag: str, parity: dict[str, Any], quant: dict[str, Any] | None) -> str:
+    """The model card (README.md) of one stored model."""
+    head = [
+        f"# {tag}",
+        "",
+        f"nanomorph `{job.task}` model exported from `{job.run_dir}` ({job.weights.name}).",
+        "",
+    ]
+    return "\n".join([*head, *_card_facts(job), *_card_export(job, parity, quant), *_card_use(job, tag)])
 
 
 def _instances_card(job: ExportJob) -> list[str]:
@@ -702,14 +691,6 @@ def _instances_card(job: ExportJob) -> list[str]:
 # ------------------------------------------------------------------------------------------ export
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _already_exported(
     store: str | Path, name: str, source_sha: str, quantize: str | None
 ) -> StoredModel | None:
@@ -726,6 +707,88 @@ def _already_exported(
         ):
             return model
     return None
+
+
+def _jobs_to_export(
+    sources: dict[str, str | Path | None],
+    name: str,
+    store: str | Path,
+    quantize: str | None,
+    data: str | Path | None,
+    force: bool,
+) -> tuple[list[tuple[ExportJob, str]], dict[str, str]]:
+    """``([(job, source sha256)], {task: tag already stored})``: the run-folder policy
+    (training.runs) for the store: the same weights already stored under this name are skipped
+    (before anything is built) unless ``force``."""
+    loaders = {"embed": load_encoder_job, "classify": load_classifier_job, "segment": load_segmenter_job}
+    jobs: list[tuple[ExportJob, str]] = []
+    done_tags: dict[str, str] = {}
+    for task in TASKS:
+        source, loader = sources.get(task), loaders[task]
+        if not source:
+            continue
+        _, weights = run_weights(source, get_task(task).weights, get_task(task).export_flag)
+        source_sha = sha256_file(weights)
+        task_quant = quantize if get_task(task).quantizable else None
+        done = None if force else _already_exported(store, f"{name}-{task}".lower(), source_sha, task_quant)
+        state = runs.RunState(finished=done is not None, started=done is not None)
+        if runs.decide(f"{store}: {name}-{task}", state, {}, force=force) is runs.Action.SKIP:
+            assert done is not None
+            log.info("%s: %s is already stored as %s (--force exports it again)", task, weights, done.tag)
+            done_tags[task] = done.tag
+            continue
+        jobs.append((loader(source, data), source_sha))  # type: ignore[operator]
+    return jobs, done_tags
+
+
+def _stage(
+    job: ExportJob,
+    source_sha: str,
+    tag: str,
+    folder: Path,
+    quantize: str | None,
+    checks: dict[str, Any],
+    provenance_base: dict[str, Any],
+) -> tuple[Path, dict[str, Any]]:
+    """Exports one job to ONNX in ``folder``, checks parity, writes its metadata and (classify)
+    quantises; returns the file to store and the extra files of its store entry."""
+    job_quant = quantize if get_task(job.task).quantizable else None
+    log.info("%s: exporting %s", job.task, job.weights)
+    fp32 = export_onnx(job, folder / f"{job.task}.onnx")
+    parity = check_parity(job, fp32, checks["tolerance"])
+    provenance = {
+        "runs": {job.task: job.run_dir.name},
+        "run_path": str(job.run_dir.resolve()),
+        "source": job.weights.name,
+        "source_sha256": source_sha,
+        **provenance_base,
+        "quantize": job_quant,
+    }
+    # Bound to the provenance dict itself: quantisation adds to it before the second call.
+    props = functools.partial(
+        metadata_props,
+        job.task,
+        job.contract,
+        job.classes,
+        job.metrics,
+        job.ood,
+        job.encoder,
+        provenance,
+        instances=job.instances,
+    )
+    set_metadata(fp32, props())
+    chosen, quant = fp32, None
+    if job_quant == "int8":
+        chosen, quant = try_quantize(job, fp32, checks["max_accuracy_drop"], checks["data"])
+        provenance["quantization"] = {k: quant[k] for k in ("kept", "accuracy_drop", "speedup")}
+        set_metadata(chosen, props())
+    extra = {
+        "readme": model_card(job, tag, parity, quant),
+        "parity": {k: parity[k] for k in ("max_abs_diff", "tolerance", "real_images")},
+        "data": job.data,
+        "quantization": quant,
+    }
+    return chosen, extra
 
 
 def export_runs(
@@ -753,72 +816,21 @@ def export_runs(
     quantize = None if quantize in (None, "none") else quantize
     store = store or default_store()
     version = version or new_version()
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    tags: dict[str, str] = {}
-    jobs: list[tuple[ExportJob, str]] = []
     sources = {"embed": encoder, "classify": classifier, "segment": segmenter}
-    loaders = {"embed": load_encoder_job, "classify": load_classifier_job, "segment": load_segmenter_job}
-    for task in TASKS:
-        source, loader = sources[task], loaders[task]
-        if not source:
-            continue
-        _, weights = _weights_file(source, get_task(task).weights, get_task(task).export_flag)
-        source_sha = _sha256(weights)
-        # Skip finished work: the same weights already stored under this name (before building anything).
-        task_quant = quantize if get_task(task).quantizable else None
-        done = None if force else _already_exported(store, f"{name}-{task}".lower(), source_sha, task_quant)
-        if done is not None:
-            log.info("%s: %s is already stored as %s (--force exports it again)", task, weights, done.tag)
-            tags[task] = done.tag
-            continue
-        jobs.append((loader(source, data), source_sha))  # type: ignore[operator]
-    staged: list[tuple[ExportJob, str, Path, dict[str, Any]]] = []
-    from training.backbones import git_commit
-
-    commit = git_commit()
+    jobs, tags = _jobs_to_export(sources, name, store, quantize, data, force)
+    provenance_base = {
+        "git_commit": git_commit(),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "nanomorph_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    checks = {"tolerance": tolerance, "max_accuracy_drop": max_accuracy_drop, "data": data}
     with tempfile.TemporaryDirectory(prefix="nanomorph-export-") as tmp:
+        staged = []
         for job, source_sha in jobs:
             tag = make_tag(name, job.task, version)
-            job_quant = quantize if get_task(job.task).quantizable else None
-            log.info("%s: exporting %s", job.task, job.weights)
-            fp32 = export_onnx(job, Path(tmp) / f"{job.task}.onnx")
-            parity = check_parity(job, fp32, tolerance)
-            provenance = {
-                "runs": {job.task: job.run_dir.name},
-                "run_path": str(job.run_dir.resolve()),
-                "source": job.weights.name,
-                "source_sha256": source_sha,
-                "git_commit": commit,
-                "created_at": created,
-                "nanomorph_version": __version__,
-                "torch_version": torch.__version__,
-                "quantize": job_quant,
-            }
-            # Bound to the provenance dict itself: quantisation adds to it before the second call.
-            props = functools.partial(
-                metadata_props,
-                job.task,
-                job.contract,
-                job.classes,
-                job.metrics,
-                job.ood,
-                job.encoder,
-                provenance,
-                instances=job.instances,
-            )
-            set_metadata(fp32, props())
-            chosen, quant = fp32, None
-            if job_quant == "int8":
-                chosen, quant = try_quantize(job, fp32, max_accuracy_drop, data)
-                provenance["quantization"] = {k: quant[k] for k in ("kept", "accuracy_drop", "speedup")}
-                set_metadata(chosen, props())
-            extra = {
-                "readme": model_card(job, tag, parity, quant),
-                "parity": {k: parity[k] for k in ("max_abs_diff", "tolerance", "real_images")},
-                "data": job.data,
-                "quantization": quant,
-            }
-            staged.append((job, tag, chosen, extra))
+            path, extra = _stage(job, source_sha, tag, Path(tmp), quantize, checks, provenance_base)
+            staged.append((job, tag, path, extra))
         for job, tag, path, extra in staged:
             stored = save_model(path, store, tag, job.task, extra)
             log.info("%s: stored %s (%s)", job.task, stored.tag, stored.path)

@@ -47,6 +47,8 @@ from nanomorph.contract.frames import nm_per_px
 from nanomorph.progress import progress
 from training import frames as frames_mod
 from training import metrics as M
+from training import runs
+from training.artifacts import resolve_encoder_source
 from training.backbones import create_backbone, git_commit, load_backbone
 from training.data import LABELS_CSV, list_classification
 from training.device import pick_device
@@ -251,7 +253,7 @@ def resolve_encoder(
     image_size: int | None = None,
     tiling: dict[str, Any] | None = None,
 ) -> EncoderSpec:
-    """Parses ``--encoder`` (file, run folder or ``scratch``) and the contract to use.
+    """Parses ``--encoder`` (:func:`training.artifacts.resolve_encoder_source`) and the contract to use.
 
     The contract comes from the backbone's metadata; ``image_size`` overrides its input side.
     ``tiling`` (``cls_tile``, ``cls_stride``, ``cls_pixel_size``, ``cls_min_std``; None = default)
@@ -259,65 +261,22 @@ def resolve_encoder(
     tile, so frames are classified at the scale the encoder was pretrained on
     (:func:`training.frames.resolve_tiling`).
     """
-    if str(encoder).lower() == "scratch":
+    src = resolve_encoder_source(encoder, arch)
+    if src.kind != "run":
+        if src.init:
+            create_backbone(src.architecture, src.init)  # fail now, naming the source, not mid-study
         contract = frames_mod.resolve_tiling(Contract(image_size=int(image_size or 224)), None, tiling)
-        return EncoderSpec("scratch", arch, "none", contract, {"architecture": arch, "method": "none"})
-    # SOURCE@ARCH, unless the whole string is an existing path (which may contain an @)
-    split_arch = "@" in str(encoder) and not Path(encoder).exists()
-    source, at, arch_given = str(encoder).rpartition("@") if split_arch else (str(encoder), "", "")
-    if source.lower() == "imagenet" or _is_foreign_checkpoint(Path(source)):
-        return _init_encoder(source, arch_given or arch, image_size, tiling)
-    if at:
-        raise ValueError(
-            f"--encoder {encoder}: @ARCH goes with imagenet or a checkpoint file, not a nanomorph run"
-        )
-    path = Path(encoder)
-    if path.is_dir():
-        path = path / "backbone.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"--encoder {path} does not exist (a backbone.safetensors, its run folder, or scratch)"
-        )
-    from training.backbones import read_metadata
-
-    meta = read_metadata(path)
-    if "architecture" not in meta:
-        raise ValueError(f"{path}: not a nanomorph backbone (no 'architecture' metadata)")
-    if meta.get("contract"):
-        contract = Contract.from_json(meta["contract"])
-    else:
-        contract = Contract(image_size=int(meta.get("image_size", 224)))
+        meta = {"architecture": src.architecture, "method": src.method}
+        if src.init:
+            meta["init"] = src.init
+        return EncoderSpec(src.init or "scratch", src.architecture, src.method, contract, meta, init=src.init)
+    assert src.path is not None and src.contract is not None
+    contract = src.contract
     if image_size and int(image_size) != contract.image_size:
         log.warning("image size %d overrides the encoder's %d", image_size, contract.image_size)
         contract = dataclasses.replace(contract, image_size=int(image_size))
-    contract = frames_mod.resolve_tiling(contract, str(path), tiling)
-    return EncoderSpec(str(path), meta["architecture"], meta.get("method", "unknown"), contract, meta)
-
-
-def _is_foreign_checkpoint(path: Path) -> bool:
-    """A weights file that is not a nanomorph backbone: a torch checkpoint (``.pth``, ``.pth.tar``,
-    ``.pt``, ``.bin``, ``.ckpt``) or a safetensors file without nanomorph metadata (timm hub)."""
-    if not path.is_file():
-        return False
-    if path.suffix == ".safetensors":
-        from training.backbones import read_metadata
-
-        return "architecture" not in read_metadata(path)  # nanomorph's own files always name it
-    return path.suffix in (".pth", ".pt", ".tar", ".bin", ".ckpt")
-
-
-def _init_encoder(
-    source: str, arch: str, image_size: int | None, tiling: dict[str, Any] | None
-) -> EncoderSpec:
-    """An encoder that starts from ImageNet (timm) or from a foreign checkpoint (CEM500K MoCoV2,
-    DINOv2/timm; docs/encoders.md), loaded into ``timm.create_model(arch, in_chans=1)``."""
-    init = "imagenet" if source.lower() == "imagenet" else str(Path(source))
-    # Fail now, naming the source, rather than in the middle of a study.
-    create_backbone(arch, init)
-    contract = frames_mod.resolve_tiling(Contract(image_size=int(image_size or 224)), None, tiling)
-    method = "imagenet" if init == "imagenet" else "checkpoint"
-    meta = {"architecture": arch, "method": method, "init": init}
-    return EncoderSpec(init, arch, method, contract, meta, init=init)
+    contract = frames_mod.resolve_tiling(contract, str(src.path), tiling)
+    return EncoderSpec(str(src.path), src.architecture, src.method, contract, src.meta)
 
 
 @torch.no_grad()
@@ -467,6 +426,53 @@ def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int, device: tor
     return torch.cat(outs) if outs else torch.empty(0)
 
 
+class _Selection:
+    """Model selection while fine-tuning: validation balanced accuracy, ties broken by the
+    class-balanced validation loss; without validation labels the training loss (eval mode, no
+    augmentation). Keeps the best state seen."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: np.ndarray,
+        y: np.ndarray,
+        n_classes: int,
+        has_val: bool,
+        device: torch.device,
+    ) -> None:
+        self.model, self.x, self.y, self.n_classes = model, x, y, n_classes
+        self.has_val, self.device = has_val, device
+        self.weights = class_weights(y, n_classes).to(device)
+        self.best_key: tuple[float, float] = (-np.inf, -np.inf)
+        self.best_state: dict[str, Any] = {}
+        self.best_step = 0
+
+    def offer(self, step: int) -> dict[str, float]:
+        """Scores the model now; keeps its state if it is the best so far (the first always is)."""
+        logits = predict_logits(self.model, self.x, 64, self.device)
+        target = torch.from_numpy(self.y).to(self.device)
+        loss = float(F.cross_entropy(logits.to(self.device), target, weight=self.weights))
+        bacc = M.balanced_accuracy(self.y, logits.argmax(1).numpy(), self.n_classes)
+        key = (bacc, -loss) if self.has_val else (-loss, 0.0)
+        if not self.best_state or key > self.best_key:
+            self.best_key, self.best_step = key, step
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        return {"balanced_accuracy": bacc, "loss": loss}
+
+
+def _finetune_optimizer(
+    model: Classifier, cfg: dict[str, Any], enc_lr: float, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    opt = torch.optim.AdamW(
+        [
+            {"params": model.backbone.parameters(), "lr": enc_lr},
+            {"params": model.head.parameters(), "lr": float(cfg["head_lr"])},
+        ],
+        weight_decay=float(cfg["weight_decay"]),
+    )
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine.over(steps, warmup_divisor=10))
+
+
 def finetune(
     model: Classifier,
     x_train: np.ndarray,
@@ -481,9 +487,9 @@ def finetune(
 ) -> dict[str, Any]:
     """Trains the whole network from the linear-probe head (LP-FT), keeping the best state.
 
-    Selection: validation balanced accuracy, ties broken by the class-balanced validation loss; the
-    starting (linear-probe) state is the first candidate. Without validation labels the training loss
-    (eval mode, no augmentation) selects. ``model`` is left holding the selected weights.
+    Selection (:class:`_Selection`): validation balanced accuracy, ties broken by the class-balanced
+    validation loss; the starting (linear-probe) state is the first candidate. Without validation
+    labels the training loss selects. ``model`` is left holding the selected weights.
     """
     steps = int(cfg["scratch_steps"] if scratch else cfg["steps"])
     enc_lr = float(cfg["scratch_encoder_lr"] if scratch else cfg["encoder_lr"])
@@ -493,27 +499,10 @@ def finetune(
     batch = int(cfg["batch_size"])
     has_val = len(y_val) > 0
     x_sel, y_sel = (x_val, y_val) if has_val else (x_train, y_train)
-    w_sel = class_weights(y_sel, n_classes).to(device)
-
-    def score() -> tuple[tuple[float, float], dict[str, float]]:
-        logits = predict_logits(model, x_sel, 64, device)
-        loss = float(F.cross_entropy(logits.to(device), torch.from_numpy(y_sel).to(device), weight=w_sel))
-        bacc = M.balanced_accuracy(y_sel, logits.argmax(1).numpy(), n_classes)
-        return ((bacc, -loss) if has_val else (-loss, 0.0)), {"balanced_accuracy": bacc, "loss": loss}
-
+    selection = _Selection(model, x_sel, y_sel, n_classes, has_val, device)
     model.to(device)
-    best_key, best_info = score()
-    best_state = copy.deepcopy(model.state_dict())
-    best_step = 0
-    history = [{"step": 0, **best_info}]
-    opt = torch.optim.AdamW(
-        [
-            {"params": model.backbone.parameters(), "lr": enc_lr},
-            {"params": model.head.parameters(), "lr": float(cfg["head_lr"])},
-        ],
-        weight_decay=float(cfg["weight_decay"]),
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine.over(steps, warmup_divisor=10))
+    history = [{"step": 0, **selection.offer(0)}]
+    opt, sched = _finetune_optimizer(model, cfg, enc_lr, steps)
     gen = torch.Generator().manual_seed(int(cfg["seed"]) + 17)
     rng = np.random.default_rng(int(cfg["seed"]) + 17)
     # Class-balanced sampling: a class is drawn uniformly, then one of its images.
@@ -534,15 +523,13 @@ def finetune(
         opt.step()
         sched.step()
         if step % eval_every == 0 or step == steps:
-            key, info = score()
+            info = selection.offer(step)
             history.append({"step": step, "train_loss": loss.item(), **info})
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=loss.item(), sel=info["balanced_accuracy"])
-            if key > best_key:
-                best_key, best_step = key, step
-                best_state = copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
+    model.load_state_dict(selection.best_state)
     model.eval()
+    best_step = selection.best_step
     return {
         "steps": steps,
         "encoder_lr": enc_lr,
@@ -583,6 +570,121 @@ def _config(config: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+@dataclass
+class _Fitted:
+    """A trained classifier's outputs: the network (None for a cached-feature linear cell), the
+    logits of every test and validation input, and how head and fine-tuning went."""
+
+    model: Classifier | None
+    test_logits: torch.Tensor
+    val_logits: torch.Tensor
+    n_train_inputs: int
+    linear: dict[str, Any]
+    finetune: dict[str, Any] | None
+
+
+def _fit(
+    cfg: dict[str, Any],
+    images: LabeledImages,
+    split: Split,
+    spec: EncoderSpec,
+    features: np.ndarray | None,
+    device: torch.device,
+    show_progress: bool,
+) -> _Fitted:
+    """The linear probe on frozen features, then (``mode: finetune``) LP-FT of the whole network."""
+    seed = int(cfg["seed"])
+    n_classes = len(images.class_names)
+    pool = np.setdiff1d(np.arange(len(images.labels)), split.test)
+    # A study's linear cell with cached features needs no network at all (nothing is saved).
+    need_net = features is None or cfg["mode"] == "finetune" or bool(cfg.get("out"))
+    init_seed = int(cfg.get("init_seed", seed))
+    backbone = spec.build(init_seed, calibration=images.x[images.rows(pool)]) if need_net else None
+    if features is None:
+        assert backbone is not None
+        features = extract_features(backbone, images.x, device=device)
+    # K and the splits count images (frames); training uses every input (tile) of the train frames.
+    rows_train = images.rows(split.train, kept_only=True)
+    rows_val = images.rows(split.val, kept_only=True)
+    y_train, y_val = images.row_labels(rows_train), images.row_labels(rows_val)
+    w, b, linear_info = fit_linear_head(
+        features[rows_train],
+        y_train,
+        features[rows_val],
+        y_val,
+        n_classes,
+        list(cfg["linear_weight_decays"]),
+        float(cfg["linear_default_weight_decay"]),
+        int(cfg["linear_iters"]),
+    )
+    model = None
+    if backbone is not None:
+        model = Classifier(backbone, n_classes)
+        with torch.no_grad():
+            model.head.weight.copy_(w)
+            model.head.bias.copy_(b)
+    test_rows, val_rows = images.rows(split.test), images.rows(split.val)
+    if cfg["mode"] != "finetune":
+        test_logits = torch.from_numpy(features[test_rows]) @ w.T + b
+        val_logits = torch.from_numpy(features[val_rows]) @ w.T + b
+        return _Fitted(model, test_logits, val_logits, int(rows_train.size), linear_info, None)
+    assert model is not None
+    finetune_info = finetune(
+        model,
+        images.x[rows_train],
+        y_train,
+        images.x[rows_val],
+        y_val,
+        n_classes,
+        {**cfg, "seed": seed},
+        spec.is_scratch,
+        device,
+        show_progress,
+    )
+    test_logits = predict_logits(model, images.x[test_rows], 64, device)
+    val_logits = predict_logits(model, images.x[val_rows], 64, device)
+    return _Fitted(model, test_logits, val_logits, int(rows_train.size), linear_info, finetune_info)
+
+
+def _result(
+    cfg: dict[str, Any], images: LabeledImages, split: Split, spec: EncoderSpec, fitted: _Fitted
+) -> dict[str, Any]:
+    """The test metrics and facts of one classifier (``metrics.json`` less ``seconds``)."""
+    names, y = images.class_names, images.labels
+    k = parse_labels_per_class(cfg["labels_per_class"])
+    # Evaluation is per image: a tiled frame's label is the mean of its tiles' probabilities.
+    report = M.classification_report(
+        y[split.test], frame_predictions(images, fitted.test_logits, split.test), names
+    )
+    return {
+        **{
+            k_: report[k_]
+            for k_ in ("accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix")
+        },
+        "confusion_matrix_axes": report["confusion_matrix_axes"],
+        "evaluated_on": "test split (never used for training, early stopping or model selection)",
+        **split.counts(y, names),
+        "val": M.classification_report(
+            y[split.val], frame_predictions(images, fitted.val_logits, split.val), names
+        )
+        if split.val.size
+        else None,
+        "classes": names,
+        "mode": cfg["mode"],
+        "encoder_source": spec.source,
+        "architecture": spec.architecture,
+        "method": spec.method,
+        "labels_per_class": "all" if k is None else k,
+        "seed": int(cfg["seed"]),
+        "image_size": spec.contract.image_size,
+        "tiling": frames_mod.tiling_summary(spec.contract),
+        "n_train_inputs": fitted.n_train_inputs,
+        "linear": fitted.linear,
+        "finetune": fitted.finetune,
+        "selection": (fitted.finetune or fitted.linear)["selection"],
+    }
+
+
 def train_classifier(
     config: dict[str, Any],
     *,
@@ -610,107 +712,28 @@ def train_classifier(
     start = time.perf_counter()
     cfg = _config(config)
     seed = int(cfg["seed"])
-    init_seed = int(cfg.get("init_seed", seed))
     k = parse_labels_per_class(cfg["labels_per_class"])
     spec = encoder or resolve_encoder(str(cfg["encoder"]), str(cfg["arch"]), cfg.get("image_size"), cfg)
     if images is None:
         images = load_images(cfg["data"], spec.contract, cfg.get("group_column"), show_progress)
-    names = images.class_names
-    n_classes = len(names)
-    y = images.labels
     if split is None:
         split = make_split(
-            y,
+            images.labels,
             k,
             float(cfg["val_fraction"]),
             float(cfg["test_fraction"]),
             seed,
             groups=images.groups,
-            class_names=names,
+            class_names=images.class_names,
         )
     split.check()  # early stopping and model selection never see the test split
     device = pick_device(str(cfg.get("device", "auto")))
     torch.manual_seed(seed)
-
-    pool = np.setdiff1d(np.arange(len(y)), split.test)
-    # A study's linear cell with cached features needs no network at all (nothing is saved).
-    need_net = features is None or cfg["mode"] == "finetune" or bool(cfg.get("out"))
-    backbone = spec.build(init_seed, calibration=images.x[images.rows(pool)]) if need_net else None
-    if features is None:
-        assert backbone is not None
-        features = extract_features(backbone, images.x, device=device)
-    # K and the splits count images (frames); training uses every input (tile) of the train frames.
-    rows_train = images.rows(split.train, kept_only=True)
-    rows_val = images.rows(split.val, kept_only=True)
-    y_train, y_val = images.row_labels(rows_train), images.row_labels(rows_val)
-    w, b, linear_info = fit_linear_head(
-        features[rows_train],
-        y_train,
-        features[rows_val],
-        y_val,
-        n_classes,
-        list(cfg["linear_weight_decays"]),
-        float(cfg["linear_default_weight_decay"]),
-        int(cfg["linear_iters"]),
-    )
-    model = None
-    if backbone is not None:
-        model = Classifier(backbone, n_classes)
-        with torch.no_grad():
-            model.head.weight.copy_(w)
-            model.head.bias.copy_(b)
-    finetune_info = None
-    if cfg["mode"] == "finetune":
-        assert model is not None
-        finetune_info = finetune(
-            model,
-            images.x[rows_train],
-            y_train,
-            images.x[rows_val],
-            y_val,
-            n_classes,
-            {**cfg, "seed": seed},
-            spec.is_scratch,
-            device,
-            show_progress,
-        )
-        test_logits = predict_logits(model, images.x[images.rows(split.test)], 64, device)
-        val_logits = predict_logits(model, images.x[images.rows(split.val)], 64, device)
-    else:
-        test_logits = torch.from_numpy(features[images.rows(split.test)]) @ w.T + b
-        val_logits = torch.from_numpy(features[images.rows(split.val)]) @ w.T + b
-    # Evaluation is per image: a tiled frame's label is the mean of its tiles' probabilities.
-    y_test_pred = frame_predictions(images, test_logits, split.test)
-    report = M.classification_report(y[split.test], y_test_pred, names)
-    result: dict[str, Any] = {
-        **{
-            k_: report[k_]
-            for k_ in ("accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix")
-        },
-        "confusion_matrix_axes": report["confusion_matrix_axes"],
-        "evaluated_on": "test split (never used for training, early stopping or model selection)",
-        **split.counts(y, names),
-        "val": M.classification_report(y[split.val], frame_predictions(images, val_logits, split.val), names)
-        if split.val.size
-        else None,
-        "classes": names,
-        "mode": cfg["mode"],
-        "encoder_source": spec.source,
-        "architecture": spec.architecture,
-        "method": spec.method,
-        "labels_per_class": "all" if k is None else k,
-        "seed": seed,
-        "image_size": spec.contract.image_size,
-        "tiling": frames_mod.tiling_summary(spec.contract),
-        "n_train_inputs": int(rows_train.size),
-        "linear": linear_info,
-        "finetune": finetune_info,
-        "selection": (finetune_info or linear_info)["selection"],
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    fitted = _fit(cfg, images, split, spec, features, device, show_progress)
+    result = {**_result(cfg, images, split, spec, fitted), "seconds": round(time.perf_counter() - start, 2)}
     if cfg.get("out"):
-        assert model is not None
-        _write_outputs(Path(cfg["out"]), cfg, result, model, images, split, spec, device)
+        assert fitted.model is not None
+        _write_outputs(Path(cfg["out"]), cfg, result, fitted.model, images, split, spec, device)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
@@ -727,38 +750,31 @@ def frame_predictions(images: LabeledImages, logits: torch.Tensor, frames: np.nd
     return agg.argmax(1)
 
 
-def _write_outputs(
-    out: Path,
-    cfg: dict[str, Any],
-    result: dict[str, Any],
-    model: Classifier,
-    images: LabeledImages,
-    split: Split,
-    spec: EncoderSpec,
-    device: torch.device,
+@torch.no_grad()
+def _frame_embeddings(
+    model: Classifier, images: LabeledImages, frames: np.ndarray, device: torch.device
+) -> np.ndarray:
+    """Embeddings of ``frames``: one per frame, as the runtime computes it (a tiled frame's is the
+    normalised mean of its tiles')."""
+    rows = images.rows(frames)  # tiled: every tile of those frames, in row order
+    model.eval().to(device)
+    emb = np.concatenate(
+        [
+            model.embed(torch.from_numpy(images.x[rows[i : i + 64]]).to(device)).cpu().numpy()
+            for i in range(0, len(rows), 64)
+        ]
+    )
+    if images.tiled:  # OOD is per frame
+        assert images.frame is not None and images.keep is not None
+        emb = frames_mod.frame_embeddings(emb, images.frame, images.keep, frames)
+    return emb
+
+
+def _save_classifier(
+    path: Path, cfg: dict[str, Any], result: dict[str, Any], model: Classifier, spec: EncoderSpec
 ) -> None:
     from training.backbones import save_backbone
 
-    out.mkdir(parents=True, exist_ok=True)
-    names = images.class_names
-    y = images.labels
-    trainval = np.concatenate([split.train, split.val])
-    rows = images.rows(trainval)  # tiled: every tile of those frames, in row order
-    with torch.no_grad():
-        model.eval().to(device)
-        emb = np.concatenate(
-            [
-                model.embed(torch.from_numpy(images.x[rows[i : i + 64]]).to(device)).cpu().numpy()
-                for i in range(0, len(rows), 64)
-            ]
-        )
-    if images.tiled:  # one embedding per frame, as the runtime computes it (OOD is per frame)
-        assert images.frame is not None and images.keep is not None
-        emb = frames_mod.frame_embeddings(emb, images.frame, images.keep, trainval)
-    n_train = split.train.size
-    ood = ood_reference(emb[:n_train], y[split.train], emb, len(names))
-    atomic_write_text(out / "ood.json", json.dumps(ood))
-    atomic_write_text(out / "classes.json", json.dumps(names))
     contract = spec.contract
     metadata = {
         "format": CLASSIFIER_FORMAT,
@@ -767,7 +783,7 @@ def _write_outputs(
         "method": spec.method,
         "image_size": str(contract.image_size),
         "contract": contract.to_json(),
-        "classes": json.dumps(names),
+        "classes": json.dumps(result["classes"]),
         "mode": str(cfg["mode"]),
         "encoder_source": spec.source,
         "embedding_dim": str(int(model.head.in_features)),
@@ -775,13 +791,13 @@ def _write_outputs(
             {k: result[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "n_test")}
         ),
     }
-    save_backbone(model, out / "classifier.safetensors", metadata)
-    M.plot_confusion_matrix(
-        result["confusion_matrix"],
-        names,
-        out / "confusion_matrix.png",
-        title=f"Confusion matrix (test, n={result['n_test']})",
-    )
+    save_backbone(model, path, metadata)
+
+
+def _write_card(
+    out: Path, cfg: dict[str, Any], result: dict[str, Any], spec: EncoderSpec, ood: dict[str, Any]
+) -> None:
+    names, contract = result["classes"], spec.contract
     per_class = {
         f"{c} precision / recall": f"{v['precision']:.3f} / {v['recall']:.3f} (n={v['support']})"
         for c, v in result["per_class"].items()
@@ -824,7 +840,34 @@ def _write_outputs(
             ),
         },
     )
-    # metrics.json last: its presence marks the run as finished (reruns skip it).
+
+
+def _write_outputs(
+    out: Path,
+    cfg: dict[str, Any],
+    result: dict[str, Any],
+    model: Classifier,
+    images: LabeledImages,
+    split: Split,
+    spec: EncoderSpec,
+    device: torch.device,
+) -> None:
+    """The run folder: ood.json, classes.json, the model, the confusion matrix, the card, then
+    metrics.json (its presence marks the run as finished: reruns skip it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = images.class_names
+    emb = _frame_embeddings(model, images, np.concatenate([split.train, split.val]), device)
+    ood = ood_reference(emb[: split.train.size], images.labels[split.train], emb, len(names))
+    atomic_write_text(out / "ood.json", json.dumps(ood))
+    atomic_write_text(out / "classes.json", json.dumps(names))
+    _save_classifier(out / "classifier.safetensors", cfg, result, model, spec)
+    M.plot_confusion_matrix(
+        result["confusion_matrix"],
+        names,
+        out / "confusion_matrix.png",
+        title=f"Confusion matrix (test, n={result['n_test']})",
+    )
+    _write_card(out, cfg, result, spec, ood)
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
 
 
@@ -836,6 +879,15 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resolved(cfg).items() if k not in _NOT_RESULT_KEYS}
 
 
+def _run_action(out: Path, cfg: dict[str, Any], force: bool) -> runs.Action:
+    """The run-folder policy (training.runs). metrics.json is written last and marks a finished run;
+    without it there is nothing to resume (no checkpoint), so the run starts afresh."""
+    config = out / "config.yaml"
+    finished = (out / "metrics.json").is_file()
+    saved = _comparable(load_yaml(config)) if finished and config.is_file() else {}
+    return runs.decide(out, runs.RunState(finished=finished, saved=saved), _comparable(cfg), force=force)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.data is None:
         raise ValueError("--data DIR is required (a folder of <class>/ sub-folders or a labels.csv)")
@@ -843,16 +895,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--out RUNS/Y is required")
     cfg = {k: v for k, v in vars(args).items() if k != "config"}
     out: Path = args.out
-    if (out / "metrics.json").is_file() and not args.force:
-        previous = load_yaml(out / "config.yaml") if (out / "config.yaml").is_file() else {}
-        if _comparable(previous) == _comparable(cfg):
-            log.info(
-                "%s holds this finished run already (metrics.json); nothing to do (--force redoes it)", out
-            )
-            return 0
-        raise ValueError(
-            f"{out} holds a different finished run (see {out / 'config.yaml'}); pass --force or another --out"
-        )
+    if _run_action(out, cfg, bool(args.force)) is runs.Action.SKIP:
+        log.info("%s holds this finished run already (metrics.json); nothing to do (--force redoes it)", out)
+        return 0
     parse_labels_per_class(args.labels_per_class)  # fail before any work on a bad value
     save_resolved(cfg, out)
     result = train_classifier(cfg)

@@ -24,6 +24,7 @@ import logging
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,14 @@ from nanomorph.config import resolved, save_resolved, yaml_defaults
 from nanomorph.contract import Contract, mask_dtype, normalise, read_image, tile, untile
 from nanomorph.particles import BOUNDARY_CLASS
 from nanomorph.progress import progress
-from training.backbones import create_backbone, git_commit, load_backbone
+from training import runs
+from training.artifacts import (
+    SEGMENTER_FILE,
+    SEGMENTER_FORMAT,
+    read_weights,
+    resolve_encoder_source,
+    write_weights,
+)
 from training.device import pick_device
 from training.models import build_unet, load_encoder_into_unet
 from training.runio import (
@@ -59,7 +67,6 @@ from training.seg_losses import DiceCELoss, pixel_confusion, scores_from_confusi
 
 log = logging.getLogger("nanomorph.finetune_seg")
 
-SEGMENTER_FORMAT = "nanomorph-segmenter/1"
 COMMAND = "finetune-seg"
 METRIC_NOTE = (
     "hard metrics: each pixel's class is the argmax of the softmax probabilities from overlapping "
@@ -94,49 +101,31 @@ def _parse_classes(value: Any, data: Path) -> list[str]:
     return names
 
 
-# ----------------------------------------------------------------------------------------- model
 def build_segmenter(encoder: str, arch: str | None, n_classes: int) -> tuple[nn.Module, dict[str, str]]:
-    """A U-Net on ``encoder`` (``scratch`` or a backbone file / run folder) and facts for provenance."""
-    if encoder == "scratch":
-        architecture = arch or "resnet18"
-        unet = build_unet(architecture, n_classes)
-        # Random init through our own backbone factory, so scratch and pretrained share one code path.
-        load_encoder_into_unet(unet, create_backbone(architecture).state_dict())
-        return unet, {"architecture": architecture, "method": "none", "encoder_source": "scratch"}
-    path = Path(encoder)
-    if path.is_dir():
-        path = path / "backbone.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"--encoder {encoder}: no backbone file {path} (or pass 'scratch')")
-    backbone, meta = load_backbone(path)
-    architecture = meta["architecture"]
-    if arch and arch != architecture:
-        raise ValueError(f"--arch {arch} does not match the backbone {path} (architecture {architecture})")
-    unet = build_unet(architecture, n_classes)
-    load_encoder_into_unet(unet, backbone.state_dict())
+    """A U-Net on ``encoder`` (any :func:`training.artifacts.resolve_encoder_source` form) and facts
+    for provenance."""
+    src = resolve_encoder_source(encoder, arch)
+    if src.kind == "run" and arch and arch != src.architecture:
+        raise ValueError(
+            f"--arch {arch} does not match the backbone {src.path} (architecture {src.architecture})"
+        )
+    unet = build_unet(src.architecture, n_classes)
+    # Random init through our own backbone factory too, so scratch and pretrained share one code path.
+    load_encoder_into_unet(unet, src.build().state_dict())
     info = {
-        "architecture": architecture,
-        "method": meta.get("method", "unknown"),
-        "encoder_source": str(path),
-        "backbone_contract": meta.get("contract", ""),
+        "architecture": src.architecture,
+        "method": src.method,
+        "encoder_source": str(src.path) if src.kind == "run" else src.init or "scratch",
     }
+    if src.kind == "run":
+        info["backbone_contract"] = src.meta.get("contract", "")
     return unet, info
 
 
 def save_segmenter(unet: nn.Module, path: str | Path, metadata: dict[str, Any]) -> Path:
     """Writes the U-Net state dict with string metadata (format ``nanomorph-segmenter/1``), atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    meta = {"format": SEGMENTER_FORMAT, "git_commit": git_commit(), "in_chans": "1"}
-    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    for key in ("architecture", "classes", "contract"):
-        if key not in meta:
-            raise ValueError(f"segmenter metadata needs {key!r}")
-    state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-    return path
+    meta = {"in_chans": "1", **metadata}
+    return write_weights(unet, path, meta, SEGMENTER_FORMAT, required=("architecture", "classes", "contract"))
 
 
 def load_segmenter(path: str | Path) -> tuple[nn.Module, dict[str, str]]:
@@ -145,21 +134,13 @@ def load_segmenter(path: str | Path) -> tuple[nn.Module, dict[str, str]]:
     ``path`` is ``segmenter.safetensors`` or the run folder holding it. ``meta["classes"]`` and
     ``meta["contract"]`` are JSON strings (``Contract.from_json`` reads the latter).
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if path.is_dir():
-        path = path / "segmenter.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"segmenter {path} does not exist")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = dict(fh.metadata() or {})
-    if meta.get("format") != SEGMENTER_FORMAT:
-        raise ValueError(f"{path}: not a nanomorph segmenter (format {meta.get('format')!r})")
+        path = path / SEGMENTER_FILE
+    state, meta = read_weights(path, SEGMENTER_FORMAT, required=("architecture", "classes"))
     classes = json.loads(meta["classes"])
     unet = build_unet(meta["architecture"], len(classes))
-    unet.load_state_dict(load_file(str(path)), strict=True)
+    unet.load_state_dict(state, strict=True)
     unet.eval()
     return unet, meta
 
@@ -248,25 +229,412 @@ def _train_mode(unet: nn.Module, encoder_frozen: bool) -> None:
         unet.encoder.eval()  # type: ignore[union-attr]
 
 
-def _check_finished(out: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The metrics of a finished run with the same settings, None when there is none; error on a clash."""
-    metrics_path, model_path = out / "metrics.json", out / "segmenter.safetensors"
-    if not metrics_path.is_file():
-        return None
-    metrics = json.loads(metrics_path.read_text())
-    saved = metrics.get("config", {})
-    saved.setdefault("instances", "off")  # runs from before instance training had none
-    clash = {k: (saved.get(k), config.get(k)) for k in _RESULT_KEYS if saved.get(k) != config.get(k)}
-    if clash:
-        if config.get("force"):
-            return None
-        raise ValueError(
-            f"{out} holds a finished run with other settings ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in clash.items())}); "
-            "use another --out or --force (formerly --overwrite)"
+def _config(config: dict[str, Any]) -> dict[str, Any]:
+    """The packaged defaults overridden by ``config``, checked and normalised (compared as text on rerun)."""
+    cfg = default_config()
+    if "overwrite" in config:  # the old name of "force", for one release
+        warnings.warn("finetune-seg option 'overwrite' is deprecated, use 'force'", DeprecationWarning, 3)
+        config = {"force": config["overwrite"], **{k: v for k, v in config.items() if k != "overwrite"}}
+    unknown = sorted(set(config) - set(cfg) - {"command", "config"})
+    if unknown:
+        raise ValueError(f"unknown finetune-seg option(s): {', '.join(unknown)}")
+    cfg.update({k: v for k, v in config.items() if k not in ("command", "config")})
+    if not cfg.get("data"):
+        raise ValueError("--data is required (a folder with images/ and masks/)")
+    cfg["data"], cfg["out"] = str(Path(cfg["data"])), str(Path(cfg["out"]))
+    cfg["labeled_images"] = str(cfg["labeled_images"]).lower()
+    cfg["encoder"] = str(cfg["encoder"])  # a Path from Python callers
+    tile_size = int(cfg["tile"])
+    cfg["tile_overlap"] = int(cfg["tile_overlap"]) if cfg["tile_overlap"] is not None else tile_size // 4
+    if tile_size % 32:
+        raise ValueError(f"--tile must be a multiple of 32 (U-Net downsamples 5 times), got {tile_size}")
+    cfg["force"] = bool(cfg.get("force"))
+    return cfg
+
+
+def _fingerprint(cfg: dict[str, Any]) -> str:
+    return json.dumps({k: cfg.get(k) for k in _RESULT_KEYS}, sort_keys=True)
+
+
+@dataclass
+class _Existing:
+    """What the run folder holds: the policy's action, a finished run's metrics, a checkpoint."""
+
+    action: runs.Action
+    metrics: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None
+
+
+def _existing_run(out: Path, cfg: dict[str, Any]) -> _Existing:
+    """The run-folder policy (training.runs): metrics.json marks a finished run (with the model file
+    when one is saved), checkpoint.pt an interrupted one, which resumes by itself."""
+    metrics_path, ckpt_path = out / "metrics.json", out / "checkpoint.pt"
+    if cfg["force"]:
+        state = runs.RunState(started=metrics_path.is_file() or ckpt_path.is_file())
+        return _Existing(runs.decide(out, state, cfg, force=True, force_flag="--force"))
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    finished = metrics is not None and (not cfg.get("save_model", True) or (out / SEGMENTER_FILE).is_file())
+    # A checkpoint is read only when it may be resumed (it is large).
+    checkpoint = load_checkpoint(ckpt_path) if ckpt_path.is_file() and not finished else None
+    saved: dict[str, Any] | None = None
+    if metrics is not None:
+        saved = metrics.get("config", {})
+    elif checkpoint is not None and checkpoint.get("fingerprint"):
+        saved = json.loads(checkpoint["fingerprint"])
+    if saved is not None:
+        saved.setdefault("instances", "off")  # runs from before instance training had none
+    state = runs.RunState(finished, started=ckpt_path.is_file() or metrics is not None, saved=saved)
+    action = runs.decide(out, state, cfg, keys=_RESULT_KEYS, force_flag="--force (--overwrite)")
+    return _Existing(action, metrics, checkpoint)
+
+
+@dataclass
+class _Setup:
+    """Everything a segmentation run is made of, before the first step."""
+
+    cfg: dict[str, Any]
+    data: Path
+    out: Path
+    pairs: list[Any]
+    classes: list[str]  # the model's channels (with the boundary class for instance training)
+    inst: Any  # nanomorph.particles.InstanceParams or None
+    unet: nn.Module
+    enc_info: dict[str, str]
+    contract: Contract
+    split: Any  # training.seg_data split: train / val / test indices
+    train_data: list[tuple[np.ndarray, np.ndarray]]
+    val_data: list[tuple[np.ndarray, np.ndarray]]
+    device: torch.device
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.enc_info["method"] != "none"
+
+    def stems(self) -> dict[str, list[str]]:
+        return {
+            name: [self.pairs[i].stem for i in getattr(self.split, name)] for name in ("train", "val", "test")
+        }
+
+
+def _setup(cfg: dict[str, Any], data: Path, pairs: list[Any], classes: list[str], inst: Any) -> _Setup:
+    """Builds the U-Net, the contract and the splits, and loads the labeled frames."""
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out)
+    torch.manual_seed(int(cfg["seed"]))
+    device = pick_device(str(cfg["device"]))
+    model_classes = classes + [BOUNDARY_CLASS] if inst else classes
+    unet, enc_info = build_segmenter(str(cfg["encoder"]), cfg["arch"], len(model_classes))
+    base_contract = (
+        Contract.from_json(enc_info["backbone_contract"]) if enc_info.get("backbone_contract") else Contract()
+    )
+    # Segmentation keeps the backbone's intensity normalisation and adds its own tiling.
+    contract = Contract.from_dict(
+        {**base_contract.to_dict(), "tile_size": int(cfg["tile"]), "tile_overlap": cfg["tile_overlap"]}
+    )
+    split = split_indices(
+        len(pairs),
+        float(cfg["test_fraction"]),
+        float(cfg["val_fraction"]),
+        cfg["labeled_images"],
+        int(cfg["seed"]),
+    )
+    log.info(
+        "%d pairs: %d train, %d validation, %d test (seed %s); classes %s",
+        len(pairs), len(split.train), len(split.val), len(split.test), cfg["seed"], classes,
+    )  # fmt: skip
+    train_data = [load_target_pair(data, pairs[i], contract, len(classes), inst) for i in split.train]
+    val_data = [load_target_pair(data, pairs[i], contract, len(classes), inst) for i in split.val]
+    return _Setup(
+        cfg,
+        data,
+        out,
+        pairs,
+        model_classes,
+        inst,
+        unet,
+        enc_info,
+        contract,
+        split,
+        train_data,
+        val_data,
+        device,
+    )
+
+
+@dataclass
+class _Schedule:
+    """How long training runs and when it validates (steps of ``batch`` tiles)."""
+
+    batch: int
+    tile: int
+    steps_per_epoch: int
+    total_steps: int
+    val_every: int
+
+    @classmethod
+    def of(cls, s: _Setup) -> _Schedule:
+        # --steps wins; else epochs of about one pass over the labeled area in tiles.
+        cfg = s.cfg
+        batch, tile_size = int(cfg["batch_size"]), int(cfg["tile"])
+        train_pixels = sum(m.size for _, m in s.train_data)
+        steps_per_epoch = max(1, math.ceil(train_pixels / tile_size**2 / batch))
+        total = int(cfg["steps"]) if cfg["steps"] else int(cfg["epochs"]) * steps_per_epoch
+        if total < 1:
+            raise ValueError(
+                f"need at least one training step, got steps={cfg['steps']} epochs={cfg['epochs']}"
+            )
+        val_every = max(steps_per_epoch, math.ceil(total / max(1, int(cfg["max_val_evals"]))))
+        return cls(batch, tile_size, steps_per_epoch, total, val_every)
+
+
+class _Trainer:
+    """The optimiser, the learning-rate schedule and the resumable state of one segmentation run."""
+
+    def __init__(self, s: _Setup, sched: _Schedule) -> None:
+        cfg, unet = s.cfg, s.unet
+        self.s, self.sched = s, sched
+        self.frozen_always = bool(cfg["freeze_encoder"])
+        self.warmup_steps = (
+            int(round(float(cfg["decoder_warmup"]) * sched.total_steps)) if s.pretrained else 0
         )
-    if config.get("force") or (config["save_model"] and not model_path.is_file()):
-        return None
-    return metrics
+        self.enc_scale = float(cfg["encoder_lr_scale"]) if s.pretrained else 1.0
+        if self.frozen_always and not s.pretrained:
+            log.warning("--freeze-encoder with a scratch encoder trains the decoder on random features")
+        unet.to(s.device)
+        if s.device.type == "cpu":
+            unet.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN)
+        lr, wd = float(cfg["lr"]), float(cfg["weight_decay"])
+        decoder_params = [p for n, p in unet.named_parameters() if not n.startswith("encoder.")]
+        groups: list[dict[str, Any]] = [{"params": decoder_params, "lr": lr}]
+        if not self.frozen_always:
+            groups.append({"params": list(unet.encoder.parameters()), "lr": lr * self.enc_scale})  # type: ignore[union-attr]
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.loss_fn = DiceCELoss(s.n_classes, dice_weight=float(cfg["dice_weight"])).to(s.device)
+        self.ckpt_path, self.best_path = s.out / "checkpoint.pt", s.out / "best.pt"
+        self.metrics_log = MetricsLogger(s.out / "metrics.jsonl")
+        self.step, self.best_score, self.best_step = 0, -1.0, -1
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.train_seconds = 0.0
+        self.best_saved_step = -1
+        self.last_save = time.monotonic()
+        # Short linear warm-up, then cosine decay to 1 % of the base rate.
+        self._schedule = WarmupCosine.over(sched.total_steps, warmup_divisor=20, floor=0.01)
+
+    def lr_factor(self, step: int) -> float:
+        return self._schedule(step)
+
+    def restore(self, existing: _Existing) -> None:
+        """Continues from the checkpoint of an interrupted run with the same settings."""
+        ckpt = existing.checkpoint
+        if existing.action is not runs.Action.RESUME or ckpt is None:
+            self.metrics_log.truncate(lambda r: False)
+            return
+        if ckpt.get("fingerprint") != _fingerprint(self.s.cfg):
+            log.warning("%s was written with other settings; starting afresh", self.ckpt_path)
+            self.metrics_log.truncate(lambda r: False)
+            return
+        self.s.unet.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step, self.best_score, self.best_step = (
+            int(ckpt["step"]),
+            float(ckpt["best_score"]),
+            int(ckpt["best_step"]),
+        )
+        if self.best_step >= 0:
+            best = load_checkpoint(self.best_path)
+            if int(best.get("step", -2)) != self.best_step:
+                raise ValueError(f"{self.best_path} does not belong to {self.ckpt_path}; rerun with --force")
+            self.best_state = best["model"]
+        self.train_seconds = float(ckpt.get("train_seconds", 0.0))
+        self.best_saved_step = self.best_step
+        self.metrics_log.truncate(lambda r: int(r.get("step", 0)) <= self.step)
+        log.info("resuming %s at step %d/%d", self.ckpt_path, self.step, self.sched.total_steps)
+
+    def save(self) -> None:
+        if self.best_state is not None and self.best_saved_step != self.best_step:
+            # Its own file, written only when it changed: the checkpoint stays small.
+            save_checkpoint({"model": self.best_state, "step": self.best_step}, self.best_path)
+            self.best_saved_step = self.best_step
+        self.last_save = time.monotonic()
+        save_checkpoint(
+            {
+                "model": self.s.unet.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "best_score": self.best_score, "best_step": self.best_step,
+                "train_seconds": self.train_seconds, "fingerprint": _fingerprint(self.s.cfg),
+            },
+            self.ckpt_path,
+        )  # fmt: skip
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimiser step; the encoder waits frozen during the decoder warm-up."""
+        s, device = self.s, self.s.device
+        encoder_frozen = self.frozen_always or self.step < self.warmup_steps
+        _set_encoder_trainable(s.unet, not encoder_frozen)
+        _train_mode(s.unet, encoder_frozen)
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            g["lr"] = base * self.lr_factor(self.step)
+        x = x.to(device, non_blocking=True)
+        if device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = s.unet(x)
+        loss = self.loss_fn(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.item())
+
+    def validate(self, running: float) -> None:
+        """Validation mIoU now; keeps the best weights (model selection never sees the test split)."""
+        s = self.s
+        if not s.val_data:
+            return
+        scores = evaluate(
+            s.unet, [f for f, _ in s.val_data], [m for _, m in s.val_data], s.classes, s.contract, s.device,
+            int(s.cfg["infer_batch_size"]),
+        )  # fmt: skip
+        score = scores["mean_iou_foreground"] or 0.0
+        self.metrics_log.log(step=self.step, split="val", mean_iou_foreground=score, loss_ema=running)
+        log.info(
+            "step %d/%d: loss %.4f, validation mIoU %.4f", self.step, self.sched.total_steps, running, score
+        )
+        if score > self.best_score:
+            self.best_score, self.best_step = score, self.step
+            self.best_state = {k: v.detach().cpu().clone() for k, v in s.unet.state_dict().items()}
+
+    def fit(self, dataset: SegTileDataset) -> dict[str, Any]:
+        """Trains to the last step and selects the best validated weights; returns speed facts."""
+        s, sched, cfg = self.s, self.sched, self.s.cfg
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, range(self.step * sched.batch, sched.total_steps * sched.batch)),
+            batch_size=sched.batch, shuffle=False, num_workers=int(cfg["workers"]), drop_last=False,
+        )  # fmt: skip
+        log.info(
+            "training %s U-Net (%s encoder, %s) for %d steps of %d tiles of %d px on %s",
+            s.enc_info["architecture"], s.enc_info["method"],
+            "frozen" if self.frozen_always
+            else f"decoder-only for {self.warmup_steps} steps, then encoder lr x{self.enc_scale}",
+            sched.total_steps, sched.batch, sched.tile, s.device,
+        )  # fmt: skip
+        bar = progress(loader, total=sched.total_steps - self.step, desc="finetune-seg", logger=log)
+        tiles_seen, session_seconds, t_start, running = 0, 0.0, time.perf_counter(), 0.0
+        for x, y in bar:
+            loss = self.train_step(x, y)
+            tiles_seen += x.shape[0]
+            running = loss if self.step == 1 else 0.9 * running + 0.1 * loss
+            bar.set_postfix(loss=running)
+            if self.step % max(1, min(50, sched.val_every // 2)) == 0:
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.metrics_log.log(step=self.step, split="train", loss=loss, lr=lr)
+            if self.step % sched.val_every == 0 or self.step == sched.total_steps:
+                elapsed = time.perf_counter() - t_start
+                self.train_seconds += elapsed
+                session_seconds += elapsed
+                self.validate(running)
+                # Checkpoints cost seconds (~170 MB for resnet18): at most one a minute, and at the end.
+                since = time.monotonic() - self.last_save
+                if self.step == sched.total_steps or since > float(cfg["checkpoint_every_s"]):
+                    self.save()
+                t_start = time.perf_counter()
+        if hasattr(bar, "close"):
+            bar.close()
+        if self.best_state is not None:
+            s.unet.load_state_dict(self.best_state)  # model selection on the validation split only
+        s.unet.eval()
+        return {
+            "tiles_per_s": round(tiles_seen / session_seconds, 2)
+            if session_seconds > 0 and tiles_seen
+            else None
+        }
+
+
+def _test(s: _Setup) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Confusion matrix and per-image scores on the held-out test split, raw frames read one at a
+    time from disk (they can be large); the first ``overlays`` get an overlay PNG."""
+    test_cm = np.zeros((s.n_classes, s.n_classes), dtype=np.int64)
+    per_image: list[dict[str, Any]] = []
+    overlay_dir = s.out / "overlays"
+    n_overlays = int(s.cfg["overlays"])
+    if n_overlays:
+        overlay_dir.mkdir(exist_ok=True)
+    n_label_classes = s.n_classes - (1 if s.inst else 0)
+    for j, i in enumerate(s.split.test):
+        pair = s.pairs[i]
+        raw, _ = read_image(pair.image)
+        truth = target_mask(s.data, pair, read_mask(pair.mask, n_label_classes), s.inst)
+        if raw.shape != truth.shape:
+            raise ValueError(f"mask {pair.mask} has shape {truth.shape}, its image {pair.image} {raw.shape}")
+        pred, _ = segment_image(s.unet, raw, s.contract, s.device, int(s.cfg["infer_batch_size"]))
+        cm = pixel_confusion(truth, pred, s.n_classes)
+        test_cm += cm
+        scores = {k: v for k, v in scores_from_confusion(cm, s.classes).items() if k != "per_class"}
+        per_image.append({"stem": pair.stem, **scores})
+        if j < n_overlays:
+            overlay = overlay_dir / f"{Path(pair.stem).name}.png"
+            _write_overlay(overlay, normalise(raw, s.contract), truth, pred, s.n_classes)
+    return test_cm, per_image
+
+
+def _metrics(s: _Setup, trainer: _Trainer, speed: dict[str, Any]) -> dict[str, Any]:
+    """The content of ``metrics.json``: held-out test scores, split, training facts, config."""
+    test_cm, per_image = _test(s)
+    sched, selected = trainer.sched, trainer.best_state is not None
+    return {
+        "task": "segment",
+        "metric_type": "hard (argmax)",
+        "note": METRIC_NOTE,
+        "classes": s.classes,
+        **scores_from_confusion(test_cm, s.classes),
+        "confusion_matrix": test_cm.tolist(),
+        "per_image": per_image,
+        "best_val_mean_iou_foreground": trainer.best_score if selected else None,
+        "best_step": trainer.best_step if selected else sched.total_steps,
+        "n_images": {"train": len(s.split.train), "val": len(s.split.val), "test": len(s.split.test)},
+        "split": s.stems(),
+        "train": {
+            "steps": sched.total_steps,
+            "batch_size": sched.batch,
+            "tile": sched.tile,
+            "tiles": sched.total_steps * sched.batch,
+            "seconds": round(trainer.train_seconds, 2),
+            "tiles_per_s": speed["tiles_per_s"],
+            "device": str(s.device),
+        },
+        "encoder": {k: v for k, v in s.enc_info.items() if k != "backbone_contract"},
+        "contract": s.contract.to_dict(),
+        "config": resolved(s.cfg),
+    }
+
+
+def _write_outputs(s: _Setup, metrics: dict[str, Any]) -> None:
+    """classes.json, the model, the card, then metrics.json (its presence marks the run finished)."""
+    atomic_write_text(s.out / "classes.json", json.dumps(s.classes, indent=2) + "\n")
+    if s.cfg["save_model"]:
+        save_segmenter(
+            s.unet,
+            s.out / SEGMENTER_FILE,
+            {
+                "architecture": s.enc_info["architecture"], "classes": s.classes, "contract": s.contract.to_json(),
+                "encoder_source": s.enc_info["encoder_source"], "method": s.enc_info["method"],
+                "n_classes": str(s.n_classes), "task": "segment",
+                **({"instances": s.inst.to_dict()} if s.inst else {}),
+                "metrics": {"mean_iou_foreground": metrics["mean_iou_foreground"],
+                            "mean_dice_foreground": metrics["mean_dice_foreground"], "metric_type": "hard (argmax)"},
+            },
+        )  # fmt: skip
+    _write_card(s.out, metrics, s.enc_info)
+    atomic_write_text(s.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    (s.out / "best.pt").unlink(missing_ok=True)  # the selected weights live in segmenter.safetensors now
+    if not s.cfg["keep_checkpoint"]:
+        (s.out / "checkpoint.pt").unlink(missing_ok=True)
 
 
 def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
@@ -275,8 +643,8 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
     Args:
         config: options by their ``finetune-seg`` names (``data``, ``classes``, ``encoder``,
             ``labeled_images``, ``seed``, ``out``, ...); missing ones take the packaged defaults.
-            Studies set ``save_model`` (False skips the safetensors file) and
-            ``keep_checkpoint`` (False deletes ``checkpoint.pt`` when done).
+            Besides the CLI flags: ``save_model`` (False skips the safetensors file) and
+            ``keep_checkpoint`` (False deletes ``checkpoint.pt`` when done), for studies.
 
     Returns:
         The content of ``metrics.json``: ``mean_iou_foreground``, ``mean_dice_foreground``,
@@ -285,286 +653,34 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
     Raises:
         ValueError / FileNotFoundError: bad options or data, with a message naming the file.
     """
-    cfg = default_config()
-    if "overwrite" in config:  # the old name of "force", for one release
-        warnings.warn("finetune-seg option 'overwrite' is deprecated, use 'force'", DeprecationWarning, 2)
-        config = {"force": config["overwrite"], **{k: v for k, v in config.items() if k != "overwrite"}}
-    unknown = sorted(set(config) - set(cfg) - {"command", "config"})
-    if unknown:
-        raise ValueError(f"unknown finetune-seg option(s): {', '.join(unknown)}")
-    cfg.update({k: v for k, v in config.items() if k not in ("command", "config")})
-    if not cfg.get("data"):
-        raise ValueError("--data is required (a folder with images/ and masks/)")
+    cfg = _config(config)
     data, out = Path(cfg["data"]), Path(cfg["out"])
     pairs = find_pairs(data)
     classes = _parse_classes(cfg["classes"], data)
     cfg["classes"] = ",".join(classes)
-    cfg["data"], cfg["out"] = str(data), str(out)
-    cfg["labeled_images"] = str(cfg["labeled_images"]).lower()
-    cfg["encoder"] = str(cfg["encoder"])  # a Path from Python callers; compared as text on rerun
-    tile_size = int(cfg["tile"])
-    overlap = int(cfg["tile_overlap"]) if cfg["tile_overlap"] is not None else tile_size // 4
-    cfg["tile_overlap"] = overlap
-    if tile_size % 32:
-        raise ValueError(f"--tile must be a multiple of 32 (U-Net downsamples 5 times), got {tile_size}")
-
     check_pairs(pairs, len(classes))
     inst = instance_params(cfg, data, pairs, len(classes))
     cfg["instances"] = json.dumps(inst.to_dict(), sort_keys=True) if inst else "off"
-    model_classes = classes + [BOUNDARY_CLASS] if inst else classes
-    finished = _check_finished(out, cfg)
-    if finished is not None:
+    existing = _existing_run(out, cfg)
+    if existing.action is runs.Action.SKIP:
         log.info("%s: finished run with the same settings found, not retraining", out)
-        return finished
+        assert existing.metrics is not None
+        return existing.metrics
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, out)
-    torch.manual_seed(int(cfg["seed"]))
-    device = pick_device(str(cfg["device"]))
-    n_classes = len(model_classes)
-    unet, enc_info = build_segmenter(str(cfg["encoder"]), cfg["arch"], n_classes)
-    base_contract = (
-        Contract.from_json(enc_info["backbone_contract"]) if enc_info.get("backbone_contract") else Contract()
-    )
-    # Segmentation keeps the backbone's intensity normalisation and adds its own tiling.
-    contract = Contract.from_dict(
-        {**base_contract.to_dict(), "tile_size": tile_size, "tile_overlap": overlap}
-    )
-
-    split = split_indices(
-        len(pairs),
-        float(cfg["test_fraction"]),
-        float(cfg["val_fraction"]),
-        cfg["labeled_images"],
-        int(cfg["seed"]),
-    )
-    stems = {name: [pairs[i].stem for i in getattr(split, name)] for name in ("train", "val", "test")}
-    log.info(
-        "%d pairs: %d train, %d validation, %d test (seed %s); classes %s",
-        len(pairs), len(split.train), len(split.val), len(split.test), cfg["seed"], classes,
-    )  # fmt: skip
-    train_data = [load_target_pair(data, pairs[i], contract, len(classes), inst) for i in split.train]
-    val_data = [load_target_pair(data, pairs[i], contract, len(classes), inst) for i in split.val]
-    classes = model_classes  # from here on: the model's channels (with the boundary class)
-
-    # Steps: --steps wins; else epochs of about one pass over the labeled area in tiles.
-    batch = int(cfg["batch_size"])
-    train_pixels = sum(m.size for _, m in train_data)
-    steps_per_epoch = max(1, math.ceil(train_pixels / tile_size**2 / batch))
-    total_steps = int(cfg["steps"]) if cfg["steps"] else int(cfg["epochs"]) * steps_per_epoch
-    if total_steps < 1:
-        raise ValueError(f"need at least one training step, got steps={cfg['steps']} epochs={cfg['epochs']}")
-    val_every = max(steps_per_epoch, math.ceil(total_steps / max(1, int(cfg["max_val_evals"]))))
-
+    s = _setup(cfg, data, pairs, classes, inst)
+    sched = _Schedule.of(s)
     dataset = SegTileDataset(
-        [f for f, _ in train_data], [m for _, m in train_data], tile_size,
-        length=total_steps * batch, seed=int(cfg["seed"]), fg_fraction=float(cfg["fg_fraction"]),
+        [f for f, _ in s.train_data], [m for _, m in s.train_data], sched.tile,
+        length=sched.total_steps * sched.batch, seed=int(cfg["seed"]), fg_fraction=float(cfg["fg_fraction"]),
     )  # fmt: skip
-    pretrained = enc_info["method"] != "none"
-    frozen_always = bool(cfg["freeze_encoder"])
-    warmup_steps = int(round(float(cfg["decoder_warmup"]) * total_steps)) if pretrained else 0
-    enc_scale = float(cfg["encoder_lr_scale"]) if pretrained else 1.0
-    if frozen_always and not pretrained:
-        log.warning("--freeze-encoder with a scratch encoder trains the decoder on random features")
-
-    unet.to(device)
-    if device.type == "cpu":
-        unet.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN)
-    lr, wd = float(cfg["lr"]), float(cfg["weight_decay"])
-    decoder_params = [p for n, p in unet.named_parameters() if not n.startswith("encoder.")]
-    groups: list[dict[str, Any]] = [{"params": decoder_params, "lr": lr}]
-    if not frozen_always:
-        groups.append({"params": list(unet.encoder.parameters()), "lr": lr * enc_scale})  # type: ignore[union-attr]
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    loss_fn = DiceCELoss(n_classes, dice_weight=float(cfg["dice_weight"])).to(device)
-
-    # Short linear warm-up, then cosine decay to 1 % of the base rate.
-    lr_factor = WarmupCosine.over(total_steps, warmup_divisor=20, floor=0.01)
-
-    # Resume.
-    ckpt_path, best_path = out / "checkpoint.pt", out / "best.pt"
-    metrics_log = MetricsLogger(out / "metrics.jsonl")
-    step, best_score, best_step = 0, -1.0, -1
-    best_state: dict[str, torch.Tensor] | None = None
-    train_seconds = 0.0
-    if ckpt_path.is_file() and not cfg.get("force"):
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("fingerprint") == json.dumps({k: cfg.get(k) for k in _RESULT_KEYS}, sort_keys=True):
-            unet.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            step, best_score, best_step = int(ckpt["step"]), float(ckpt["best_score"]), int(ckpt["best_step"])
-            if best_step >= 0:
-                best = load_checkpoint(best_path)
-                if int(best.get("step", -2)) != best_step:
-                    raise ValueError(f"{best_path} does not belong to {ckpt_path}; rerun with --force")
-                best_state = best["model"]
-            train_seconds = float(ckpt.get("train_seconds", 0.0))
-            metrics_log.truncate(lambda r: int(r.get("step", 0)) <= step)
-            log.info("resuming %s at step %d/%d", ckpt_path, step, total_steps)
-        else:
-            log.warning("%s was written with other settings; starting afresh", ckpt_path)
-            metrics_log.truncate(lambda r: False)
-    elif cfg.get("force"):
-        metrics_log.truncate(lambda r: False)
-
-    best_saved_step = best_step
-    last_save = time.monotonic()
-
-    def save_ckpt() -> None:
-        nonlocal best_saved_step, last_save
-        if best_state is not None and best_saved_step != best_step:
-            # Its own file, written only when it changed: the checkpoint stays small.
-            save_checkpoint({"model": best_state, "step": best_step}, best_path)
-            best_saved_step = best_step
-        last_save = time.monotonic()
-        save_checkpoint(
-            {
-                "model": unet.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "best_score": best_score, "best_step": best_step,
-                "train_seconds": train_seconds,
-                "fingerprint": json.dumps({k: cfg.get(k) for k in _RESULT_KEYS}, sort_keys=True),
-            },
-            ckpt_path,
-        )  # fmt: skip
-
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, range(step * batch, total_steps * batch)),
-        batch_size=batch, shuffle=False, num_workers=int(cfg["workers"]), drop_last=False,
-    )  # fmt: skip
-    log.info(
-        "training %s U-Net (%s encoder, %s) for %d steps of %d tiles of %d px on %s",
-        enc_info["architecture"], enc_info["method"],
-        "frozen" if frozen_always else f"decoder-only for {warmup_steps} steps, then encoder lr x{enc_scale}",
-        total_steps, batch, tile_size, device,
-    )  # fmt: skip
-    bar = progress(loader, total=total_steps - step, desc="finetune-seg", logger=log)
-    tiles_seen, session_seconds, t_start, running = 0, 0.0, time.perf_counter(), 0.0
-    for x, y in bar:
-        encoder_frozen = frozen_always or step < warmup_steps
-        _set_encoder_trainable(unet, not encoder_frozen)
-        _train_mode(unet, encoder_frozen)
-        for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
-            g["lr"] = base * lr_factor(step)
-        x = x.to(device, non_blocking=True)
-        if device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = unet(x)
-        loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        tiles_seen += x.shape[0]
-        running = loss.item() if step == 1 else 0.9 * running + 0.1 * loss.item()
-        bar.set_postfix(loss=running)
-        if step % max(1, min(50, val_every // 2)) == 0:
-            metrics_log.log(step=step, split="train", loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
-        if step % val_every == 0 or step == total_steps:
-            elapsed = time.perf_counter() - t_start
-            train_seconds += elapsed
-            session_seconds += elapsed
-            if val_data:
-                scores = evaluate(
-                    unet, [f for f, _ in val_data], [m for _, m in val_data], classes, contract, device,
-                    int(cfg["infer_batch_size"]),
-                )  # fmt: skip
-                score = scores["mean_iou_foreground"] or 0.0
-                metrics_log.log(step=step, split="val", mean_iou_foreground=score, loss_ema=running)
-                log.info("step %d/%d: loss %.4f, validation mIoU %.4f", step, total_steps, running, score)
-                if score > best_score:
-                    best_score, best_step = score, step
-                    best_state = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
-            # Checkpoints cost seconds (~170 MB for resnet18): at most one a minute, and at the end.
-            if step == total_steps or time.monotonic() - last_save > float(cfg["checkpoint_every_s"]):
-                save_ckpt()
-            t_start = time.perf_counter()
-    if hasattr(bar, "close"):
-        bar.close()
-    if best_state is not None:
-        unet.load_state_dict(best_state)  # model selection on the validation split only
-    unet.eval()
-
-    # Held-out test split: read raw frames from disk one at a time (they can be large).
-    test_cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    per_image: list[dict[str, Any]] = []
-    overlay_dir = out / "overlays"
-    n_overlays = int(cfg["overlays"])
-    if n_overlays:
-        overlay_dir.mkdir(exist_ok=True)
-    for j, i in enumerate(split.test):
-        pair = pairs[i]
-        raw, _ = read_image(pair.image)
-        truth = target_mask(data, pair, read_mask(pair.mask, len(classes) - (1 if inst else 0)), inst)
-        if raw.shape != truth.shape:
-            raise ValueError(f"mask {pair.mask} has shape {truth.shape}, its image {pair.image} {raw.shape}")
-        pred, _ = segment_image(unet, raw, contract, device, int(cfg["infer_batch_size"]))
-        cm = pixel_confusion(truth, pred, n_classes)
-        test_cm += cm
-        per_image.append(
-            {
-                "stem": pair.stem,
-                **{k: v for k, v in scores_from_confusion(cm, classes).items() if k != "per_class"},
-            }
-        )
-        if j < n_overlays:
-            _write_overlay(
-                overlay_dir / f"{Path(pair.stem).name}.png", normalise(raw, contract), truth, pred, n_classes
-            )
-    scores = scores_from_confusion(test_cm, classes)
-    total_tiles = total_steps * batch
-    metrics: dict[str, Any] = {
-        "task": "segment",
-        "metric_type": "hard (argmax)",
-        "note": METRIC_NOTE,
-        "classes": classes,
-        **scores,
-        "confusion_matrix": test_cm.tolist(),
-        "per_image": per_image,
-        "best_val_mean_iou_foreground": best_score if best_state is not None else None,
-        "best_step": best_step if best_state is not None else total_steps,
-        "n_images": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
-        "split": stems,
-        "train": {
-            "steps": total_steps,
-            "batch_size": batch,
-            "tile": tile_size,
-            "tiles": total_tiles,
-            "seconds": round(train_seconds, 2),
-            "tiles_per_s": round(tiles_seen / session_seconds, 2)
-            if session_seconds > 0 and tiles_seen
-            else None,
-            "device": str(device),
-        },  # fmt: skip
-        "encoder": {k: v for k, v in enc_info.items() if k != "backbone_contract"},
-        "contract": contract.to_dict(),
-        "config": resolved(cfg),
-    }
-    atomic_write_text(out / "classes.json", json.dumps(classes, indent=2) + "\n")
-    if cfg["save_model"]:
-        save_segmenter(
-            unet,
-            out / "segmenter.safetensors",
-            {
-                "architecture": enc_info["architecture"], "classes": classes, "contract": contract.to_json(),
-                "encoder_source": enc_info["encoder_source"], "method": enc_info["method"],
-                "n_classes": str(n_classes), "task": "segment",
-                **({"instances": inst.to_dict()} if inst else {}),
-                "metrics": {"mean_iou_foreground": scores["mean_iou_foreground"],
-                            "mean_dice_foreground": scores["mean_dice_foreground"], "metric_type": "hard (argmax)"},
-            },
-        )  # fmt: skip
-    _write_card(out, metrics, enc_info)
-    # metrics.json last: its presence marks the run finished.
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    best_path.unlink(missing_ok=True)  # the selected weights live in segmenter.safetensors now
-    if not cfg["keep_checkpoint"]:
-        ckpt_path.unlink(missing_ok=True)
+    trainer = _Trainer(s, sched)
+    trainer.restore(existing)
+    speed = trainer.fit(dataset)
+    metrics = _metrics(s, trainer, speed)
+    _write_outputs(s, metrics)
     log.info(
         "test mean IoU (foreground) %s, Dice %s on %d held-out images -> %s",
-        _fmt(scores["mean_iou_foreground"]), _fmt(scores["mean_dice_foreground"]), len(split.test), out,
+        _fmt(metrics["mean_iou_foreground"]), _fmt(metrics["mean_dice_foreground"]), len(s.split.test), out,
     )  # fmt: skip
     return metrics
 

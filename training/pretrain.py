@@ -17,8 +17,9 @@ with one verdict line.
 Runs unchanged under ``torchrun --nproc_per_node=N`` (DDP; the losses gather across processes;
 only rank 0 writes).
 
-Re-running: a finished run folder is skipped (exit 0, nothing rewritten) when its settings match;
-an unfinished one needs ``--resume`` (which continues from the last completed epoch).
+Re-running (``training.runs``): a finished run folder is skipped (exit 0, nothing rewritten) when its
+settings match; an unfinished one needs ``--resume`` (which continues from the last completed
+epoch); other settings are refused with the keys that changed; ``--force`` starts over.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from nanomorph.contract import Contract
 from nanomorph.progress import progress
 from training import distributed as dist_utils
 from training import quality as quality_lib
+from training import runs
 from training.augment import AugmentConfig, BatchAugment
 from training.backbones import create_backbone, save_backbone
 from training.data import ArrayCache, LabeledFolder, UnlabeledFolder
@@ -156,12 +158,26 @@ def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
     }
 
 
-def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    return [
-        f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
-        for k in RUN_KEYS
-        if json.dumps(saved.get(k), sort_keys=True) != json.dumps(current.get(k), sort_keys=True)
-    ]
+def _existing_run(
+    out: Path, cfg: dict[str, Any], args: argparse.Namespace, is_main: bool = True
+) -> tuple[runs.Action, dict[str, Any] | None]:
+    """The run-folder policy for ``out`` and the checkpoint to resume from (None: start)."""
+    ckpt_path = out / "checkpoint.pt"
+    if getattr(args, "force", False):
+        if is_main:  # the old run's log would read as this one's
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        return runs.decide(out, runs.RunState(started=ckpt_path.exists()), cfg, force=True), None
+    checkpoint = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    if checkpoint is not None and checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{ckpt_path}: not a nanomorph pretraining checkpoint")
+    done = int(checkpoint["epoch"]) if checkpoint is not None else 0
+    state = runs.RunState(
+        finished=done >= cfg["epochs"] and (out / "backbone.safetensors").exists(),
+        started=checkpoint is not None or (out / "metrics.jsonl").exists(),
+        saved=json.loads(checkpoint["run"]) if checkpoint is not None else None,
+        progress=f"epoch {done}/{cfg['epochs']}" if checkpoint else "stopped before its first checkpoint",
+    )
+    return runs.decide(out, state, cfg, resume=bool(args.resume), keys=RUN_KEYS), checkpoint
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> Any:
@@ -253,8 +269,9 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
     data_dir = Path(args.data)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"--data {data_dir} is not a folder")
-    complete, checkpoint = _previous_run(out, cfg, bool(args.resume))
-    if complete:
+    action, checkpoint = _existing_run(out, cfg, args, info.is_main)
+    if action is runs.Action.SKIP:
+        log.info("%s is already complete (%d epochs); nothing to do", out, cfg["epochs"])
         return 0
     _seed_and_tune(cfg["seed"] + info.rank, info.device)
     data = _prepare_data(args, cfg, info, data_dir)
@@ -290,42 +307,6 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
         _finish(out, trainer.model, cfg, data.contract, trainer.model.embedding_dim, last)
     dist_utils.barrier()
     return 0
-
-
-def _previous_run(out: Path, cfg: dict[str, Any], resume: bool) -> tuple[bool, dict[str, Any] | None]:
-    """What the run folder already holds: ``(complete, checkpoint to resume from)``.
-
-    Raises:
-        ValueError: a run with other settings, or an unfinished one without ``--resume``.
-    """
-    ckpt_path = out / "checkpoint.pt"
-    if not ckpt_path.exists():
-        if (out / "metrics.jsonl").exists() and not resume:
-            raise ValueError(
-                f"{out} holds a run that stopped before its first checkpoint; "
-                "pass --resume to restart it or choose a new --out"
-            )
-        return False, None
-    checkpoint = load_checkpoint(ckpt_path)
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{ckpt_path}: not a nanomorph pretraining checkpoint")
-    saved = json.loads(checkpoint["run"])
-    diffs = _differences(saved, cfg)
-    done = int(checkpoint["epoch"])
-    if done >= cfg["epochs"] and (out / "backbone.safetensors").exists() and not diffs:
-        log.info("%s is already complete (%d epochs); nothing to do", out, done)
-        return True, checkpoint
-    if diffs:
-        raise ValueError(
-            f"{out} holds a run with other settings ({'; '.join(diffs)}); "
-            "choose a new --out or repeat the original settings"
-        )
-    if not resume:
-        raise ValueError(
-            f"{out} holds an unfinished run (epoch {done}/{cfg['epochs']}); "
-            "pass --resume to continue it or choose a new --out"
-        )
-    return False, checkpoint
 
 
 def _seed_and_tune(seed: int, device: torch.device) -> None:

@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     add_run_policy(
         parser,
         force_help="redo a run that already finished in --out",
-        resume_help="continue an interrupted run in --out",
+        resume_help=None,  # no checkpoint: an interrupted run starts again (a few minutes at most)
     )
     a("--out", type=Path, help="run folder RUNS/Y; required")
 

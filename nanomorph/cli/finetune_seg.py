@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     add_run_policy(
         parser,
         force_help="retrain even if --out holds a run (formerly --overwrite)",
-        resume_help="continue an interrupted run in --out from its checkpoint",
+        resume_help=None,  # an interrupted run resumes from checkpoint.pt by itself (training.runs)
     )
 
 
