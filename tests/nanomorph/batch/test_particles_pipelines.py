@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage.draw import disk
-from tests.nanomorph.batch.test_pipelines import same_tree
 
 from nanomorph.client import NanomorphClient
 from nanomorph.particles import COLUMNS, table_csv
 from tests.fixtures.cli import nanomorph
 from tests.fixtures.server import Server, start_server
 from tests.fixtures.tiny_models import build_tiny_store
+from tests.nanomorph.batch.test_pipelines import same_tree
 
 # The tiny segment model with classes (background, boundary, particle): bright pixels are particle
 # interior, the boundary channel is flat, so the watershed path runs end to end.
