@@ -105,6 +105,9 @@ errors.install(app, SETTINGS)
     # tracing off (its sampler always records): ~20% of a worker's CPU per /classify in a py-spy
     # profile. Leave the inference routes out unless NANOMORPH_TRACE_REQUESTS=1.
     tracing={} if SETTINGS.trace_requests else {"excluded_urls": list(UNTRACED)},
+    # One log line per request, written on the event loop: a few % of a worker's CPU per /classify
+    # with a tiny model. On by default (operators read it); NANOMORPH_ACCESS_LOG=0 turns it off.
+    logging={"access": {"enabled": SETTINGS.access_log}},
 )
 @bentoml.asgi_app(app, path="/")
 class Nanomorph:

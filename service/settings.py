@@ -76,6 +76,10 @@ ENV_VARS: dict[str, tuple[str, str]] = {
         "0 (never)",
         "a worker drains and restarts once its resident memory passes this (MiB)",
     ),
+    "NANOMORPH_ACCESS_LOG": (
+        "1",
+        "0: no access-log line per request (saves ~0.2 ms of a worker's CPU per request)",
+    ),
     "NANOMORPH_TRACE_REQUESTS": (
         "0",
         "1: BentoML's OpenTelemetry spans also for the inference routes (costly; see docs/service.md)",
@@ -162,6 +166,7 @@ class Settings:
     recycle_rss_mb: float = 0.0
     retry_after_s: int = 2
     trace_requests: bool = False
+    access_log: bool = True
     index: str = ""  # similar-image index folder; empty: /similar answers 503 index_unavailable
 
     @property
@@ -220,5 +225,6 @@ class Settings:
             recycle_rss_mb=_float(env, "NANOMORPH_RECYCLE_RSS_MB", 0.0),
             retry_after_s=_int(env, "NANOMORPH_RETRY_AFTER_S", 2, minimum=1),
             trace_requests=_bool(env, "NANOMORPH_TRACE_REQUESTS", False),
+            access_log=_bool(env, "NANOMORPH_ACCESS_LOG", True),
             index=env.get("NANOMORPH_INDEX", "").strip(),
         )
