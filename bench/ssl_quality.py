@@ -241,7 +241,7 @@ def run_plain_loop(unlabeled: Path, out: Path, args: argparse.Namespace) -> tupl
     loss_fn = NTXentLoss()  # lightly's default temperature (0.5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     losses = []
-    for step in range(args.steps):
+    for step in range(args.plain_steps):
         idx = torch.randint(0, len(data), (args.batch_size,))
         x = data[idx]
         v0 = torch.stack([aug(t) for t in x]).contiguous(memory_format=torch.channels_last)
@@ -252,7 +252,7 @@ def run_plain_loop(unlabeled: Path, out: Path, args: argparse.Namespace) -> tupl
         opt.step()
         losses.append(float(loss))
         if step % 10 == 0:
-            print(f"plain loop step {step}/{args.steps} loss {loss.item():.3f}", flush=True)
+            print(f"plain loop step {step}/{args.plain_steps} loss {loss.item():.3f}", flush=True)
     torch.save(backbone.state_dict(), weights)
     cpu = time.process_time() - t0
     (out / "cpu.json").write_text(
@@ -322,7 +322,15 @@ def main() -> None:
         "default: one run 'default' with no extra flags",
     )
     p.add_argument("--skip-plain", action="store_true")
+    p.add_argument(
+        "--plain-steps",
+        type=int,
+        default=None,
+        help="optimiser steps of the plain loop (default --steps); raise it to give the loop the CPU seconds "
+        "nanomorph's run took (the table prints both)",
+    )
     args = p.parse_args()
+    args.plain_steps = args.plain_steps or args.steps
     torch.set_num_threads(os.cpu_count() or 2)
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -345,7 +353,9 @@ def main() -> None:
         nm_path, nm_cpu = run_nanomorph(unlabeled, args.work / tag, args, extra)
         encoders[f"nanomorph ({tag})"] = ("nanomorph", nm_path, nm_cpu)
     if not args.skip_plain:
-        plain_path, plain_cpu = run_plain_loop(unlabeled, args.work / "plain", args)
+        # A plain loop of other length than --steps gets its own folder (e.g. to match CPU seconds).
+        folder = "plain" if args.plain_steps == args.steps else f"plain-{args.plain_steps}"
+        plain_path, plain_cpu = run_plain_loop(unlabeled, args.work / folder, args)
         encoders["plain loop"] = ("plain", plain_path, plain_cpu)
 
     ks = [int(k) for k in args.k.split(",")]
