@@ -82,13 +82,17 @@ def test_bento_packages_are_pyprojects(bento: Path) -> None:
     """The bento installs pyproject's `gpu` extra (with its [tool.nanomorph.bento] pins), nothing typed twice."""
     from importlib.metadata import version
 
+    from packaging.requirements import Requirement
+
     from scripts.bento_requirements import requirements
     from tests.test_extras import packages
 
     lines = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
     packed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    # BentoML appends its own pin of the bentoml that built the bento (the one pyproject pins too).
-    assert packed == [*requirements(), f"bentoml=={version('bentoml')}"]
+    # BentoML appends its own pin of the bentoml that built the bento (the one pyproject pins too), and
+    # rewrites each line in its canonical form (e.g. markers in double quotes): compare canonical forms.
+    expected = [*requirements(), f"bentoml=={version('bentoml')}"]
+    assert [str(Requirement(r)) for r in packed] == [str(Requirement(r)) for r in expected]
     names = {re.split(r"[\[<>=~!; ]", line)[0].lower() for line in packed}
     assert names == packages(["gpu"])  # pyproject's own expansion of the extra (tests/test_extras.py)
 
