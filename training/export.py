@@ -65,7 +65,6 @@ from training.models import Classifier
 
 log = logging.getLogger("nanomorph.export")
 
-COMMAND = "export"
 OPSET = 17
 TOLERANCE = 1e-4
 PARITY_BATCHES = (1, 7)

@@ -43,7 +43,6 @@ if TYPE_CHECKING:  # torch-backed types; the module itself imports torch only wh
 
 log = logging.getLogger("nanomorph.study")
 
-COMMAND = "study"
 KEY_COLUMNS = ("encoder", "mode", "labels", "repeat")
 CLS_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 SEG_METRICS = ("mean_iou_foreground", "mean_dice_foreground", "pixel_accuracy")
