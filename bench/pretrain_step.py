@@ -2,7 +2,9 @@
 
 nanomorph: images on disk -> ``UnlabeledFolder`` (decoded once, cached) -> DataLoader ->
 ``BatchAugment`` (two views) -> timm backbone + lightly projector -> lightly loss -> SGD, i.e. the
-code ``nanomorph pretrain`` runs (``training.pretrain.forward_step``).
+code ``nanomorph pretrain`` runs (``training.pretrain.forward_step``), at the precision
+``nanomorph pretrain --precision auto`` picks on this machine (bf16 autocast on CPUs with AMX) or
+the one given with ``--precision``.
 Reference: timm resnet18 + lightly SimCLRProjectionHead + NTXentLoss + SGD on PRE-MADE view
 tensors (no data loading, no augmentation), two forward passes as in lightly's examples.
 Both in the same process, same batch, size and head. Prints the ratio (target >= 1.0), and
@@ -60,6 +62,7 @@ def bench_nanomorph(data: Path, args: argparse.Namespace) -> float:
     from training.augment import AugmentConfig, BatchAugment
     from training.backbones import create_backbone
     from training.data import UnlabeledFolder
+    from training.device import pick_precision
     from training.pretrain import build_optimizer, build_ssl_model, forward_step
     from training.ssl import SSLLoss, resolve_config
 
@@ -73,9 +76,8 @@ def bench_nanomorph(data: Path, args: argparse.Namespace) -> float:
     augment = BatchAugment(AugmentConfig(image_size=args.image_size))
     opt = build_optimizer(model, "sgd", 0.03, 5e-4, 0.9)
     batches = itertools.cycle(loader)
-    return _images_per_s(
-        lambda: forward_step(model, criterion, augment, next(batches), use_cuda=False)[1], opt, args
-    )
+    bf16 = pick_precision(args.precision, torch.device("cpu")) == "bf16"
+    return _images_per_s(lambda: forward_step(model, criterion, augment, next(batches), bf16)[1], opt, args)
 
 
 def bench_reference(args: argparse.Namespace, channels_last: bool = False) -> float:
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternate ours/reference this many times")
+    parser.add_argument("--precision", default="auto", help="nanomorph's --precision: auto | fp32 | bf16")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
@@ -119,8 +122,11 @@ def main() -> None:
             ref.append(bench_reference(args))
             ref_cl.append(bench_reference(args, channels_last=True))
     o, r, rc = max(ours), max(ref), max(ref_cl)
+    from training.device import pick_precision
+
+    precision = pick_precision(args.precision, torch.device("cpu"))
     print(
-        f"{args.backbone} image {args.image_size} batch {args.batch_size} threads {torch.get_num_threads()}: "
+        f"{args.backbone} ({precision}) image {args.image_size} batch {args.batch_size} threads {torch.get_num_threads()}: "
         f"nanomorph {o:.1f} images/s, reference {r:.1f} images/s, ratio {o / r:.2f}\n"
         f"  the reference in channels_last, as nanomorph runs: {rc:.1f} images/s; nanomorph / that "
         f"{o / rc:.2f} (the share of the step data loading and augmentation still cost shows as < 1)"

@@ -174,7 +174,7 @@ def link_unlabeled(root: Path, work: Path) -> Path:
 
 def run_nanomorph(unlabeled: Path, out: Path, args: argparse.Namespace, extra: str) -> tuple[Path, float]:
     """``nanomorph pretrain`` with its defaults, told only the data, the budget and the scale."""
-    steps_per_epoch = 10
+    steps_per_epoch = args.epoch_steps
     cmd = [
         sys.executable, "-m", "nanomorph.cli", "pretrain", "--data", str(unlabeled), "--out", str(out),
         "--epochs", str(max(1, args.steps // steps_per_epoch)), "--steps-per-epoch", str(steps_per_epoch),
@@ -308,6 +308,12 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/emps-train")
     p.add_argument("--work", type=Path, default=ROOT / "runs/ssl_quality")
     p.add_argument("--steps", type=int, default=200, help="optimiser steps of each pretraining")
+    p.add_argument(
+        "--epoch-steps",
+        type=int,
+        default=10,
+        help="optimiser steps per nanomorph epoch (the quality signals and checkpoint come once an epoch)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--crop-size", type=int, default=256, help="native px of a tile / crop")

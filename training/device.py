@@ -1,6 +1,9 @@
-"""The one device picker of every training command (``--device auto | cpu | cuda | cuda:N``)."""
+"""The device and precision pickers of every training command (``--device``, ``--precision``)."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import torch
 
@@ -32,3 +35,39 @@ def pick_device(requested: str | torch.device | None = "auto", local_rank: int =
     if index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device("cuda", index)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_amx_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True on CPUs with AMX bf16 tiles (Intel Sapphire Rapids and later).
+
+    Why only AMX: there, bf16 autocast made a resnet18 training step 2.5x faster than fp32
+    (0.60 vs 1.49 s for 128 images of 96 px on 2 cores, 2026-11-30). Without bf16 matrix units
+    oneDNN emulates bf16 and autocast is slower than fp32; AVX512-BF16 alone was not measured.
+    """
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:  # not Linux, or no /proc: assume no AMX
+        return False
+    return re.search(r"^flags\s*:.*\bamx_bf16\b", text, flags=re.MULTILINE) is not None
+
+
+def pick_precision(requested: str | None, device: torch.device) -> str:
+    """``fp32`` or ``bf16`` for the ``--precision`` value on ``device``.
+
+    ``auto``: bf16 autocast on CUDA and on CPUs with AMX (see :func:`cpu_has_amx_bf16`), fp32
+    elsewhere. ``fp32`` / ``bf16`` force it (bf16 runs on any CPU, slowly where it is emulated).
+
+    Raises:
+        ValueError: an unknown value; the message names ``--precision`` and the choices.
+    """
+    name = str(requested or "auto").strip().lower()
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision: unknown value {name!r} ({', '.join(PRECISIONS)})")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if device.type == "cpu" and cpu_has_amx_bf16() else "fp32"

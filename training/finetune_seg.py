@@ -45,7 +45,7 @@ from training.artifacts import (
     resolve_encoder_source,
     write_weights,
 )
-from training.device import pick_device
+from training.device import pick_device, pick_precision
 from training.models import build_unet, load_encoder_into_unet
 from training.runio import (
     MetricsLogger,
@@ -305,6 +305,7 @@ class _Setup:
     train_data: list[tuple[np.ndarray, np.ndarray]]
     val_data: list[tuple[np.ndarray, np.ndarray]]
     device: torch.device
+    bf16: bool = False  # bf16 autocast in the training step (training.device.pick_precision)
 
     @property
     def n_classes(self) -> int:
@@ -324,9 +325,10 @@ def _setup(cfg: dict[str, Any], data: Path, pairs: list[Any], classes: list[str]
     """Builds the U-Net, the contract and the splits, and loads the labeled frames."""
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(str(cfg["device"]))
+    cfg["precision_used"] = pick_precision(cfg.get("precision"), device)
     save_resolved(cfg, out)
     torch.manual_seed(int(cfg["seed"]))
-    device = pick_device(str(cfg["device"]))
     model_classes = classes + [BOUNDARY_CLASS] if inst else classes
     unet, enc_info = build_segmenter(str(cfg["encoder"]), cfg["arch"], len(model_classes))
     base_contract = (
@@ -363,6 +365,7 @@ def _setup(cfg: dict[str, Any], data: Path, pairs: list[Any], classes: list[str]
         train_data,
         val_data,
         device,
+        bf16=cfg["precision_used"] == "bf16",
     )
 
 
@@ -483,9 +486,9 @@ class _Trainer:
         if device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):
             logits = s.unet(x)
-        loss = self.loss_fn(logits, y)
+        loss = self.loss_fn(logits.float(), y)  # the loss in fp32 whatever the step ran in
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -607,6 +610,7 @@ def _metrics(s: _Setup, trainer: _Trainer, speed: dict[str, Any]) -> dict[str, A
             "seconds": round(trainer.train_seconds, 2),
             "tiles_per_s": speed["tiles_per_s"],
             "device": str(s.device),
+            "precision": "bf16" if s.bf16 else "fp32",
         },
         "encoder": {k: v for k, v in s.enc_info.items() if k != "backbone_contract"},
         "contract": s.contract.to_dict(),
@@ -734,6 +738,9 @@ def _write_card(out: Path, metrics: dict[str, Any], enc_info: dict[str, str]) ->
                 "seconds": metrics["train"]["seconds"],
                 "tiles/s": metrics["train"]["tiles_per_s"],
                 "device": metrics["train"]["device"],
+                "arithmetic": "bf16 autocast (loss in fp32)"
+                if metrics["train"]["precision"] == "bf16"
+                else "fp32",
                 "model selection": "best validation mean IoU" if metrics["n_images"]["val"] else "last step",
             },
             "Files": [

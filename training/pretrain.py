@@ -52,6 +52,7 @@ from training import runs
 from training.augment import AugmentConfig, BatchAugment
 from training.backbones import create_backbone, save_backbone
 from training.data import ArrayCache, LabeledFolder, UnlabeledFolder
+from training.device import pick_precision
 from training.runio import (
     MetricsLogger,
     load_checkpoint,
@@ -237,15 +238,15 @@ def build_ssl_model(backbone: nn.Module, ssl_cfg: SSLConfig, device: torch.devic
 
 
 def forward_step(
-    model: nn.Module, criterion: nn.Module, augment: nn.Module, x: torch.Tensor, use_cuda: bool
+    model: nn.Module, criterion: nn.Module, augment: nn.Module, x: torch.Tensor, bf16: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two augmented views of the batch ``x`` through backbone + projector in ONE forward pass
-    (channels_last everywhere, bf16 autocast on CUDA), then the loss in fp32.
-    Returns (features, loss)."""
+    (channels_last everywhere, bf16 autocast when ``bf16``: see ``training.device.pick_precision``),
+    then the loss in fp32. Returns (features, loss)."""
     # channels_last: oneDNN's CPU convolutions are faster in it too (resnet18 training step +15%,
     # efficientnet_b0 +50% on the 2-core box; never slower for the timm models measured).
     views = torch.cat([augment(x), augment(x)]).contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda" if use_cuda else "cpu", dtype=torch.bfloat16, enabled=use_cuda):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         h, z = model(views)
     z0, z1 = z.chunk(2)
     return h, criterion(z0, z1)
@@ -276,6 +277,7 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
     _seed_and_tune(cfg["seed"] + info.rank, info.device)
     data = _prepare_data(args, cfg, info, data_dir)
     trainer = _build_trainer(cfg, info, data, checkpoint, out)
+    trainer.bf16 = pick_precision(args.precision, info.device) == "bf16"
     metrics = _open_run_folder(args, cfg, info, data, out, trainer.start_epoch)
     monitor: tuple[torch.Tensor, torch.Tensor] | None = None
     if args.monitor_labels and info.is_main:
@@ -304,7 +306,8 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
         dist_utils.barrier()
 
     if info.is_main:
-        _finish(out, trainer.model, cfg, data.contract, trainer.model.embedding_dim, last)
+        precision = "bf16" if trainer.bf16 else "fp32"
+        _finish(out, trainer.model, cfg, data.contract, trainer.model.embedding_dim, last, precision)
     dist_utils.barrier()
     return 0
 
@@ -400,6 +403,7 @@ class _Trainer:
     criterion: SSLLoss
     optimizer: Any
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    bf16: bool = False  # bf16 autocast in the training step (training.device.pick_precision)
     start_epoch: int = 0
     global_step: int = 0
 
@@ -458,6 +462,7 @@ def _open_run_folder(
         args.contract = data.contract.to_dict()
         args.world_size = info.world_size
         args.device_used = str(info.device)
+        args.precision_used = pick_precision(args.precision, info.device)
         args.workers_used = data.workers
         save_resolved(args, out)
     return metrics
@@ -501,9 +506,7 @@ def _train_epoch(
         if step >= steps:
             break
         x = batch.to(info.device, non_blocking=True)
-        h, loss = forward_step(
-            trainer.train_model, trainer.criterion, data.augment, x, info.device.type == "cuda"
-        )
+        h, loss = forward_step(trainer.train_model, trainer.criterion, data.augment, x, trainer.bf16)
         _check_finite(loss, info, epoch, step, out)
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -664,8 +667,10 @@ def _finish(
     contract: Contract,
     embedding_dim: int,
     last: dict[str, float],
+    precision: str = "fp32",
 ) -> None:
-    """Writes ``backbone.safetensors``, the verdict and the ``README.md`` model card."""
+    """Writes ``backbone.safetensors``, the verdict and the ``README.md`` model card
+    (``precision``: the training step's arithmetic, fp32 or bf16 autocast)."""
     records = read_metrics(out / "metrics.jsonl")
     if not last:  # resumed a run whose last epoch was already done: take the numbers from the log
         epochs = [r for r in records if r.get("kind") == "epoch"]
@@ -712,6 +717,7 @@ def _finish(
                 "lr (base_lr * batch / 256)": cfg["lr"],
                 "weight decay": cfg["weight_decay"],
                 "epochs": cfg["epochs"],
+                "arithmetic": precision if precision == "fp32" else f"{precision} autocast (loss in fp32)",
             },
             "Last epoch": last or "no metrics",
             "Quality signals (no labels used)": _quality_card(signals),

@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     a("--max-val-evals", type=int, help="validations during training (at most)")
     a("--overlays", type=int, help="test images to save as overlay PNGs")
     a("--device", help="auto, cpu or cuda[:N]")
+    a(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        help="training arithmetic: auto = bf16 autocast on CUDA and on CPUs with AMX, else fp32",
+    )
     a("--workers", type=int, help="data loader workers (0 = in process)")
     a("--infer-batch-size", type=int, help="tiles per inference batch")
     a(

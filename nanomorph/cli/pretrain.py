@@ -50,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--quality-every", type=int, help="epochs between quality-signal measurements (0 = off)")
     p.add_argument("--quality-crops", type=int, help="fixed crops the quality signals are measured on")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        help="training arithmetic: auto = bf16 autocast on CUDA and on CPUs with AMX, else fp32",
+    )
     p.add_argument("--workers", type=int, help="DataLoader workers (-1 = auto)")
     p.add_argument("--cache-mb", type=int, help="memory budget for decoded images (MiB)")
     p.add_argument("--cache-dir", type=Path, help="folder for .npy copies of decoded images")

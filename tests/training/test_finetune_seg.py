@@ -95,6 +95,20 @@ def test_cli_end_to_end_writes_every_file(tmp_path: Path) -> None:
     assert "--overwrite" in refused.stderr
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_is_used_and_recorded(tmp_path: Path, precision: str) -> None:
+    """--precision fp32 | bf16 both train (bf16 autocast runs on any CPU); metrics, config and card say which."""
+    data, out = make_data(tmp_path / "data", n=4), tmp_path / "run"
+    cmd = ["finetune-seg", "--encoder", "scratch", "--data", str(data), "--classes", "background,wire",
+           "--out", str(out), "--precision", precision, *FAST, "--overlays", "0"]  # fmt: skip
+    proc = nanomorph(*cmd)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["precision"] == precision
+    assert metrics["config"]["precision_used"] == precision
+    assert f"| arithmetic | {precision}" in (out / "README.md").read_text()
+
+
 def test_splits_never_overlap_and_are_nested() -> None:
     for seed in range(20):
         for k in (1, 2, 3, 5, "all"):

@@ -98,6 +98,20 @@ def test_run_folder_contents_and_rerun(tmp_path: Path) -> None:
     assert "epochs" in refused.stderr
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_is_used_and_recorded(tmp_path: Path, precision: str) -> None:
+    """--precision fp32 | bf16 both train (bf16 autocast runs on any CPU) and say so in
+    config.yaml and the model card."""
+    out = tmp_path / precision
+    argv = ["pretrain", "--data", str(_dataset(tmp_path / "unlabeled")), "--out", str(out), *TINY]
+    assert nanomorph(*argv, "--epochs", "1", "--precision", precision).returncode == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["precision"] == precision and config["precision_used"] == precision
+    epochs = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "epoch"]
+    assert len(epochs) == 1 and np.isfinite(epochs[0]["loss"])
+    assert f"| arithmetic | {precision}" in (out / "README.md").read_text()
+
+
 def test_user_errors_are_one_clear_line(tmp_path: Path) -> None:
     run = nanomorph("pretrain", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r"), *TINY)
     assert run.returncode == 2
