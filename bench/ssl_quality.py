@@ -10,6 +10,11 @@ label comes from its instance map (median aspect ratio of the particles that do 
 border: <= 1.25 spheres, >= 1.8 rods; other frames and frames with < 3 particles are not
 labelled). Splits are by paper (doi), K labelled frames per class, test = the rest of the papers.
 
+Or the DeepSEM nanowire set (real SEM; detected by its ``crops/labels.csv``): the 90 tiles unlabeled
+for pretraining, and one task, ``crop-class``: the class of each labelled box (NW / Parasitic /
+Nanospade), seen as the ``--crop-size`` window centred on it, K boxes per class, split by source tile.
+Use it at its object scale, e.g. ``--crop-size 32 --image-size 64``.
+
 Every encoder sees a frame the same way: tiles of ``--crop-size`` native px resized to
 ``--image-size`` (the pretraining scale), frame-normalised by the preprocessing contract; the
 frame's feature is the mean of its tile embeddings; a class-balanced logistic regression on K
@@ -158,10 +163,52 @@ def tile_tasks(
     return {"tile-shape": shape, "tile-size": size}
 
 
-def link_unlabeled(root: Path, work: Path) -> Path:
+def emps_items(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
+    """EMPS: every frame unlabeled for pretraining; frame and tile tasks from the instance maps,
+    grouped by paper (doi); each frame's tiles at the pretraining scale."""
+    unlabeled = link_unlabeled(args.data / "images", args.work)
+    with open(args.data / "metadata.csv", newline="") as fh:
+        dois = {r["filename"]: r["doi"] for r in csv.DictReader(fh)}
+    names = sorted(dois)
+    tasks = {**frame_labels(args.data), **tile_tasks(args.data, names, args.crop_size, dois)}
+    tiles = {n: frame_tiles(args.data / "images" / n, args.crop_size, args.image_size) for n in names}
+    return unlabeled, tasks, tiles
+
+
+DEEPSEM_LABELS = Path("crops/labels.csv")
+DEEPSEM_TILES = Path("nanowire_yield/datasets/NWs-8kMag-subdivided")
+
+
+def deepsem_items(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
+    """DeepSEM nanowires (real SEM): all 90 tiles unlabeled for pretraining; one task, the class of
+    each labelled box (NW / Parasitic / Nanospade), grouped by source tile. Each box is seen at the
+    pretraining scale: the ``--crop-size`` native-px window of its frame-normalised tile centred on
+    the box (shifted inside the tile), resized to ``--image-size``."""
+    unlabeled = link_unlabeled(args.data / DEEPSEM_TILES, args.work)
+    labels: dict[str, tuple[str, str]] = {}
+    tiles: dict[str, np.ndarray] = {}
+    frames: dict[str, np.ndarray] = {}
+    crop, size = args.crop_size, args.image_size
+    with open(args.data / DEEPSEM_LABELS, newline="") as fh:
+        for row in csv.DictReader(fh):
+            src = row["source_image"]
+            if src not in frames:
+                frames[src] = normalise(read_image(args.data / DEEPSEM_TILES / src)[0], Contract())
+            frame = frames[src]
+            cy = int(row["top"]) + int(row["height"]) // 2
+            cx = int(row["left"]) + int(row["width"]) // 2
+            y0 = min(max(0, cy - crop // 2), frame.shape[0] - crop)
+            x0 = min(max(0, cx - crop // 2), frame.shape[1] - crop)
+            window = resize(frame[y0 : y0 + crop, x0 : x0 + crop], (size, size))
+            tiles[row["crop"]] = window[None, None].astype(np.float32)
+            labels[row["crop"]] = (row["label"], src)
+    return unlabeled, {"crop-class": labels}, tiles
+
+
+def link_unlabeled(images: Path, work: Path) -> Path:
     folder = work / "unlabeled"
     folder.mkdir(parents=True, exist_ok=True)
-    for src in sorted((root / "images").glob("*.png")):
+    for src in sorted(images.glob("*.png")):
         dst = folder / src.name
         if not dst.exists():
             dst.symlink_to(src.resolve())
@@ -294,13 +341,14 @@ def item_features(model: torch.nn.Module, tiles: dict[str, np.ndarray]) -> dict[
 
 
 def probe(features: np.ndarray, y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> float:
+    n_classes = int(y.max()) + 1
     try:
         split = make_split(y, k, 0.0, 0.3, seed, groups=groups)
-    except ValueError:  # fewer than k labelled items of a class outside the test papers
+    except ValueError:  # fewer than k labelled items of a class outside the test groups
         return float("nan")
-    w, b, _ = fit_linear_head(features[split.train], y[split.train], features[:0], y[:0], 2, [], 1e-2)
+    w, b, _ = fit_linear_head(features[split.train], y[split.train], features[:0], y[:0], n_classes, [], 1e-2)
     pred = (torch.from_numpy(features[split.test]) @ w.T + b).argmax(1).numpy()
-    return balanced_accuracy(y[split.test], pred, 2)
+    return balanced_accuracy(y[split.test], pred, n_classes)
 
 
 def main() -> None:
@@ -340,16 +388,12 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 2)
 
     args.work.mkdir(parents=True, exist_ok=True)
-    unlabeled = link_unlabeled(args.data, args.work)
-    with open(args.data / "metadata.csv", newline="") as fh:
-        dois = {r["filename"]: r["doi"] for r in csv.DictReader(fh)}
-    names = sorted(dois)
-    tasks = {**frame_labels(args.data), **tile_tasks(args.data, names, args.crop_size, dois)}
+    is_deepsem = (args.data / DEEPSEM_LABELS).exists()
+    unlabeled, tasks, tiles = (deepsem_items if is_deepsem else emps_items)(args)
     for task, labels in tasks.items():
         counts = {c: sum(v[0] == c for v in labels.values()) for c in sorted({v[0] for v in labels.values()})}
-        print(f"task {task}: {counts} from {len({v[1] for v in labels.values()})} papers")
+        print(f"task {task}: {counts} from {len({v[1] for v in labels.values()})} groups")
     print(f"{len(list(unlabeled.glob('*.png')))} unlabeled frames for pretraining")
-    tiles = {n: frame_tiles(args.data / "images" / n, args.crop_size, args.image_size) for n in names}
     pooled = np.concatenate(list(tiles.values()))
     calibration = pooled[:: max(1, len(pooled) // 512)]
 
@@ -366,6 +410,10 @@ def main() -> None:
 
     ks = [int(k) for k in args.k.split(",")]
     ks_tiles = [int(k) for k in args.k_tiles.split(",")]
+
+    def task_ks(task: str) -> list[int]:  # K counts frames for frame tasks, else tiles / crops
+        return ks if task.startswith("frame") else ks_tiles
+
     table: dict[str, dict[str, dict[int, tuple[float, float]]]] = {task: {} for task in tasks}
     signals: dict[str, dict[str, float]] = {}
     for label, (kind, path, _) in encoders.items():
@@ -379,12 +427,12 @@ def main() -> None:
             y = np.array([classes.index(labels[n][0]) for n in task_names])
             groups = np.array([labels[n][1] for n in task_names])
             table[task][label] = {}
-            for k in ks_tiles if task.startswith("tile") else ks:
+            for k in task_ks(task):
                 scores = [probe(f, y, groups, k, seed) for seed in range(args.splits)]
                 ok = [v for v in scores if np.isfinite(v)]
                 table[task][label][k] = (float(np.mean(ok)), float(np.std(ok))) if ok else (float("nan"), 0.0)
     for task in tasks:
-        report(task, table[task], encoders, ks_tiles if task.startswith("tile") else ks, args)
+        report(task, table[task], encoders, task_ks(task), args)
     print("\nlabel-free signals on the probe tiles (training.quality):")
     for label, sig in signals.items():
         print(f"  {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in sig.items()))
