@@ -53,6 +53,7 @@ from training.metrics import balanced_accuracy  # noqa: E402
 from training.splits import make_split  # noqa: E402
 
 SPHERE_MAX_AR, ROD_MIN_AR, MIN_PARTICLES = 1.25, 1.8, 3
+CROPS_PER_FRAME = 8  # nanomorph pretrain --crops-per-image of every run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,12 +222,18 @@ def link_unlabeled(images: Path, work: Path) -> Path:
 
 def run_nanomorph(unlabeled: Path, out: Path, args: argparse.Namespace, extra: str) -> tuple[Path, float]:
     """``nanomorph pretrain`` with its defaults, told only the data, the budget and the scale."""
-    steps_per_epoch = args.epoch_steps
+    # An epoch is at most one pass over the frames' crops: count epochs from the steps it really has.
+    full_pass = len(list(unlabeled.glob("*.png"))) * CROPS_PER_FRAME // args.batch_size
+    steps_per_epoch = max(1, min(args.epoch_steps, full_pass))
+    epochs = max(1, round(args.steps / steps_per_epoch))
+    print(
+        f"nanomorph run {out.name}: {epochs} epochs x {steps_per_epoch} steps = {epochs * steps_per_epoch} steps"
+    )
     cmd = [
         sys.executable, "-m", "nanomorph.cli", "pretrain", "--data", str(unlabeled), "--out", str(out),
-        "--epochs", str(max(1, args.steps // steps_per_epoch)), "--steps-per-epoch", str(steps_per_epoch),
+        "--epochs", str(epochs), "--steps-per-epoch", str(steps_per_epoch),
         "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-        "--crop-size", str(args.crop_size), "--crops-per-image", "8",
+        "--crop-size", str(args.crop_size), "--crops-per-image", str(CROPS_PER_FRAME),
     ] + extra.split()  # fmt: skip
     if (out / "bench_cpu.json").exists():
         return out / "backbone.safetensors", json.loads((out / "bench_cpu.json").read_text())["cpu_s"]
