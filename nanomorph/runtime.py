@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+#: ``auto``: a stored int8 model on CPU, fp32 on CUDA; ``fp32``: always the fp32 model
+PRECISIONS = ("auto", "fp32")
 
 
 def default_providers() -> list[str]:
@@ -62,6 +64,38 @@ def default_providers() -> list[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
+def default_precision(env: Mapping[str, str] | None = None) -> str:
+    """``NANOMORPH_PRECISION`` of ``env`` (default ``os.environ``): ``auto`` or ``fp32``, else ``auto``.
+
+    Raises:
+        ValueError: another value.
+    """
+    value = (os.environ if env is None else env).get("NANOMORPH_PRECISION", "").strip().lower() or "auto"
+    if value not in PRECISIONS:
+        raise ValueError(f"NANOMORPH_PRECISION={value!r}: use {' or '.join(PRECISIONS)}")
+    return value
+
+
+def model_file(stored: StoredModel, providers: Sequence[str], precision: str = "auto") -> tuple[Path, str]:
+    """``(ONNX file to load, "fp32" | "int8")`` of ``stored`` for a session on ``providers``.
+
+    ``auto`` loads the int8 model (``model.int8.onnx``: stored only where export's accuracy check
+    passed) on CPU and the fp32 ``model.onnx`` when CUDA is among the providers; ``fp32`` always
+    the fp32 one. A model exported before both files were stored keeps a kept int8 model as its
+    only ``model.onnx``: it is int8 whatever is asked.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use {' or '.join(PRECISIONS)}")
+    int8 = stored.int8_path
+    if int8 is None:
+        quant = stored.manifest.get("quantization")
+        only_int8 = isinstance(quant, dict) and bool(quant.get("kept"))
+        return stored.onnx_path, "int8" if only_int8 else "fp32"
+    if precision == "auto" and CUDA not in providers:
+        return int8, "int8"
+    return stored.onnx_path, "fp32"
+
+
 class OnnxModel:
     """One stored model in an onnxruntime session.
 
@@ -70,11 +104,13 @@ class OnnxModel:
             (verified on load).
         providers: execution providers; :func:`default_providers` when None.
         threads: intra-op threads (0 = onnxruntime's default, all cores).
+        precision: ``auto`` or ``fp32`` (:func:`model_file`); :func:`default_precision` when None.
 
     Attributes:
         stored: the stored model (task, classes, contract, metadata).
         session: the ``onnxruntime.InferenceSession``.
         providers: the providers the session actually uses (``session.get_providers()``).
+        precision: ``fp32`` or ``int8``: the weights the session runs.
     """
 
     def __init__(
@@ -82,6 +118,7 @@ class OnnxModel:
         stored: StoredModel | str | Path,
         providers: Sequence[str] | None = None,
         threads: int = 0,
+        precision: str | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -91,11 +128,18 @@ class OnnxModel:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # onnxruntime's own warnings are noise for users
         chosen = list(providers) if providers else default_providers()
-        self.session = ort.InferenceSession(str(self.stored.onnx_path), options, providers=chosen)
+        path, self.precision = model_file(self.stored, chosen, precision or default_precision())
+        self.session = ort.InferenceSession(str(path), options, providers=chosen)
         self.providers: list[str] = list(self.session.get_providers())
         self.input_name: str = self.session.get_inputs()[0].name
         self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
-        log.info("loaded %s (%s) on %s", self.stored.tag, self.stored.task, ", ".join(self.providers))
+        log.info(
+            "loaded %s (%s, %s) on %s",
+            self.stored.tag,
+            self.stored.task,
+            self.precision,
+            ", ".join(self.providers),
+        )
 
     @property
     def task(self) -> str:

@@ -1,7 +1,9 @@
 """The versioned model store: exported ONNX models with their manifest and model card.
 
 A stored model is a folder holding ``model.onnx`` (self-contained, its preprocessing contract and
-class names inside its ``metadata_props``), ``manifest.json`` (tag, task, sha256 of every file,
+class names inside its ``metadata_props``), optionally ``model.int8.onnx`` (its int8 quantisation,
+stored only where export's accuracy check kept it; :func:`nanomorph.runtime.model_file` picks
+which one a session loads), ``manifest.json`` (tag, task, sha256 of every file,
 classes, metrics, contract) and ``README.md`` (the model card). Two stores hold such folders:
 
 * the BentoML model store (``bentoml.models.create``; the folder is the BentoML model's path),
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
 CARD_FILE = "README.md"
 LATEST_FILE = "latest"
 DEFAULT_PREFIX = "nanomorph"
@@ -95,6 +98,12 @@ class StoredModel:
         """``{"centroids": [[...]], "threshold": float, "metric": "cosine"}`` for classifiers."""
         ood = self.metadata.get("ood")
         return dict(ood) if ood else None
+
+    @property
+    def int8_path(self) -> Path | None:
+        """The int8 model beside ``model.onnx`` (``model.int8.onnx``, listed in the manifest), if
+        export stored one: only when its accuracy check passed."""
+        return self.path / INT8_FILE if INT8_FILE in (self.manifest.get("files") or {}) else None
 
 
 # --------------------------------------------------------------------------------------------- tags

@@ -31,7 +31,8 @@ class Task:
     #: the training run's weights file that ``nanomorph export`` reads, and the flag naming the run
     weights: str
     export_flag: str
-    #: int8 quantisation is offered (it needs labelled images to check the accuracy it costs)
+    #: int8 quantisation is offered (it needs labelled images to check the accuracy it costs; a kept
+    #: int8 model is stored beside the fp32 one and served on CPU: nanomorph.runtime.model_file)
     quantizable: bool
     #: model card: what the model is for, and one line calling it with its runtime class
     use: str
@@ -73,7 +74,7 @@ _ROWS = (
         tiled=True,
         weights="segmenter.safetensors",
         export_flag="--segmenter",
-        quantizable=False,
+        quantizable=True,
         use="Per-pixel classes of TEM frames like those in the training data, at native resolution.",
         example="mask = Segmenter(model).predict(image)['mask']",
     ),

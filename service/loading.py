@@ -68,14 +68,9 @@ class ModelSlot:
             sha256=(stored.manifest.get("files") or {}).get("model.onnx") if stored else None,
             metrics=stored.metrics if stored else {},
             ood_threshold=float(ood["threshold"]) if "threshold" in ood else None,
-            precision=_precision(stored) if stored else None,
+            precision=self.onnx.precision if self.onnx else None,
             inference_tile=getattr(self.helper, "max_tile", None) if get_task(self.task).tiled else None,
         )
-
-
-def _precision(stored: StoredModel) -> str:
-    quant = stored.manifest.get("quantization") or {}
-    return "int8" if isinstance(quant, dict) and quant.get("kept") else "fp32"
 
 
 def _warmup_input(stored: StoredModel, task: str) -> np.ndarray:
@@ -129,8 +124,17 @@ class Models:
         """Loads, warms up and puts a batcher in front of ``slot``'s model (raises on failure)."""
         s = self.settings
         stored = resolve(slot.tag, s.store)  # verifies the sha256 of every file
-        onnx = OnnxModel(stored, providers=list(s.providers) or None, threads=s.ort_threads)
-        log.info("%s: %s from %s on providers %s", slot.task, stored.tag, stored.path, onnx.providers)
+        onnx = OnnxModel(
+            stored, providers=list(s.providers) or None, threads=s.ort_threads, precision=s.precision
+        )
+        log.info(
+            "%s: %s (%s) from %s on providers %s",
+            slot.task,
+            stored.tag,
+            onnx.precision,
+            stored.path,
+            onnx.providers,
+        )
         helper = task_helper(slot.task, onnx, max_tile=s.segment_tile or None)
         slot.stored, slot.onnx, slot.helper = stored, onnx, helper
         if s.warmup:

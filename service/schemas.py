@@ -135,7 +135,9 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict, description="evaluation metrics recorded at export")
     ood_threshold: float | None = Field(default=None, description="classify: the OOD flag threshold")
     precision: str | None = Field(
-        default=None, description="weights served: fp32, or int8 when export kept a quantised model"
+        default=None,
+        description="weights served: int8 where export kept a quantised model and the session runs on CPU "
+        "(NANOMORPH_PRECISION=auto), else fp32",
     )
     inference_tile: int | None = Field(
         default=None, description="segment: largest inference tile side (px) on the providers in use"

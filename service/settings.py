@@ -32,6 +32,10 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "NANOMORPH_MODEL_POLL_S": ("2", "seconds between store polls for required models"),
     "NANOMORPH_PROVIDERS": ("CUDA then CPU if available", "onnxruntime execution providers (comma list)"),
     "NANOMORPH_ORT_THREADS": ("0 (all cores)", "onnxruntime intra-op threads per session"),
+    "NANOMORPH_PRECISION": (
+        "auto",
+        "auto: a model's int8 file (where export kept one) on CPU, fp32 on CUDA; fp32: always fp32",
+    ),
     "NANOMORPH_WARMUP": ("1", "run every model once on a dummy batch before reporting ready"),
     "NANOMORPH_MAX_BATCH_SIZE": ("32", "most images (or tiles) per onnxruntime call"),
     "NANOMORPH_BATCH_WAIT_MS": ("0", "extra wait for a batch to fill when the model is idle (ms)"),
@@ -125,6 +129,12 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ValueError(f"{name}={raw!r}: use 1/0, true/false, yes/no or on/off")
 
 
+def _precision(env: Mapping[str, str]) -> str:
+    from nanomorph.runtime import default_precision  # the one reading of NANOMORPH_PRECISION
+
+    return default_precision(env)
+
+
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in env.get(name, "").split(",") if p.strip())
 
@@ -145,6 +155,7 @@ class Settings:
     poll_s: float = 2.0
     providers: tuple[str, ...] = ()
     ort_threads: int = 0
+    precision: str = "auto"
     warmup: bool = True
     max_batch_size: int = 32
     max_latency_ms: int = 60000
@@ -204,6 +215,7 @@ class Settings:
             poll_s=_float(env, "NANOMORPH_MODEL_POLL_S", 2.0, minimum=0.05),
             providers=_list(env, "NANOMORPH_PROVIDERS"),
             ort_threads=_int(env, "NANOMORPH_ORT_THREADS", 0),
+            precision=_precision(env),
             warmup=_bool(env, "NANOMORPH_WARMUP", True),
             max_batch_size=_int(env, "NANOMORPH_MAX_BATCH_SIZE", 32, minimum=1),
             max_latency_ms=_int(env, "NANOMORPH_MAX_LATENCY_MS", 60000, minimum=1),

@@ -13,8 +13,9 @@ each file (``metadata_props``). Before anything is stored, onnxruntime is checke
 random inputs and on real training images at batch 1 and 7 (two input sizes for ``segment``); a
 max abs difference above the tolerance (1e-4) fails the export with the numbers. ``--quantize int8``
 adds static int8 quantisation (QDQ, per-channel weights, calibrated on training images) of the
-``classify`` model, kept only if its accuracy on the validation split drops by at most
-``--max-accuracy-drop``. Each stored model gets a model card (``README.md``) and a manifest with the
+``classify`` and ``segment`` models, kept only if their accuracy (segment: foreground mean IoU) on
+the validation split drops by at most ``--max-accuracy-drop``; a kept int8 model is stored as
+``model.int8.onnx`` beside the fp32 ``model.onnx`` (served on CPU, fp32 on CUDA). Each stored model gets a model card (``README.md``) and a manifest with the
 sha256 of its files. Exporting the same runs again into the same store is skipped (``--force``
 exports anew).
 """
@@ -42,6 +43,7 @@ from nanomorph import __version__
 from nanomorph.config import load_yaml, yaml_defaults
 from nanomorph.contract import Contract, list_images, normalise, read_image, tile, to_model_input
 from nanomorph.store import (
+    INT8_FILE,
     META_PREFIX,
     StoredModel,
     default_store,
@@ -541,20 +543,96 @@ def images_per_second(path: Path, x: np.ndarray, seconds: float = 1.0, warmup: i
     return n * len(x) / (time.perf_counter() - start)
 
 
+def _segment_split(
+    job: ExportJob, data: str | Path | None, n_calibration: int = 16
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], str]:
+    """``(calibration tiles, validation frames (normalised), their target masks, split name)`` of a
+    segmenter run: the stems ``finetune-seg`` recorded in its ``metrics.json`` (the test split is
+    never used); calibration takes ``n_calibration`` tiles spread over the training frames."""
+    from nanomorph.particles import InstanceParams
+    from training.seg_data import find_pairs
+    from training.seg_instances import load_target_pair
+
+    folder = data or job.config.get("data")
+    if not folder or not Path(folder).is_dir():
+        raise ValueError(
+            f"--quantize int8 needs the segmenter's labeled images to measure its accuracy: "
+            f"{job.run_dir / 'config.yaml'} names data {folder!r}, which does not exist; pass --data DIR"
+        )
+    split = (_json_file(job.run_dir / "metrics.json", {}) or {}).get("split") or {}
+    pairs = {p.stem: p for p in find_pairs(folder)}
+    inst = InstanceParams.from_dict(job.instances)
+    n_semantic = len(job.classes) - (1 if inst else 0)
+
+    def load(name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        stems = [str(s) for s in split.get(name) or []]
+        return [
+            load_target_pair(folder, pairs[s], job.contract, n_semantic, inst) for s in stems if s in pairs
+        ]
+
+    train, evaluate, name = load("train"), load("val"), "validation"
+    if not evaluate:
+        evaluate, name = train, "training (no validation split)"
+    if not train:
+        raise ValueError(f"{job.run_dir / 'metrics.json'}: no training images of its split found in {folder}")
+    side, overlap = job.contract.tile_size, job.contract.tile_overlap
+    tiles = np.concatenate([tile(image, side, overlap)[0] for image, _ in train])
+    pick = np.linspace(0, len(tiles) - 1, min(n_calibration, len(tiles))).round().astype(int)
+    calib = np.ascontiguousarray(tiles[pick][:, None], dtype=np.float32)
+    return calib, [img for img, _ in evaluate], [mask for _, mask in evaluate], name
+
+
+def _mean_iou(
+    path: Path, frames: list[np.ndarray], masks: list[np.ndarray], job: ExportJob, batch: int = 8
+) -> float:
+    """Hard foreground mean IoU of an ONNX segmenter on normalised frames, tiled as
+    ``finetune-seg`` validates (training tile and overlap, blended)."""
+    from nanomorph.contract import untile
+    from training.seg_losses import pixel_confusion, scores_from_confusion
+
+    session = _session(path)
+    side, overlap = job.contract.tile_size, job.contract.tile_overlap
+    cm = np.zeros((len(job.classes), len(job.classes)), dtype=np.int64)
+    for frame, mask in zip(frames, masks, strict=True):
+        tiles, positions, _ = tile(frame, side, overlap)
+        probs = np.concatenate(
+            [
+                session.run(["probabilities"], {"image": np.ascontiguousarray(tiles[i : i + batch, None])})[0]
+                for i in range(0, len(tiles), batch)
+            ]
+        )
+        cm += pixel_confusion(
+            mask, untile(probs, positions, frame.shape, side).argmax(axis=0), len(job.classes)
+        )
+    score = scores_from_confusion(cm, job.classes)["mean_iou_foreground"]
+    return float("nan") if score is None else float(score)
+
+
 def try_quantize(
     job: ExportJob, fp32: Path, max_drop: float, data: str | Path | None
-) -> tuple[Path, dict[str, Any]]:
-    """Quantises a classify model; returns the file to store (int8 if kept) and the report."""
-    calib, x_val, y_val, split_name = _labeled_split(job, data)
-    int8 = quantize_int8(fp32, fp32.with_name("classify.int8.onnx"), calib)
-    acc_fp32, acc_int8 = _accuracy(fp32, x_val, y_val), _accuracy(int8, x_val, y_val)
-    bench = np.ascontiguousarray(np.resize(x_val if len(x_val) else calib, (8, *calib.shape[1:])))
+) -> tuple[Path | None, dict[str, Any]]:
+    """Quantises a classify or segment model and checks what it costs on the run's validation
+    split (classify: accuracy; segment: foreground mean IoU, both bound by ``max_drop``);
+    returns the int8 file (None where refused) and the report."""
+    score: Any
+    if job.task == "segment":
+        calib, frames, masks, split_name = _segment_split(job, data)
+        metric, n_eval, bench_x = "mean_iou_foreground", len(frames), calib
+        score = functools.partial(_mean_iou, frames=frames, masks=masks, job=job)
+    else:
+        calib, x_val, y_val, split_name = _labeled_split(job, data)
+        metric, n_eval, bench_x = "accuracy", len(y_val), x_val if len(x_val) else calib
+        score = functools.partial(_accuracy, x=x_val, y=y_val)
+    int8 = quantize_int8(fp32, fp32.with_name(f"{job.task}.int8.onnx"), calib)
+    acc_fp32, acc_int8 = score(fp32), score(int8)
+    bench = np.ascontiguousarray(np.resize(bench_x, (8, *calib.shape[1:])))
     speed_fp32, speed_int8 = images_per_second(fp32, bench), images_per_second(int8, bench)
     drop = acc_fp32 - acc_int8
     report = {
         "mode": "int8 static (QDQ, per-channel)",
+        "metric": metric,
         "split": split_name,
-        "n_eval": int(len(y_val)),
+        "n_eval": int(n_eval),
         "accuracy_fp32": acc_fp32,
         "accuracy_int8": acc_int8,
         "accuracy_drop": drop,
@@ -565,20 +643,26 @@ def try_quantize(
         "kept": bool(drop <= max_drop),
     }
     log.info(
-        "classify int8: %s accuracy %.4f -> %.4f (drop %.4f, bound %.4f, n=%d), speed-up %.2fx (batch 8)",
+        "%s int8: %s %s %.4f -> %.4f (drop %.4f, bound %.4f, n=%d), speed-up %.2fx (batch 8)",
+        job.task,
         split_name,
+        metric,
         acc_fp32,
         acc_int8,
         drop,
         max_drop,
-        len(y_val),
+        n_eval,
         report["speedup"],
     )
     if not report["kept"]:
         log.warning(
-            "int8 model refused: accuracy drops by %.4f > %.4f; storing the fp32 model", drop, max_drop
+            "%s int8 model refused: %s drops by %.4f > %.4f; storing the fp32 model only",
+            job.task,
+            metric,
+            drop,
+            max_drop,
         )
-        return fp32, report
+        return None, report
     return int8, report
 
 
@@ -612,7 +696,8 @@ def _card_export(job: ExportJob, parity: dict[str, Any], quant: dict[str, Any] |
     ]
     if quant:
         lines.append(
-            f"- int8 quantisation {'kept' if quant['kept'] else 'refused'}: {quant['split']} accuracy "
+            f"- int8 quantisation {'kept' if quant['kept'] else 'refused'}: {quant['split']} "
+            f"{quant.get('metric', 'accuracy')} "
             f"{quant['accuracy_fp32']:.4f} -> {quant['accuracy_int8']:.4f}, speed-up {quant['speedup']:.2f}x"
         )
     lines.append(f"- encoder: {job.encoder.get('architecture')} ({job.encoder.get('method')} pretraining)")
@@ -749,8 +834,9 @@ def _stage(
     checks: dict[str, Any],
     provenance_base: dict[str, Any],
 ) -> tuple[Path, dict[str, Any]]:
-    """Exports one job to ONNX in ``folder``, checks parity, writes its metadata and (classify)
-    quantises; returns the file to store and the extra files of its store entry."""
+    """Exports one job to ONNX in ``folder``, checks parity, writes its metadata and (quantizable
+    tasks, with ``--quantize int8``) quantises; returns the fp32 file to store as ``model.onnx``
+    and the extra entries of its store entry (the int8 file among its ``files`` where kept)."""
     job_quant = quantize if get_task(job.task).quantizable else None
     log.info("%s: exporting %s", job.task, job.weights)
     fp32 = export_onnx(job, folder / f"{job.task}.onnx")
@@ -776,18 +862,22 @@ def _stage(
         instances=job.instances,
     )
     set_metadata(fp32, props())
-    chosen, quant = fp32, None
+    int8, quant = None, None
     if job_quant == "int8":
-        chosen, quant = try_quantize(job, fp32, checks["max_accuracy_drop"], checks["data"])
+        int8, quant = try_quantize(job, fp32, checks["max_accuracy_drop"], checks["data"])
         provenance["quantization"] = {k: quant[k] for k in ("kept", "accuracy_drop", "speedup")}
-        set_metadata(chosen, props())
+        set_metadata(fp32, props())
+        if int8 is not None:
+            set_metadata(int8, props())
     extra = {
         "readme": model_card(job, tag, parity, quant),
         "parity": {k: parity[k] for k in ("max_abs_diff", "tolerance", "real_images")},
         "data": job.data,
         "quantization": quant,
+        # model.onnx stays fp32 (CUDA, NANOMORPH_PRECISION=fp32); the kept int8 model goes beside it
+        **({"files": {INT8_FILE: int8}} if int8 is not None else {}),
     }
-    return chosen, extra
+    return fp32, extra
 
 
 def export_runs(

@@ -262,13 +262,14 @@ class LocalBackend:
         pixel_unit: str | None = None,
         overlays: bool = True,
         threads: int = 0,
+        precision: str | None = None,
     ) -> None:
         from nanomorph.runtime import OnnxModel, Segmenter, task_helper
         from nanomorph.store import resolve
 
         self.task = task
         stored = resolve(tag or f"nanomorph-{task}:latest", store)
-        onnx = OnnxModel(stored, providers=providers or None, threads=threads)
+        onnx = OnnxModel(stored, providers=providers or None, threads=threads, precision=precision)
         self.model = stored.tag
         self.contract = stored.contract
         self.classes = list(stored.classes)
@@ -276,7 +277,7 @@ class LocalBackend:
         if isinstance(self.helper, Segmenter):
             self.classes = list(self.helper.classes)  # without a boundary channel
         self.pixel_size, self.pixel_unit, self.overlays = pixel_size, pixel_unit, overlays
-        self.describe = f"{self.model} in-process on {', '.join(onnx.providers)}"
+        self.describe = f"{self.model} ({onnx.precision}) in-process on {', '.join(onnx.providers)}"
         threshold = (stored.ood or {}).get("threshold")
         sha = (stored.manifest.get("files") or {}).get("model.onnx")
         self._card = report.model_card(
@@ -732,6 +733,7 @@ def make_backend(args: argparse.Namespace, remote: bool) -> Backend:
         pixel_unit=args.pixel_unit,
         overlays=not args.no_overlays,
         threads=getattr(args, "threads", 0) or 0,
+        precision=getattr(args, "precision", None),
     )
 
 

@@ -56,6 +56,12 @@ def _in_process(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--tag", help="model tag (null: nanomorph-<task>:latest)")
     parser.add_argument("--providers", help="onnxruntime providers, comma list")
     parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32"),
+        help="auto: a model's int8 file (where export kept one) on CPU, fp32 on CUDA; fp32: always fp32 "
+        "(null: $NANOMORPH_PRECISION, else auto)",
+    )
+    parser.add_argument(
         "--threads", type=int, help="onnxruntime threads (0: all cores; set it to the CPUs a cluster job got)"
     )
 

@@ -15,7 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     a("--name", help="tag prefix: <name>-<task>:<version>")
     a("--version", help="version of the tags (null: UTC time + random)")
     add_store(parser, "'bentoml' or a folder (null: $NANOMORPH_STORE or bentoml)")
-    a("--quantize", choices=("none", "int8"), help="int8: static quantisation of classify for CPU")
+    a(
+        "--quantize",
+        choices=("none", "int8"),
+        help="int8: static quantisation of classify and segment for CPU (kept beside fp32 if accurate)",
+    )
     a("--max-accuracy-drop", type=float, help="refuse int8 above this drop (0.01 = 1 point)")
     a("--tolerance", type=float, help="max abs diff onnxruntime vs PyTorch")
     a("--data", help="images for the parity check / int8 accuracy (null: the runs' data)")

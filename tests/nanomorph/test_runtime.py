@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 
 from nanomorph.contract import to_model_input
-from nanomorph.runtime import Classifier, Embedder, OnnxModel, Segmenter, default_providers
-from nanomorph.store import resolve
+from nanomorph.runtime import (
+    CPU,
+    CUDA,
+    Classifier,
+    Embedder,
+    OnnxModel,
+    Segmenter,
+    default_providers,
+    model_file,
+)
+from nanomorph.store import StoredModel, resolve
 from tests.fixtures.tiny_models import expected_class
 
 
@@ -29,6 +38,35 @@ def test_providers(monkeypatch: pytest.MonkeyPatch, tiny_store: tuple[Path, dict
     monkeypatch.setenv("NANOMORPH_PROVIDERS", "NoSuchExecutionProvider")
     with pytest.raises(ValueError, match="NoSuchExecutionProvider"):
         default_providers()
+
+
+def test_model_file_picks_the_precision(tmp_path: Path) -> None:
+    def stored(files: list[str], kept: bool | None) -> StoredModel:
+        manifest = {
+            "files": dict.fromkeys(files, "0"),
+            "quantization": None if kept is None else {"kept": kept},
+        }
+        return StoredModel("t-segment:1", "segment", tmp_path, tmp_path / "model.onnx", manifest, {})
+
+    both = stored(["model.onnx", "model.int8.onnx"], kept=True)
+    assert model_file(both, [CPU]) == (tmp_path / "model.int8.onnx", "int8")
+    assert model_file(both, [CUDA, CPU]) == (tmp_path / "model.onnx", "fp32")  # fp32 on the GPU
+    assert model_file(both, [CPU], "fp32") == (tmp_path / "model.onnx", "fp32")
+    for only_fp32 in (stored(["model.onnx"], None), stored(["model.onnx"], kept=False)):
+        assert model_file(only_fp32, [CPU]) == (tmp_path / "model.onnx", "fp32")
+    # Exported before both files were kept: a kept int8 model is its only model.onnx.
+    assert model_file(stored(["model.onnx"], kept=True), [CUDA, CPU], "fp32")[1] == "int8"
+    with pytest.raises(ValueError, match="int4"):
+        model_file(both, [CPU], "int4")
+
+
+def test_precision_setting(monkeypatch: pytest.MonkeyPatch, tiny_store: tuple[Path, dict[str, str]]) -> None:
+    root, tags = tiny_store
+    monkeypatch.setenv("NANOMORPH_PRECISION", "fp32")
+    assert OnnxModel(resolve(tags["segment"], root), providers=[CPU]).precision == "fp32"
+    monkeypatch.setenv("NANOMORPH_PRECISION", "bf16")
+    with pytest.raises(ValueError, match="NANOMORPH_PRECISION"):
+        OnnxModel(resolve(tags["segment"], root), providers=[CPU])
 
 
 def test_onnx_model_run_dynamic_batch(tiny_store: tuple[Path, dict[str, str]]) -> None:

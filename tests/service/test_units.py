@@ -41,9 +41,11 @@ def test_settings_defaults_and_overrides() -> None:
             "NANOMORPH_REQUIRE_MODELS": "all",
             "NANOMORPH_MAX_UPLOAD_MB": "0.5",
             "NANOMORPH_PROTECT_METRICS": "yes",
+            "NANOMORPH_PRECISION": "FP32",
         }
     )
     assert s.store == "/models" and s.models["classify"] == "mine-classify:v2"
+    assert s.precision == "fp32" and Settings.from_env({}).precision == "auto"
     assert s.api_tokens == ("a", "b") and s.required == TASKS and s.protect_metrics
     assert s.max_upload_bytes == MIB // 2
 
@@ -55,6 +57,7 @@ def test_settings_defaults_and_overrides() -> None:
         ("NANOMORPH_MAX_BATCH_SIZE", "0"),
         ("NANOMORPH_PROTECT_METRICS", "maybe"),
         ("NANOMORPH_REQUIRE_MODELS", "detect"),
+        ("NANOMORPH_PRECISION", "int4"),
     ],
 )
 def test_settings_bad_values_name_the_variable(name: str, value: str) -> None:

@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from nanomorph.contract import Contract, read_image, to_model_input
+from nanomorph.runtime import CPU, OnnxModel, Segmenter
 from nanomorph.runtime import Classifier as OnnxClassifier
-from nanomorph.runtime import Segmenter
 from nanomorph.store import IntegrityError, list_models, resolve
 from tests.fixtures.cli import nanomorph
 from training.backbones import create_backbone, save_backbone
@@ -213,27 +213,65 @@ def test_parity_failure_stores_nothing(runs: dict[str, Path], tmp_path: Path) ->
     assert not (tmp_path / "store").exists()
 
 
+def _ops(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
 def test_quantize_int8(runs: dict[str, Path], tmp_path: Path) -> None:
     store = tmp_path / "store"
     tags = export_runs(
-        classifier=runs["classifier"], store=store, version="q1", quantize="int8", max_accuracy_drop=0.5
+        classifier=runs["classifier"],
+        segmenter=runs["segmenter"],
+        store=store,
+        version="q1",
+        quantize="int8",
+        max_accuracy_drop=0.5,
     )
     model = resolve(tags["classify"], store)
     quant = model.manifest["quantization"]
     assert quant["kept"] is True and quant["split"] == "validation" and quant["n_eval"] == 2
+    assert quant["metric"] == "accuracy"
     assert 0.0 <= quant["accuracy_int8"] <= 1.0 and quant["speedup"] > 0
-    ops = {n.op_type for n in onnx.load(str(model.onnx_path)).graph.node}
-    assert "QuantizeLinear" in ops and "Softmax" in ops
+    # model.onnx stays fp32 (for CUDA and NANOMORPH_PRECISION=fp32); the int8 model is stored beside it.
+    assert model.int8_path is not None and "model.int8.onnx" in model.manifest["files"]
+    assert "QuantizeLinear" in _ops(model.int8_path) and "Softmax" in _ops(model.int8_path)
+    assert "QuantizeLinear" not in _ops(model.onnx_path)
     assert model.metadata["provenance"]["quantization"]["kept"] is True
-    # A bound no model can meet: the int8 model is refused and the fp32 one stored.
+
+    # The segmenter: checked on foreground mean IoU (its split has no validation images: training).
+    seg = resolve(tags["segment"], store)
+    quant = seg.manifest["quantization"]
+    assert quant["metric"] == "mean_iou_foreground" and quant["split"].startswith("training")
+    assert quant["n_eval"] == 1 and quant["kept"] is True and 0.0 <= quant["accuracy_int8"] <= 1.0
+    assert seg.int8_path is not None and "QuantizeLinear" in _ops(seg.int8_path)
+    assert sorted(p.name for p in seg.path.iterdir()) == [
+        "README.md",
+        "manifest.json",
+        "model.int8.onnx",
+        "model.onnx",
+    ]
+    assert "int8 quantisation kept" in (seg.path / "README.md").read_text()
+    # Served: int8 on CPU by default, fp32 when asked; both segment a frame, nearly alike.
+    int8 = OnnxModel(seg, providers=[CPU])
+    fp32 = OnnxModel(seg, providers=[CPU], precision="fp32")
+    assert (int8.precision, fp32.precision) == ("int8", "fp32")
+    frame = read_image(sorted((runs["root"] / "data" / "segmentation" / "images").glob("*.png"))[0])[0]
+    probs8, probs32 = Segmenter(int8).probabilities(frame), Segmenter(fp32).probabilities(frame)
+    assert probs8.shape == probs32.shape == (2, *frame.shape)
+    assert np.abs(probs8 - probs32).max() < 0.2 and not np.array_equal(probs8, probs32)
+
+    # A bound no model can meet: the int8 models are refused and only the fp32 ones stored.
     tags = export_runs(
         classifier=runs["classifier"],
+        segmenter=runs["segmenter"],
         store=store,
         version="q2",
         quantize="int8",
         max_accuracy_drop=-1.0,
         force=True,
     )
-    model = resolve(tags["classify"], store)
-    assert model.manifest["quantization"]["kept"] is False
-    assert "QuantizeLinear" not in {n.op_type for n in onnx.load(str(model.onnx_path)).graph.node}
+    for tag in tags.values():
+        model = resolve(tag, store)
+        assert model.manifest["quantization"]["kept"] is False and model.int8_path is None
+        assert "QuantizeLinear" not in _ops(model.onnx_path)
+        assert OnnxModel(model, providers=[CPU]).precision == "fp32"
