@@ -456,7 +456,9 @@ def tile_signals(model: torch.nn.Module, pooled: np.ndarray) -> dict[str, float]
 
 
 def report(task: str, table: dict, encoders: dict, ks: list[int], args: argparse.Namespace) -> None:
-    print(f"\ntask {task}: balanced accuracy, mean ± std over {args.splits} splits by paper")
+    print(
+        f"\ntask {task}: balanced accuracy, mean ± std over {args.splits} splits by group (paper or source tile)"
+    )
     print("| encoder | CPU s | " + " | ".join(f"K={k}" for k in ks) + " |")
     print("|---|---|" + "---|" * len(ks))
     for label, row in table.items():
