@@ -35,7 +35,7 @@ from torch import nn
 from nanomorph.atomic import atomic_path, atomic_write_text
 from nanomorph.config import resolved, save_resolved, yaml_defaults
 from nanomorph.contract import Contract, mask_dtype, normalise, read_image, tile, untile
-from nanomorph.particles import BOUNDARY_CLASS
+from nanomorph.particles import BOUNDARY_CLASS, InstanceParams, fold_mask, semantic_classes
 from nanomorph.progress import progress
 from training import runs
 from training.artifacts import (
@@ -59,6 +59,7 @@ from training.seg_data import (
     check_pairs,
     classes_from_data,
     find_pairs,
+    load_pair,
     read_mask,
     split_indices,
 )
@@ -195,13 +196,23 @@ def evaluate(
     contract: Contract,
     device: torch.device,
     batch_size: int = 8,
+    inst: InstanceParams | None = None,
 ) -> dict[str, Any]:
-    """Hard IoU / Dice of ``model`` on normalised frames with their true masks."""
-    cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    """Hard IoU / Dice of ``model`` on normalised frames with their true masks.
+
+    With ``inst`` (a boundary-aware model) ``masks`` are the semantic class masks and the prediction
+    is :func:`nanomorph.particles.fold_mask` of the probabilities (rim pixels count as particle),
+    i.e. the mask ``predict`` and the service return. Scoring the 1-2 px rim as a class of its own
+    would average an IoU near 0 into the foreground mean (halving it) and let model selection chase
+    rim noise instead of the particles.
+    """
+    names = semantic_classes(classes, inst) if inst else classes
+    cm = np.zeros((len(names), len(names)), dtype=np.int64)
     for frame, mask in zip(frames, masks, strict=True):
-        pred = predict_probs(model, frame, contract, device, batch_size).argmax(axis=0)
-        cm += pixel_confusion(mask, pred, len(classes))
-    return scores_from_confusion(cm, classes)
+        probs = predict_probs(model, frame, contract, device, batch_size)
+        pred = fold_mask(probs, inst) if inst else probs.argmax(axis=0)
+        cm += pixel_confusion(mask, pred, len(names))
+    return scores_from_confusion(cm, names)
 
 
 def _write_overlay(path: Path, image01: np.ndarray, truth: np.ndarray, pred: np.ndarray, n: int) -> None:
@@ -302,8 +313,8 @@ class _Setup:
     enc_info: dict[str, str]
     contract: Contract
     split: Any  # training.seg_data split: train / val / test indices
-    train_data: list[tuple[np.ndarray, np.ndarray]]
-    val_data: list[tuple[np.ndarray, np.ndarray]]
+    train_data: list[tuple[np.ndarray, np.ndarray]]  # frame, training target (rim class with inst)
+    val_data: list[tuple[np.ndarray, np.ndarray]]  # frame, semantic mask
     device: torch.device
     bf16: bool = False  # bf16 autocast in the training step (training.device.pick_precision)
 
@@ -350,7 +361,8 @@ def _setup(cfg: dict[str, Any], data: Path, pairs: list[Any], classes: list[str]
         len(pairs), len(split.train), len(split.val), len(split.test), cfg["seed"], classes,
     )  # fmt: skip
     train_data = [load_target_pair(data, pairs[i], contract, len(classes), inst) for i in split.train]
-    val_data = [load_target_pair(data, pairs[i], contract, len(classes), inst) for i in split.val]
+    # Validation scores the semantic mask (evaluate folds the rim back into the particle).
+    val_data = [load_pair(pairs[i], contract, len(classes)) for i in split.val]
     return _Setup(
         cfg,
         data,
@@ -502,7 +514,7 @@ class _Trainer:
             return
         scores = evaluate(
             s.unet, [f for f, _ in s.val_data], [m for _, m in s.val_data], s.classes, s.contract, s.device,
-            int(s.cfg["infer_batch_size"]),
+            int(s.cfg["infer_batch_size"]), s.inst,
         )  # fmt: skip
         score = scores["mean_iou_foreground"] or 0.0
         self.metrics_log.log(step=self.step, split="val", mean_iou_foreground=score, loss_ema=running)
