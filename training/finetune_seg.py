@@ -63,7 +63,7 @@ from training.seg_data import (
     read_mask,
     split_indices,
 )
-from training.seg_instances import instance_params, load_target_pair, target_mask
+from training.seg_instances import instance_params, load_target_pair
 from training.seg_losses import DiceCELoss, pixel_confusion, scores_from_confusion
 
 log = logging.getLogger("nanomorph.finetune_seg")
@@ -323,6 +323,11 @@ class _Setup:
         return len(self.classes)
 
     @property
+    def scored_classes(self) -> list[str]:
+        """The classes scores are reported over: an instance model's rim is part of its particle."""
+        return semantic_classes(self.classes, self.inst) if self.inst else self.classes
+
+    @property
     def pretrained(self) -> bool:
         return self.enc_info["method"] != "none"
 
@@ -573,8 +578,11 @@ class _Trainer:
 
 def _test(s: _Setup) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Confusion matrix and per-image scores on the held-out test split, raw frames read one at a
-    time from disk (they can be large); the first ``overlays`` get an overlay PNG."""
-    test_cm = np.zeros((s.n_classes, s.n_classes), dtype=np.int64)
+    time from disk (they can be large); the first ``overlays`` get an overlay PNG. An instance
+    model is scored like validation (see ``evaluate``): its rim folded into the particle, against
+    the semantic mask, over ``s.scored_classes``."""
+    n = len(s.scored_classes)
+    test_cm = np.zeros((n, n), dtype=np.int64)
     per_image: list[dict[str, Any]] = []
     overlay_dir = s.out / "overlays"
     n_overlays = int(s.cfg["overlays"])
@@ -584,17 +592,19 @@ def _test(s: _Setup) -> tuple[np.ndarray, list[dict[str, Any]]]:
     for j, i in enumerate(s.split.test):
         pair = s.pairs[i]
         raw, _ = read_image(pair.image)
-        truth = target_mask(s.data, pair, read_mask(pair.mask, n_label_classes), s.inst)
+        truth = read_mask(pair.mask, n_label_classes)
         if raw.shape != truth.shape:
             raise ValueError(f"mask {pair.mask} has shape {truth.shape}, its image {pair.image} {raw.shape}")
-        pred, _ = segment_image(s.unet, raw, s.contract, s.device, int(s.cfg["infer_batch_size"]))
-        cm = pixel_confusion(truth, pred, s.n_classes)
+        pred, probs = segment_image(s.unet, raw, s.contract, s.device, int(s.cfg["infer_batch_size"]))
+        if s.inst:
+            pred = fold_mask(probs, s.inst)
+        cm = pixel_confusion(truth, pred, n)
         test_cm += cm
-        scores = {k: v for k, v in scores_from_confusion(cm, s.classes).items() if k != "per_class"}
+        scores = {k: v for k, v in scores_from_confusion(cm, s.scored_classes).items() if k != "per_class"}
         per_image.append({"stem": pair.stem, **scores})
         if j < n_overlays:
             overlay = overlay_dir / f"{Path(pair.stem).name}.png"
-            _write_overlay(overlay, normalise(raw, s.contract), truth, pred, s.n_classes)
+            _write_overlay(overlay, normalise(raw, s.contract), truth, pred, n)
     return test_cm, per_image
 
 
@@ -607,7 +617,7 @@ def _metrics(s: _Setup, trainer: _Trainer, speed: dict[str, Any]) -> dict[str, A
         "metric_type": "hard (argmax)",
         "note": METRIC_NOTE,
         "classes": s.classes,
-        **scores_from_confusion(test_cm, s.classes),
+        **scores_from_confusion(test_cm, s.scored_classes),
         "confusion_matrix": test_cm.tolist(),
         "per_image": per_image,
         "best_val_mean_iou_foreground": trainer.best_score if selected else None,

@@ -47,6 +47,9 @@ def test_instances_train_a_boundary_class_that_export_and_runtime_carry(tmp_path
          "tile": 64, "batch_size": 4, "steps": 3, "overlays": 1, "out": str(out), "device": "cpu"}
     )  # fmt: skip
     assert metrics["classes"] == ["background", "particle", BOUNDARY_CLASS]
+    # Test scores are over the semantic mask predict returns (rim folded into the particle).
+    assert list(metrics["per_class"]) == ["background", "particle"]
+    assert len(metrics["confusion_matrix"]) == 2
     assert json.loads((out / "classes.json").read_text()) == ["background", "particle", BOUNDARY_CLASS]
     _, meta = load_segmenter(out)
     params = InstanceParams.from_dict(meta["instances"])
