@@ -26,27 +26,39 @@ def load_average() -> str:
 
 
 def record_section(text: str, path: Path, section: str) -> None:
-    """Replaces the ``section`` ("## Title") of ``path`` (docs/benchmarks.md) with ``text``, which
-    starts with that heading, or appends it; the sections after it are kept."""
+    """Replaces the ``section`` ("## Title" or "### Title") of ``path`` (docs/benchmarks.md) with
+    ``text``, which starts with that heading, or appends it; what follows the section (the next
+    heading of its level or higher) is kept."""
     doc = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     start = doc.find(section)
     if start < 0:
         doc = doc.rstrip("\n") + "\n\n" + text
     else:
-        end = doc.find("\n## ", start + len(section))
+        level = len(section) - len(section.lstrip("#"))
+        ends = [doc.find("\n" + "#" * k + " ", start + len(section)) for k in range(1, level + 1)]
+        end = min((e for e in ends if e >= 0), default=-1)
         doc = doc[:start] + text.rstrip("\n") + "\n" + (doc[end:] if end >= 0 else "")
     path.write_text(doc.rstrip("\n") + "\n", encoding="utf-8")
 
 
-def export_to_store(job: Any, store: Path, tag: str, props: dict[str, str]) -> str:
+def export_to_store(
+    job: Any, store: Path, tag: str, props: dict[str, str], int8_calibration: Any = None
+) -> str:
     """Exports ``job`` (a ``training.export.ExportJob``) to ONNX with ``props`` as its metadata and
-    saves it into the folder store ``store`` as ``tag``; returns the tag."""
-    from nanomorph.store import save_model
-    from training.export import export_onnx, set_metadata
+    saves it into the folder store ``store`` as ``tag``; returns the tag. With
+    ``int8_calibration`` (model inputs) the int8 model is stored beside it, as ``nanomorph export
+    --quantize int8`` stores a kept one (no accuracy check: benchmarks time it, weights are random)."""
+    from nanomorph.store import INT8_FILE, save_model
+    from training.export import export_onnx, quantize_int8, set_metadata
 
     onnx_path = store / f"bench-{job.task}.onnx"
     export_onnx(job, onnx_path)
     set_metadata(onnx_path, props)
-    save_model(onnx_path, store, tag, job.task)
-    onnx_path.unlink()
+    files = {}
+    if int8_calibration is not None:
+        files[INT8_FILE] = quantize_int8(onnx_path, store / f"bench-{job.task}.int8.onnx", int8_calibration)
+        set_metadata(files[INT8_FILE], props)
+    save_model(onnx_path, store, tag, job.task, {"files": files} if files else None)
+    for path in (onnx_path, *files.values()):
+        path.unlink()
     return tag

@@ -1,6 +1,7 @@
 """Large frames: ``/segment`` of 8192^2 and 4096^2 frames, served vs onnxruntime in-process.
 
-Model: the default segmenter's architecture (smp U-Net, resnet18 encoder, 1 channel, 2 classes,
+Model: the default segmenter's architecture (smp U-Net, resnet18 encoder, 1 channel, 2 classes, with
+its int8 model beside it as the default model's export stores it, unless ``--fp32-only``;
 training tile 256, overlap 64; random weights: speed does not depend on them), exported with
 ``training.export`` into a temporary folder store, so its contract records the inference tiles
 (``infer_tile_cpu`` / ``infer_tile_cuda``). Frames: synthetic uint16 TIFFs (zlib), as a
@@ -17,7 +18,7 @@ direct-detector camera writes them.
 per call, best of 2): the measurement behind the inference tile sizes.
 
 Prints the seconds of each arm and the ratio served / in-process; ``--record`` writes the table
-into docs/benchmarks.md under "## Large frames". Not a test: run by hand (~5-10 minutes on 2 CPU
+into docs/benchmarks.md (its subsection of "## Large frames"). Not a test: run by hand (~5-10 minutes on 2 CPU
 cores)::
 
     .venv/bin/python bench/large_frames.py --record
@@ -46,11 +47,13 @@ from nanomorph.runtime import OnnxModel, Segmenter  # noqa: E402
 from nanomorph.store import make_tag, metadata_props, resolve  # noqa: E402
 
 CLASSES = ["background", "wire"]
-SECTION = "## Large frames"
+# --record replaces this subsection of "## Large frames" in docs/benchmarks.md (the rest is prose).
+SECTION = "### Last recorded run (`bench/large_frames.py --record`)"
 
 
-def build_model(store: Path, arch: str = "resnet18") -> str:
-    """Exports a U-Net segmenter (random weights) into a folder store; returns its tag."""
+def build_model(store: Path, arch: str = "resnet18", int8: bool = True) -> str:
+    """Exports a U-Net segmenter (random weights) into a folder store, with its int8 model beside
+    it unless ``int8`` is False (what a default-model export stores); returns its tag."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -69,7 +72,17 @@ def build_model(store: Path, arch: str = "resnet18") -> str:
         classes=CLASSES,
     )
     props = metadata_props("segment", contract, CLASSES, {}, None, {"architecture": arch}, {})
-    return export_to_store(job, store, make_tag("bench", "segment", "1"), props)
+    calibration = calibration_tiles(contract.tile_size) if int8 else None
+    return export_to_store(job, store, make_tag("bench", "segment", "1"), props, calibration)
+
+
+def calibration_tiles(side: int, n: int = 8) -> np.ndarray:
+    """``n`` normalised tiles of a synthetic frame: the int8 model's activation ranges."""
+    from nanomorph.contract import normalise
+
+    frame = normalise(read_image(frame_tiff(side * 4, seed=1))[0], Contract())
+    tiles = [frame[y : y + side, x : x + side] for y in (0, side, 2 * side, 3 * side) for x in (0, 2 * side)]
+    return np.stack(tiles[:n])[:, None].astype(np.float32)
 
 
 def frame_tiff(side: int, seed: int = 0) -> bytes:
@@ -130,10 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sides", default="8192,4096", help="frame sides to run")
     p.add_argument("--record", action="store_true", help="write the result into docs/benchmarks.md")
     p.add_argument("--tiles", action="store_true", help="only the model's cost per pixel by tile side")
+    p.add_argument(
+        "--fp32-only",
+        action="store_true",
+        help="store no int8 model (what an export without --quantize stores)",
+    )
     args = p.parse_args(argv)
     if args.tiles:
         with tempfile.TemporaryDirectory(prefix="nanomorph-bench-large-") as tmp:
-            tile_costs(Path(tmp), build_model(Path(tmp)))
+            tile_costs(Path(tmp), build_model(Path(tmp), int8=not args.fp32_only))
         return 0
     from tests.fixtures.server import start_server
 
@@ -143,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         store = work / "store"
         store.mkdir()
-        tag = build_model(store)
+        tag = build_model(store, int8=not args.fp32_only)
         contract = resolve(tag, store).contract
         frames = {s: frame_tiff(s) for s in sides}
         for side in sides:
@@ -174,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "`nanomorph serve`, one `POST /segment?format=png` (mask only; JSON adds the morphology numbers). "
         f"Served: precision {seg_info.get('precision')}, inference tile {seg_info.get('inference_tile')} px, pixel "
         f"budget {models['limits'].get('pixel_budget')} px, providers {', '.join(seg_info['providers'])}.\n",
-        f"Machine: {machine()} (shared with other work; numbers from a loaded machine), "
+        f"Machine: {machine()} (the load average shows what else ran), "
         f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC.\n",
         "| frame | in-process (s) | served (s) | HTTP | served / in-process |",
         "|---|---|---|---|---|",

@@ -18,6 +18,10 @@ MIB = 1 << 20
 #: Largest image the service decodes: 8192 x 8192. Segmenting one is planned at 16 bytes per pixel
 #: (~1 GB) by the pixel budget (service.largeframes, docs/service.md "Large frames").
 DEFAULT_MAX_PIXELS = 8192 * 8192
+#: Largest uploaded file: the largest frame the pixel limit accepts as an uncompressed uint16 TIFF
+#: (128 MiB, what direct-detector cameras write) plus 8 MiB for headers and metadata; a smaller cap
+#: refused 8192 x 8192 frames that the documented limits accept.
+DEFAULT_MAX_UPLOAD_MB = 136
 
 # name -> (default shown in the docs, one-line description)
 ENV_VARS: dict[str, tuple[str, str]] = {
@@ -43,7 +47,10 @@ ENV_VARS: dict[str, tuple[str, str]] = {
         "60000",
         "a request whose first model call is queued longer than this gets 503 (load shedding)",
     ),
-    "NANOMORPH_MAX_UPLOAD_MB": ("64", "largest single uploaded file (MiB)"),
+    "NANOMORPH_MAX_UPLOAD_MB": (
+        str(DEFAULT_MAX_UPLOAD_MB),
+        "largest single uploaded file (MiB); the default holds an uncompressed uint16 8192 x 8192 frame",
+    ),
     "NANOMORPH_MAX_REQUEST_MB": ("256", "largest request body (MiB), checked from Content-Length"),
     "NANOMORPH_MAX_FILES": ("64", "most files per /classify or /embed request"),
     "NANOMORPH_MAX_PIXELS": ("67108864 (8192^2)", "largest image (height x width), read from the header"),
@@ -160,7 +167,7 @@ class Settings:
     max_batch_size: int = 32
     max_latency_ms: int = 60000
     batch_wait_ms: float = 0.0
-    max_upload_bytes: int = 64 * MIB
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * MIB
     max_request_bytes: int = 256 * MIB
     max_files: int = 64
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -220,7 +227,9 @@ class Settings:
             max_batch_size=_int(env, "NANOMORPH_MAX_BATCH_SIZE", 32, minimum=1),
             max_latency_ms=_int(env, "NANOMORPH_MAX_LATENCY_MS", 60000, minimum=1),
             batch_wait_ms=_float(env, "NANOMORPH_BATCH_WAIT_MS", 0.0),
-            max_upload_bytes=int(_float(env, "NANOMORPH_MAX_UPLOAD_MB", 64.0, minimum=0.0) * MIB),
+            max_upload_bytes=int(
+                _float(env, "NANOMORPH_MAX_UPLOAD_MB", float(DEFAULT_MAX_UPLOAD_MB), minimum=0.0) * MIB
+            ),
             max_request_bytes=int(_float(env, "NANOMORPH_MAX_REQUEST_MB", 256.0, minimum=0.0) * MIB),
             max_files=_int(env, "NANOMORPH_MAX_FILES", 64, minimum=1),
             max_pixels=max_pixels,

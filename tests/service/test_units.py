@@ -30,7 +30,7 @@ def test_settings_defaults_and_overrides() -> None:
     s = Settings.from_env({})
     assert s.store == "bentoml"
     assert s.models == {t: f"nanomorph-{t}:latest" for t in TASKS}
-    assert (s.max_batch_size, s.max_latency_ms, s.max_upload_bytes) == (32, 60000, 64 * MIB)
+    assert (s.max_batch_size, s.max_latency_ms, s.max_upload_bytes) == (32, 60000, 136 * MIB)
     assert not s.auth_enabled and not s.protect_metrics and s.required == ()
     assert s.access_log and not Settings.from_env({"NANOMORPH_ACCESS_LOG": "0"}).access_log
     s = Settings.from_env(
