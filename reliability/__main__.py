@@ -622,7 +622,7 @@ def _replace_section(doc: str, heading: str, section: str) -> str:
     if heading in doc:
         head, rest = doc.split(heading, 1)
         nxt = rest.find("\n## ")
-        return head + section + (rest[nxt + 1 :] if nxt >= 0 else "")
+        return head + section.rstrip("\n") + "\n\n" + (rest[nxt + 1 :] if nxt >= 0 else "")
     anchor = "## Bugs this harness found"
     if anchor in doc:
         head, rest = doc.split(anchor, 1)

@@ -45,7 +45,7 @@ from nanomorph.contract.frames import nm_per_px
 from nanomorph.tasks import TASKS
 from service import errors, metrics
 from service.guard import GuardError, GuardMiddleware, decode_uploads, frame_pixels, read_upload
-from service.largeframes import PixelBudget, frame_numbers, segment_frame, trim_memory
+from service.largeframes import PixelBudget, fix_mmap_threshold, frame_numbers, segment_frame, trim_memory
 from service.lifecycle import RecycleMiddleware, recycling_enabled
 from service.schemas import (
     ERRORS,
@@ -119,6 +119,8 @@ class Nanomorph:
         from service.loading import Models
 
         self.settings = settings or SETTINGS
+        # Large frames' buffers in their own mappings, returned when freed (service.largeframes).
+        fix_mmap_threshold(self.settings.mmap_threshold_bytes)
         # Each task's batcher calls the batch API named after it: classify_batch, embed_batch, ...
         self.registry = Models(self.settings, {t: getattr(self, f"{t}_batch") for t in TASKS})
         self.slots = self.registry.slots

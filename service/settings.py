@@ -70,6 +70,10 @@ ENV_VARS: dict[str, tuple[str, str]] = {
         "1",
         "return freed memory to the system (glibc malloc_trim) after large requests",
     ),
+    "NANOMORPH_MMAP_THRESHOLD_MB": (
+        "1",
+        "glibc mmap threshold fixed at worker start: larger buffers are returned to the system when freed (0: glibc's)",
+    ),
     "NANOMORPH_API_TOKENS": ("(unset: no auth)", "comma-separated bearer tokens for inference and /models"),
     "NANOMORPH_PROTECT_METRICS": ("0", "1: /metrics needs a token too"),
     "NANOMORPH_WORKERS": ("1", "BentoML worker processes (each loads every model)"),
@@ -175,6 +179,7 @@ class Settings:
     pixel_queue: int = 16
     segment_tile: int = 0
     malloc_trim: bool = True
+    mmap_threshold_bytes: int = MIB
     api_tokens: tuple[str, ...] = ()
     protect_metrics: bool = False
     workers: int = 1
@@ -237,6 +242,7 @@ class Settings:
             pixel_queue=_int(env, "NANOMORPH_PIXEL_QUEUE", 16),
             segment_tile=segment_tile,
             malloc_trim=_bool(env, "NANOMORPH_MALLOC_TRIM", True),
+            mmap_threshold_bytes=int(_float(env, "NANOMORPH_MMAP_THRESHOLD_MB", 1.0, minimum=0.0) * MIB),
             api_tokens=_list(env, "NANOMORPH_API_TOKENS"),
             protect_metrics=_bool(env, "NANOMORPH_PROTECT_METRICS", False),
             workers=workers,

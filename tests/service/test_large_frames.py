@@ -19,8 +19,16 @@ import numpy as np
 import pytest
 import tifffile
 
+from service import largeframes
 from service.batching import Batcher
-from service.largeframes import Busy, PixelBudget, default_pixel_budget, segment_tiles, trim_memory
+from service.largeframes import (
+    Busy,
+    PixelBudget,
+    default_pixel_budget,
+    fix_mmap_threshold,
+    segment_tiles,
+    trim_memory,
+)
 from service.settings import DEFAULT_MAX_PIXELS, Settings
 from tests.fixtures.server import Server, start_server
 
@@ -114,6 +122,27 @@ def test_segment_tiles_blends_calls_as_they_arrive() -> None:
     assert probs is None  # only boundary-aware models keep them
     np.testing.assert_array_equal(mask, (norm > 0.5).astype(np.uint8))
     assert sheds[0] is True and not any(sheds[1:]) and len(sheds) > 5
+
+
+def test_mmap_threshold_is_fixed_on_glibc_and_left_alone_at_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int]] = []
+
+    class FakeLibc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(largeframes, "_LIBC", FakeLibc())
+    assert fix_mmap_threshold(1 << 20) is True
+    assert calls == [(largeframes.M_MMAP_THRESHOLD, 1 << 20)]
+    assert fix_mmap_threshold(0) is False and len(calls) == 1  # 0: glibc's default, untouched
+    monkeypatch.setattr(largeframes, "_LIBC", False)  # no glibc (musl, macOS)
+    assert fix_mmap_threshold(1 << 20) is False
+
+
+def test_mmap_threshold_setting() -> None:
+    assert Settings.from_env({}).mmap_threshold_bytes == 1 << 20
+    assert Settings.from_env({"NANOMORPH_MMAP_THRESHOLD_MB": "0"}).mmap_threshold_bytes == 0
 
 
 def test_trim_memory_runs_on_glibc() -> None:
