@@ -38,6 +38,7 @@ _ENV_OPTIONS = {
     "segment_model": "NANOMORPH_SEGMENT_MODEL",
     "require": "NANOMORPH_REQUIRE_MODELS",
     "providers": "NANOMORPH_PROVIDERS",
+    "precision": "NANOMORPH_PRECISION",
     "workers": "NANOMORPH_WORKERS",
     "max_batch_size": "NANOMORPH_MAX_BATCH_SIZE",
     "max_latency_ms": "NANOMORPH_MAX_LATENCY_MS",

@@ -17,6 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         a(f"--{task}-model", help=f"tag of the {task} model (null: nanomorph-{task}:latest)")
     a("--require", help="tasks that must load before the server is ready ('all' or a comma list)")
     a("--providers", help="onnxruntime providers, comma list")
+    a(
+        "--precision",
+        choices=("auto", "fp32"),
+        help="auto: a model's int8 file on CPU where export kept one, fp32 on CUDA; fp32: always fp32",
+    )
     a("--workers", type=int, help="worker processes (null: 1)")
     a("--max-batch-size", type=int, help="images per onnxruntime call")
     a("--max-latency-ms", type=int, help="queue time before 503")

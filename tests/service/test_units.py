@@ -213,12 +213,14 @@ def test_serve_options_become_environment() -> None:
     parser = build_parser("serve")
     args = parser.parse_args(
         ["--port", "4000", "--store", "/s", "--classify-model", "x-classify:1", "--max-batch-size", "8"]
+        + ["--precision", "fp32"]
     )
     assert (args.host, args.port) == ("127.0.0.1", 4000)
     assert serve_cmd.env_from_args(args) == {
         "NANOMORPH_STORE": "/s",
         "NANOMORPH_CLASSIFY_MODEL": "x-classify:1",
         "NANOMORPH_MAX_BATCH_SIZE": "8",
+        "NANOMORPH_PRECISION": "fp32",
     }
     assert serve_cmd.command("0.0.0.0", 4000, grace_s=12.5)[-7:] == [
         "service.service:Nanomorph",
