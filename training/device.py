@@ -44,8 +44,8 @@ def cpu_has_amx_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """True on CPUs with AMX bf16 tiles (Intel Sapphire Rapids and later).
 
     Why only AMX: there, bf16 autocast made a resnet18 training step 2.5x faster than fp32
-    (0.60 vs 1.49 s for 128 images of 96 px on 2 cores, 2026-11-30). Without bf16 matrix units
-    oneDNN emulates bf16 and autocast is slower than fp32; AVX512-BF16 alone was not measured.
+    (0.60 vs 1.49 s for 128 images of 96 px on 2 cores, 2026-11-30). CPUs without bf16 matrix
+    units have no native bf16 kernels to gain from; neither they nor AVX512-BF16 alone were measured.
     """
     try:
         text = cpuinfo.read_text(errors="replace")
@@ -58,7 +58,7 @@ def pick_precision(requested: str | None, device: torch.device) -> str:
     """``fp32`` or ``bf16`` for the ``--precision`` value on ``device``.
 
     ``auto``: bf16 autocast on CUDA and on CPUs with AMX (see :func:`cpu_has_amx_bf16`), fp32
-    elsewhere. ``fp32`` / ``bf16`` force it (bf16 runs on any CPU, slowly where it is emulated).
+    elsewhere. ``fp32`` / ``bf16`` force it (bf16 autocast runs on any CPU, not necessarily faster).
 
     Raises:
         ValueError: an unknown value; the message names ``--precision`` and the choices.
