@@ -546,12 +546,11 @@ def images_per_second(path: Path, x: np.ndarray, seconds: float = 1.0, warmup: i
 def _segment_split(
     job: ExportJob, data: str | Path | None, n_calibration: int = 16
 ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], str]:
-    """``(calibration tiles, validation frames (normalised), their target masks, split name)`` of a
-    segmenter run: the stems ``finetune-seg`` recorded in its ``metrics.json`` (the test split is
+    """``(calibration tiles, validation frames (normalised), their semantic masks, split name)`` of
+    a segmenter run: the stems ``finetune-seg`` recorded in its ``metrics.json`` (the test split is
     never used); calibration takes ``n_calibration`` tiles spread over the training frames."""
     from nanomorph.particles import InstanceParams
-    from training.seg_data import find_pairs
-    from training.seg_instances import load_target_pair
+    from training.seg_data import find_pairs, load_pair
 
     folder = data or job.config.get("data")
     if not folder or not Path(folder).is_dir():
@@ -566,9 +565,7 @@ def _segment_split(
 
     def load(name: str) -> list[tuple[np.ndarray, np.ndarray]]:
         stems = [str(s) for s in split.get(name) or []]
-        return [
-            load_target_pair(folder, pairs[s], job.contract, n_semantic, inst) for s in stems if s in pairs
-        ]
+        return [load_pair(pairs[s], job.contract, n_semantic) for s in stems if s in pairs]
 
     train, evaluate, name = load("train"), load("val"), "validation"
     if not evaluate:
@@ -585,26 +582,24 @@ def _segment_split(
 def _mean_iou(
     path: Path, frames: list[np.ndarray], masks: list[np.ndarray], job: ExportJob, batch: int = 8
 ) -> float:
-    """Hard foreground mean IoU of an ONNX segmenter on normalised frames, tiled as
-    ``finetune-seg`` validates (training tile and overlap, blended)."""
+    """Hard foreground mean IoU of an ONNX segmenter on normalised frames, tiled and scored as
+    ``finetune-seg`` validates (training tile and overlap, blended; an instance model's rim folded
+    into the particle: ``training.seg_losses.score_prob_maps``)."""
     from nanomorph.contract import untile
-    from training.seg_losses import pixel_confusion, scores_from_confusion
+    from nanomorph.particles import InstanceParams
+    from training.seg_losses import score_prob_maps
 
     session = _session(path)
     side, overlap = job.contract.tile_size, job.contract.tile_overlap
-    cm = np.zeros((len(job.classes), len(job.classes)), dtype=np.int64)
-    for frame, mask in zip(frames, masks, strict=True):
+
+    def prob_map(frame: np.ndarray) -> np.ndarray:
         tiles, positions, _ = tile(frame, side, overlap)
-        probs = np.concatenate(
-            [
-                session.run(["probabilities"], {"image": np.ascontiguousarray(tiles[i : i + batch, None])})[0]
-                for i in range(0, len(tiles), batch)
-            ]
-        )
-        cm += pixel_confusion(
-            mask, untile(probs, positions, frame.shape, side).argmax(axis=0), len(job.classes)
-        )
-    score = scores_from_confusion(cm, job.classes)["mean_iou_foreground"]
+        batches = (np.ascontiguousarray(tiles[i : i + batch, None]) for i in range(0, len(tiles), batch))
+        probs = np.concatenate([session.run(["probabilities"], {"image": x})[0] for x in batches])
+        return untile(probs, positions, frame.shape, side)
+
+    inst = InstanceParams.from_dict(job.instances)
+    score = score_prob_maps((prob_map(f) for f in frames), masks, job.classes, inst)["mean_iou_foreground"]
     return float("nan") if score is None else float(score)
 
 

@@ -64,7 +64,7 @@ from training.seg_data import (
     split_indices,
 )
 from training.seg_instances import instance_params, load_target_pair
-from training.seg_losses import DiceCELoss, pixel_confusion, scores_from_confusion
+from training.seg_losses import DiceCELoss, pixel_confusion, score_prob_maps, scores_from_confusion
 
 log = logging.getLogger("nanomorph.finetune_seg")
 
@@ -198,21 +198,11 @@ def evaluate(
     batch_size: int = 8,
     inst: InstanceParams | None = None,
 ) -> dict[str, Any]:
-    """Hard IoU / Dice of ``model`` on normalised frames with their true masks.
-
-    With ``inst`` (a boundary-aware model) ``masks`` are the semantic class masks and the prediction
-    is :func:`nanomorph.particles.fold_mask` of the probabilities (rim pixels count as particle),
-    i.e. the mask ``predict`` and the service return. Scoring the 1-2 px rim as a class of its own
-    would average an IoU near 0 into the foreground mean (halving it) and let model selection chase
-    rim noise instead of the particles.
-    """
-    names = semantic_classes(classes, inst) if inst else classes
-    cm = np.zeros((len(names), len(names)), dtype=np.int64)
-    for frame, mask in zip(frames, masks, strict=True):
-        probs = predict_probs(model, frame, contract, device, batch_size)
-        pred = fold_mask(probs, inst) if inst else probs.argmax(axis=0)
-        cm += pixel_confusion(mask, pred, len(names))
-    return scores_from_confusion(cm, names)
+    """Hard IoU / Dice of ``model`` on normalised frames with their semantic masks
+    (``training.seg_losses.score_prob_maps``: an instance model's rim is folded into the particle,
+    so model selection follows the particles, not rim noise)."""
+    prob_maps = (predict_probs(model, frame, contract, device, batch_size) for frame in frames)
+    return score_prob_maps(prob_maps, masks, classes, inst)
 
 
 def _write_overlay(path: Path, image01: np.ndarray, truth: np.ndarray, pred: np.ndarray, n: int) -> None:
