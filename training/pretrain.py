@@ -277,7 +277,8 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo) -> int:
     _seed_and_tune(cfg["seed"] + info.rank, info.device)
     data = _prepare_data(args, cfg, info, data_dir)
     trainer = _build_trainer(cfg, info, data, checkpoint, out)
-    trainer.bf16 = pick_precision(args.precision, info.device) == "bf16"
+    args.precision_used = pick_precision(args.precision, info.device)  # saved in config.yaml
+    trainer.bf16 = args.precision_used == "bf16"
     metrics = _open_run_folder(args, cfg, info, data, out, trainer.start_epoch)
     monitor: tuple[torch.Tensor, torch.Tensor] | None = None
     if args.monitor_labels and info.is_main:
@@ -462,7 +463,6 @@ def _open_run_folder(
         args.contract = data.contract.to_dict()
         args.world_size = info.world_size
         args.device_used = str(info.device)
-        args.precision_used = pick_precision(args.precision, info.device)
         args.workers_used = data.workers
         save_resolved(args, out)
     return metrics
