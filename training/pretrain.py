@@ -97,6 +97,7 @@ RUN_KEYS = (
     "warmup_epochs",
     "scale_min",
     "scale_max",
+    "ratio_max",
     "structured_crops",
     "seed",
 )
@@ -128,6 +129,8 @@ def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
     if int(args.batch_size) < 2:
         raise ValueError("--batch-size must be >= 2 (the losses compare samples within a batch)")
+    if float(args.ratio_max) < 1:
+        raise ValueError(f"--ratio-max must be >= 1 (aspect ratios in [1/r, r]), got {args.ratio_max}")
     ssl_cfg = resolve_config(args.method, args.preset, args.projector, args.temperature, args.lambda_param)
     base_lr, wd, _ = OPTIMIZER_DEFAULTS[args.optimizer]
     base_lr = float(args.base_lr if args.base_lr is not None else base_lr)
@@ -154,6 +157,7 @@ def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
         "warmup_epochs": float(args.warmup_epochs),
         "scale_min": float(args.scale_min),
         "scale_max": float(args.scale_max),
+        "ratio_max": float(args.ratio_max),
         "structured_crops": bool(args.structured_crops),
         "seed": int(args.seed),
     }
@@ -390,7 +394,11 @@ def _prepare_data(
     if cfg["steps_per_epoch"]:
         steps_per_epoch = min(steps_per_epoch, cfg["steps_per_epoch"])
     augment = BatchAugment(
-        AugmentConfig(image_size=cfg["image_size"], scale=(cfg["scale_min"], cfg["scale_max"]))
+        AugmentConfig(
+            image_size=cfg["image_size"],
+            scale=(cfg["scale_min"], cfg["scale_max"]),
+            ratio=(1 / cfg["ratio_max"], cfg["ratio_max"]),
+        )
     )
     return _Data(contract, dataset, n_files, workers, sampler, sampler_gen, loader, steps_per_epoch, augment)
 

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--scale-min", type=float, help="random resized crop: smallest area fraction")
     p.add_argument("--scale-max", type=float, help="random resized crop: largest area fraction")
     p.add_argument(
+        "--ratio-max", type=float, help="random resized crop: aspect ratio in [1/r, r] (1 keeps shapes)"
+    )
+    p.add_argument(
         "--structured-crops",
         type=yes_no,
         metavar="true|false",
