@@ -101,6 +101,8 @@ RUN_KEYS = (
     "structured_crops",
     "seed",
 )
+# What runs saved before a setting existed used (their checkpoints lack the key); 4/3 as 1.333.
+SETTINGS_BEFORE_THEY_EXISTED = {"ratio_max": 1.333}
 
 
 class NonFiniteLossError(ValueError):
@@ -179,7 +181,9 @@ def _existing_run(
     state = runs.RunState(
         finished=done >= cfg["epochs"] and (out / "backbone.safetensors").exists(),
         started=checkpoint is not None or (out / "metrics.jsonl").exists(),
-        saved=json.loads(checkpoint["run"]) if checkpoint is not None else None,
+        saved={**SETTINGS_BEFORE_THEY_EXISTED, **json.loads(checkpoint["run"])}
+        if checkpoint is not None
+        else None,
         progress=f"epoch {done}/{cfg['epochs']}" if checkpoint else "stopped before its first checkpoint",
     )
     return runs.decide(out, state, cfg, resume=bool(args.resume), keys=RUN_KEYS), checkpoint

@@ -96,6 +96,14 @@ def test_run_folder_contents_and_rerun(tmp_path: Path) -> None:
     refused = nanomorph(*argv[:-2], "--epochs", "3")
     assert refused.returncode == 2
     assert "epochs" in refused.stderr
+    # A run saved before --ratio-max existed (its checkpoint lacks the key) used 4/3: it is the
+    # same run as the default, and a different --ratio-max is refused by name.
+    assert config["resolved"]["ratio_max"] == 1.333
+    ckpt["run"] = json.dumps({k: v for k, v in json.loads(ckpt["run"]).items() if k != "ratio_max"})
+    torch.save(ckpt, out / "checkpoint.pt")
+    assert nanomorph(*argv).returncode == 0
+    refused = nanomorph(*argv, "--ratio-max", "1")
+    assert refused.returncode == 2 and "ratio_max" in refused.stderr
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -120,6 +128,10 @@ def test_user_errors_are_one_clear_line(tmp_path: Path) -> None:
     run = nanomorph("pretrain", "--data", str(data), "--out", str(tmp_path / "r"), *TINY)
     assert run.returncode == 2
     assert "--batch-size" in run.stderr
+    run = nanomorph(
+        "pretrain", "--data", str(data), "--out", str(tmp_path / "r"), *TINY, "--ratio-max", "0.5"
+    )
+    assert run.returncode == 2 and "--ratio-max" in run.stderr
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
