@@ -105,7 +105,7 @@ def train_cell(
             "labeled_images": labels, "instances": "off" if method == "cc" else "on", "tile": args.tile,
             "steps": args.steps, "batch_size": args.batch_size, "test_fraction": 0.01, "val_fraction": 0.1,
             "max_val_evals": 2, "overlays": 2, "seed": args.seed, "out": str(out), "device": "cpu",
-            "checkpoint_every_s": 120,
+            "checkpoint_every_s": 120, "invert_fraction": args.invert_fraction,
         }
     )  # fmt: skip
     return out
@@ -186,6 +186,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--tile", type=int, default=256)
+    p.add_argument(
+        "--invert-fraction", type=float, default=0.0, help="share of training tiles with inverted intensity"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain-epochs", type=int, default=5)
     p.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")

@@ -77,7 +77,7 @@ METRIC_NOTE = (
 _RESULT_KEYS = (
     "encoder", "arch", "data", "classes", "labeled_images", "freeze_encoder", "tile", "tile_overlap",
     "test_fraction", "val_fraction", "seed", "epochs", "steps", "batch_size", "lr", "encoder_lr_scale",
-    "decoder_warmup", "weight_decay", "fg_fraction", "dice_weight", "instances",
+    "decoder_warmup", "weight_decay", "fg_fraction", "invert_fraction", "dice_weight", "instances",
 )  # fmt: skip
 
 
@@ -249,6 +249,8 @@ def _config(config: dict[str, Any]) -> dict[str, Any]:
     cfg["tile_overlap"] = int(cfg["tile_overlap"]) if cfg["tile_overlap"] is not None else tile_size // 4
     if tile_size % 32:
         raise ValueError(f"--tile must be a multiple of 32 (U-Net downsamples 5 times), got {tile_size}")
+    if not 0.0 <= float(cfg["invert_fraction"]) <= 1.0:
+        raise ValueError(f"--invert-fraction must be in [0, 1], got {cfg['invert_fraction']}")
     cfg["force"] = bool(cfg.get("force"))
     return cfg
 
@@ -284,6 +286,7 @@ def _existing_run(out: Path, cfg: dict[str, Any]) -> _Existing:
         saved = json.loads(checkpoint["fingerprint"])
     if saved is not None:
         saved.setdefault("instances", "off")  # runs from before instance training had none
+        saved.setdefault("invert_fraction", 0.0)  # nor inverted tiles
     state = runs.RunState(finished, started=ckpt_path.is_file() or metrics is not None, saved=saved)
     action = runs.decide(out, state, cfg, keys=_RESULT_KEYS, force_flag="--force (--overwrite)")
     return _Existing(action, metrics, checkpoint)
@@ -688,6 +691,7 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
     dataset = SegTileDataset(
         [f for f, _ in s.train_data], [m for _, m in s.train_data], sched.tile,
         length=sched.total_steps * sched.batch, seed=int(cfg["seed"]), fg_fraction=float(cfg["fg_fraction"]),
+        invert_fraction=float(cfg["invert_fraction"]),
     )  # fmt: skip
     trainer = _Trainer(s, sched)
     trainer.restore(existing)

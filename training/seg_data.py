@@ -251,6 +251,9 @@ class SegTileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     dataset works with any number of loader workers. Frames are drawn in proportion to their area.
     With probability ``fg_fraction`` the crop is centred (with jitter) on a random foreground pixel:
     sparse phases (a few thin wires) would otherwise be rare in random tiles of few labeled frames.
+    With probability ``invert_fraction`` the tile's intensity is inverted (``1 - x``): where labelled
+    frames mix bright-field TEM (dark particles) with dark-field, STEM-HAADF or SEM (bright ones),
+    the network then learns the particle's outline rather than "dark is particle".
     """
 
     def __init__(
@@ -262,9 +265,12 @@ class SegTileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         seed: int = 0,
         fg_fraction: float = 0.5,
         augment: bool = True,
+        invert_fraction: float = 0.0,
     ) -> None:
         if not images or len(images) != len(masks):
             raise ValueError("SegTileDataset needs as many masks as images, and at least one")
+        if not 0.0 <= invert_fraction <= 1.0:
+            raise ValueError(f"invert_fraction must be in [0, 1], got {invert_fraction}")
         pairs = [_pad_pair(im, m, tile) for im, m in zip(images, masks, strict=True)]
         self.images = [p[0] for p in pairs]
         self.masks = [p[1] for p in pairs]
@@ -273,6 +279,7 @@ class SegTileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.seed = seed
         self.fg_fraction = fg_fraction
         self.augment = augment
+        self.invert_fraction = invert_fraction
         areas = np.array([m.size for m in self.masks], dtype=np.float64)
         self.weights = areas / areas.sum()
         rng = np.random.default_rng(seed)
@@ -306,6 +313,8 @@ class SegTileDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             img, msk = np.rot90(img, rot), np.rot90(msk, rot)
             if rng.random() < 0.5:
                 img, msk = img[:, ::-1], msk[:, ::-1]
+            if self.invert_fraction and rng.random() < self.invert_fraction:
+                img = 1.0 - img  # frames are normalised to [0, 1] by the contract
         return np.ascontiguousarray(img), np.ascontiguousarray(msk)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     )
     a("--weight-decay", type=float, help="AdamW weight decay")
     a("--fg-fraction", type=float, help="share of tiles centred on foreground")
+    a(
+        "--invert-fraction",
+        type=float,
+        help="share of tiles with inverted intensity (1 - x): for sets mixing dark and bright particles",
+    )
     a("--dice-weight", type=float, help="loss = CE + this x soft Dice")
     a("--max-val-evals", type=int, help="validations during training (at most)")
     a("--overlays", type=int, help="test images to save as overlay PNGs")

@@ -219,6 +219,8 @@ def test_bad_mask_values_give_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="found values \\[0, 7\\]"):
         read_mask(data / "masks" / "frame02.png", 2)
     assert not (tmp_path / "r" / "metrics.json").exists()
+    run = nanomorph(*argv, "--invert-fraction", "2")
+    assert run.returncode == 2 and "--invert-fraction must be in [0, 1]" in run.stderr
 
 
 def test_unpaired_files_are_named(tmp_path: Path) -> None:
@@ -243,6 +245,24 @@ def test_tiles_keep_image_and_mask_aligned() -> None:
         assert x.shape == (1, 64, 64) and y.shape == (64, 64)
         np.testing.assert_array_equal(x[0].numpy(), clean_of(y.numpy()))
     assert ds.sample(5)[0].tobytes() == ds.sample(5)[0].tobytes()  # reproducible per index
+
+
+def test_inverted_tiles_keep_their_masks() -> None:
+    """--invert-fraction: about that share of tiles come as 1 - x, the mask unchanged."""
+    rng = np.random.default_rng(0)
+    _, mask = draw(rng, 96, 3)
+    clean = clean_of(mask)
+    ds = SegTileDataset([clean], [mask], tile=64, length=200, seed=0, invert_fraction=0.5)
+    inverted = 0
+    for i in range(len(ds)):
+        x, y = ds.sample(i)
+        if np.allclose(x, 1.0 - clean_of(y)):
+            inverted += 1
+        else:
+            np.testing.assert_array_equal(x, clean_of(y))
+    assert 70 <= inverted <= 130
+    with pytest.raises(ValueError, match="invert_fraction"):
+        SegTileDataset([clean], [mask], tile=64, length=1, invert_fraction=1.5)
 
 
 def clean_of(mask: np.ndarray) -> np.ndarray:
