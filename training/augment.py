@@ -14,7 +14,9 @@ TEM-specific choices: no hue/saturation/colour (single channel throughout); 90°
 both flips (no preferred orientation in a micrograph); gamma as well as brightness/contrast
 (detector response); Gaussian (read-out) and Poisson (shot, dose-dependent) noise.
 SimCLR-style random resized crops follow Chen et al., "A Simple Framework for Contrastive
-Learning of Visual Representations", ICML 2020.
+Learning of Visual Representations", ICML 2020, but narrower by default (area 0.5-1, no
+stretch instead of 0.08-1 and 3:4-4:3): particle size and aspect ratio are what a micrograph is
+analysed for, so the encoder should not learn to ignore them (docs/results.md).
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ class AugmentConfig:
     """
 
     image_size: int = 224
-    scale: tuple[float, float] = (0.2, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (1.0, 1.0)
     p_flip: float = 0.5
     p_rot90: float = 0.75
     brightness: float = 0.4

@@ -96,14 +96,14 @@ def test_run_folder_contents_and_rerun(tmp_path: Path) -> None:
     refused = nanomorph(*argv[:-2], "--epochs", "3")
     assert refused.returncode == 2
     assert "epochs" in refused.stderr
-    # A run saved before --ratio-max existed (its checkpoint lacks the key) used 4/3: it is the
-    # same run as the default, and a different --ratio-max is refused by name.
-    assert config["resolved"]["ratio_max"] == 1.333
+    # A run saved before --ratio-max existed (its checkpoint lacks the key) used 4/3: it is the same
+    # run as --ratio-max 1.333, and the default (1, shapes kept) is refused by name.
+    assert config["resolved"]["ratio_max"] == 1.0
     ckpt["run"] = json.dumps({k: v for k, v in json.loads(ckpt["run"]).items() if k != "ratio_max"})
     torch.save(ckpt, out / "checkpoint.pt")
-    assert nanomorph(*argv).returncode == 0
-    refused = nanomorph(*argv, "--ratio-max", "1")
-    assert refused.returncode == 2 and "ratio_max" in refused.stderr
+    assert nanomorph(*argv, "--ratio-max", "1.333").returncode == 0
+    refused = nanomorph(*argv)
+    assert refused.returncode == 2 and "ratio_max: 1.333 -> 1.0" in refused.stderr
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
