@@ -129,6 +129,7 @@ class OnnxModel:
         options.log_severity_level = 3  # onnxruntime's own warnings are noise for users
         chosen = list(providers) if providers else default_providers()
         path, self.precision = model_file(self.stored, chosen, precision or default_precision())
+        self.file = path.name  # the ONNX file in the session (model.onnx or model.int8.onnx)
         self.session = ort.InferenceSession(str(path), options, providers=chosen)
         self.providers: list[str] = list(self.session.get_providers())
         self.input_name: str = self.session.get_inputs()[0].name

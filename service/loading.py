@@ -65,12 +65,17 @@ class ModelSlot:
             classes=list(stored.classes) if stored else [],
             contract=stored.contract.to_dict() if stored else {},
             providers=list(self.onnx.providers) if self.onnx else [],
-            sha256=(stored.manifest.get("files") or {}).get("model.onnx") if stored else None,
+            sha256=_served_sha256(stored, self.onnx) if stored and self.onnx else None,
             metrics=stored.metrics if stored else {},
             ood_threshold=float(ood["threshold"]) if "threshold" in ood else None,
             precision=self.onnx.precision if self.onnx else None,
             inference_tile=getattr(self.helper, "max_tile", None) if get_task(self.task).tiled else None,
         )
+
+
+def _served_sha256(stored: StoredModel, onnx: OnnxModel) -> str:
+    """The manifest's sha256 of the ONNX file the session runs (model.onnx or model.int8.onnx)."""
+    return str((stored.manifest.get("files") or {}).get(onnx.file, ""))
 
 
 def _warmup_input(stored: StoredModel, task: str) -> np.ndarray:
@@ -154,9 +159,11 @@ class Models:
             max_elements=elements,
         )
         slot.error = None
-        sha = (stored.manifest.get("files") or {}).get("model.onnx", "")
         metrics.MODEL_INFO.labels(
-            task=slot.task, tag=stored.tag, sha256=sha, providers=",".join(onnx.providers)
+            task=slot.task,
+            tag=stored.tag,
+            sha256=_served_sha256(stored, onnx),
+            providers=",".join(onnx.providers),
         ).set(1)
 
     def _try_load(self, slot: ModelSlot) -> None:

@@ -18,6 +18,7 @@ from nanomorph.contract import Contract, read_image, to_model_input
 from nanomorph.runtime import CPU, OnnxModel, Segmenter
 from nanomorph.runtime import Classifier as OnnxClassifier
 from nanomorph.store import IntegrityError, list_models, resolve
+from service.loading import _served_sha256
 from tests.fixtures.cli import nanomorph
 from training.backbones import create_backbone, save_backbone
 from training.export import check_parity, export_runs, load_classifier_job
@@ -255,6 +256,14 @@ def test_quantize_int8(runs: dict[str, Path], tmp_path: Path) -> None:
     int8 = OnnxModel(seg, providers=[CPU])
     fp32 = OnnxModel(seg, providers=[CPU], precision="fp32")
     assert (int8.precision, fp32.precision) == ("int8", "fp32")
+    # /models and the Prometheus model gauge name the sha256 of the file each session runs.
+    files = seg.manifest["files"]
+    assert (
+        _served_sha256(seg, int8)
+        == files["model.int8.onnx"]
+        != _served_sha256(seg, fp32)
+        == files["model.onnx"]
+    )
     frame = read_image(sorted((runs["root"] / "data" / "segmentation" / "images").glob("*.png"))[0])[0]
     probs8, probs32 = Segmenter(int8).probabilities(frame), Segmenter(fp32).probabilities(frame)
     assert probs8.shape == probs32.shape == (2, *frame.shape)
