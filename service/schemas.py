@@ -131,7 +131,10 @@ class ModelInfo(BaseModel):
     providers: list[str] = Field(
         default_factory=list, description="onnxruntime providers in use (session.get_providers())"
     )
-    sha256: str | None = Field(default=None, description="sha256 of the ONNX file served (model.onnx, or model.int8.onnx when int8), verified at load")
+    sha256: str | None = Field(
+        default=None,
+        description="sha256 of the ONNX file served (model.onnx, or model.int8.onnx when int8), verified at load",
+    )
     metrics: dict[str, Any] = Field(default_factory=dict, description="evaluation metrics recorded at export")
     ood_threshold: float | None = Field(default=None, description="classify: the OOD flag threshold")
     precision: str | None = Field(
