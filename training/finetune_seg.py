@@ -79,6 +79,8 @@ _RESULT_KEYS = (
     "test_fraction", "val_fraction", "seed", "epochs", "steps", "batch_size", "lr", "encoder_lr_scale",
     "decoder_warmup", "weight_decay", "fg_fraction", "invert_fraction", "dice_weight", "instances",
 )  # fmt: skip
+# What runs saved before a setting existed used: no instance training, no inverted tiles.
+_SETTINGS_BEFORE_THEY_EXISTED = {"instances": "off", "invert_fraction": 0.0}
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -284,11 +286,11 @@ def _existing_run(out: Path, cfg: dict[str, Any]) -> _Existing:
         saved = metrics.get("config", {})
     elif checkpoint is not None and checkpoint.get("fingerprint"):
         saved = json.loads(checkpoint["fingerprint"])
-    if saved is not None:
-        saved.setdefault("instances", "off")  # runs from before instance training had none
-        saved.setdefault("invert_fraction", 0.0)  # nor inverted tiles
     state = runs.RunState(finished, started=ckpt_path.is_file() or metrics is not None, saved=saved)
-    action = runs.decide(out, state, cfg, keys=_RESULT_KEYS, force_flag="--force (--overwrite)")
+    action = runs.decide(
+        out, state, cfg, keys=_RESULT_KEYS, force_flag="--force (--overwrite)",
+        before_they_existed=_SETTINGS_BEFORE_THEY_EXISTED,
+    )  # fmt: skip
     return _Existing(action, metrics, checkpoint)
 
 
@@ -318,7 +320,7 @@ class _Setup:
     @property
     def scored_classes(self) -> list[str]:
         """The classes scores are reported over: an instance model's rim is part of its particle."""
-        return semantic_classes(self.classes, self.inst) if self.inst else self.classes
+        return semantic_classes(self.classes, self.inst)
 
     @property
     def pretrained(self) -> bool:

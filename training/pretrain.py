@@ -178,17 +178,21 @@ def _existing_run(
     if checkpoint is not None and checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{ckpt_path}: not a nanomorph pretraining checkpoint")
     done = int(checkpoint["epoch"]) if checkpoint is not None else 0
-    saved = None
-    if checkpoint is not None:
-        older = {k: v for k, v in SETTINGS_BEFORE_THEY_EXISTED.items() if k in cfg}
-        saved = {**older, **json.loads(checkpoint["run"])}
     state = runs.RunState(
         finished=done >= cfg["epochs"] and (out / "backbone.safetensors").exists(),
         started=checkpoint is not None or (out / "metrics.jsonl").exists(),
-        saved=saved,
+        saved=json.loads(checkpoint["run"]) if checkpoint is not None else None,
         progress=f"epoch {done}/{cfg['epochs']}" if checkpoint else "stopped before its first checkpoint",
     )
-    return runs.decide(out, state, cfg, resume=bool(args.resume), keys=RUN_KEYS), checkpoint
+    action = runs.decide(
+        out,
+        state,
+        cfg,
+        resume=bool(args.resume),
+        keys=RUN_KEYS,
+        before_they_existed=SETTINGS_BEFORE_THEY_EXISTED,
+    )
+    return action, checkpoint
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> Any:

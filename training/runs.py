@@ -91,6 +91,7 @@ def decide(
     resume: bool | None = None,
     keys: Iterable[str] | None = None,
     force_flag: str = "--force",
+    before_they_existed: Mapping[str, Any] | None = None,
 ) -> Action:
     """The action for ``out`` (see the module docstring).
 
@@ -103,6 +104,8 @@ def decide(
             asked for, without ``--resume``) refuses it with a hint; True resumes.
         keys: the settings that change the result (default: every key of either mapping).
         force_flag: how the command spells ``--force`` in messages.
+        before_they_existed: the value each setting had before it existed; saved settings that
+            lack a key ``current`` has (a run from then) are compared as that value.
 
     Raises:
         SettingsChanged: the saved settings differ (the message lists each key, old -> new).
@@ -115,7 +118,11 @@ def decide(
     if state.empty:
         return Action.START
     kind = "finished" if state.finished else "unfinished"
-    diff = settings_diff(state.saved, current, keys) if state.saved is not None else {}
+    saved = state.saved
+    if saved is not None and before_they_existed:
+        older = {k: v for k, v in before_they_existed.items() if k in current}
+        saved = {**older, **saved}
+    diff = settings_diff(saved, current, keys) if saved is not None else {}
     if diff:
         raise SettingsChanged(
             f"{out} holds a different {kind} run (changed: {describe_diff(diff)}); "

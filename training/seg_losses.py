@@ -9,12 +9,15 @@ segmentation", MedIA 2021).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from nanomorph.particles import InstanceParams
 
 
 def soft_dice_loss(
@@ -82,7 +85,10 @@ def pixel_confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> n
 
 
 def score_prob_maps(
-    prob_maps: Iterable[np.ndarray], masks: Iterable[np.ndarray], classes: list[str], inst: Any = None
+    prob_maps: Iterable[np.ndarray],
+    masks: Iterable[np.ndarray],
+    classes: list[str],
+    inst: InstanceParams | None = None,
 ) -> dict[str, Any]:
     """Hard scores (:func:`scores_from_confusion`) of (C, H, W) probability maps against their
     semantic masks. With ``inst`` (a boundary-aware model's ``InstanceParams``) the prediction is

@@ -26,6 +26,16 @@ def test_finished_run_with_the_same_settings_is_skipped(tmp_path: Path) -> None:
     assert decide(tmp_path, listed, {"sizes": (1, 2), "lr": 0.001}) is Action.SKIP
 
 
+def test_settings_older_runs_lack_compare_as_their_value_then(tmp_path: Path) -> None:
+    old = RunState(finished=True, saved=dict(SETTINGS))  # saved before "ratio" existed
+    then = {"ratio": 1.333, "unused": 7}  # a key this run does not have is not compared
+    assert decide(tmp_path, old, {**SETTINGS, "ratio": 1.333}, before_they_existed=then) is Action.SKIP
+    with pytest.raises(SettingsChanged, match=r"ratio: 1\.333 -> 1\.0"):
+        decide(tmp_path, old, {**SETTINGS, "ratio": 1.0}, before_they_existed=then)
+    with pytest.raises(SettingsChanged, match=r"ratio: None -> 1\.333"):  # without it: unknown then
+        decide(tmp_path, old, {**SETTINGS, "ratio": 1.333})
+
+
 def test_interrupted_run_is_resumed(tmp_path: Path) -> None:
     state = RunState(started=True, saved=dict(SETTINGS), progress="epoch 2/4")
     assert decide(tmp_path, state, SETTINGS) is Action.RESUME
