@@ -161,6 +161,8 @@ class UnlabeledFolder(Dataset):
         cache: the decoded-image cache (default: in memory, 2 GiB).
         structured_only: draw crops only where the frame carries structure (outside burned-in
             annotation strips, not near-uniform; :mod:`nanomorph.contract.structure`).
+        crop_norm: stretch each crop to its own ``contract.p_low``-``p_high`` percentiles (the
+            frame's are used otherwise), so local contrast, not the frame's, is what crops share.
 
     Raises:
         FileNotFoundError / ValueError: no folder / no supported images in it.
@@ -174,6 +176,7 @@ class UnlabeledFolder(Dataset):
         crops_per_image: int = 1,
         cache: ArrayCache | None = None,
         structured_only: bool = False,
+        crop_norm: bool = False,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -191,6 +194,7 @@ class UnlabeledFolder(Dataset):
         self.cache = cache or ArrayCache()
         self.bad_files: list[str] = []
         self.structured_only = bool(structured_only)
+        self.crop_norm = bool(crop_norm)
         # Per file: the tile origins crops are drawn around (filled by preload when structured_only).
         self.origins: list[np.ndarray] = []
         self.tiles_kept = (0, 0)  # (kept, all) tiles over the folder, for the run's log
@@ -265,6 +269,8 @@ class UnlabeledFolder(Dataset):
             y = int(torch.randint(0, h - c + 1, (1,)))
             x = int(torch.randint(0, w - c + 1, (1,)))
         crop = np.array(img[y : y + c, x : x + c], dtype=np.float32)
+        if self.crop_norm:
+            crop = normalise(crop, self.contract)
         return torch.from_numpy(crop)[None]
 
 

@@ -99,10 +99,11 @@ RUN_KEYS = (
     "scale_max",
     "ratio_max",
     "structured_crops",
+    "crop_norm",
     "seed",
 )
 # What runs saved before a setting existed used (their checkpoints lack the key); 4/3 as 1.333.
-SETTINGS_BEFORE_THEY_EXISTED = {"ratio_max": 1.333}
+SETTINGS_BEFORE_THEY_EXISTED = {"ratio_max": 1.333, "crop_norm": False}
 
 
 class NonFiniteLossError(ValueError):
@@ -161,6 +162,7 @@ def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
         "scale_max": float(args.scale_max),
         "ratio_max": float(args.ratio_max),
         "structured_crops": bool(args.structured_crops),
+        "crop_norm": bool(args.crop_norm),
         "seed": int(args.seed),
     }
 
@@ -366,7 +368,13 @@ def _prepare_data(
     contract = Contract(image_size=cfg["image_size"])
     cache = ArrayCache(max_bytes=int(args.cache_mb) << 20, cache_dir=args.cache_dir)
     dataset = UnlabeledFolder(
-        data_dir, cfg["crop_size"], contract, cfg["crops_per_image"], cache, cfg["structured_crops"]
+        data_dir,
+        cfg["crop_size"],
+        contract,
+        cfg["crops_per_image"],
+        cache,
+        cfg["structured_crops"],
+        cfg["crop_norm"],
     )
     n_files = dataset.preload(
         lambda it, desc: progress(it, total=len(dataset.files), desc=desc, enabled=info.is_main)
