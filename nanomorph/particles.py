@@ -54,6 +54,12 @@ class InstanceParams:
         seed_threshold: a pixel seeds a particle when P(interior) is above this.
         min_seed_area: seeds smaller than this (px) are noise and dropped.
         min_area: particles smaller than this (px) after the watershed are dropped.
+        smoothing: Gaussian sigma (px) applied to the probabilities before instances are drawn
+            (0 = none); quiets speckle that would otherwise seed spurious particles.
+        keep_unseeded: foreground blobs with no seed become particles of their own (else dropped).
+
+    ``finetune-seg`` chooses the last five on its validation images (:mod:`training.seg_instances`);
+    the defaults are what models stored before that use.
     """
 
     method: str = METHOD
@@ -62,6 +68,8 @@ class InstanceParams:
     seed_threshold: float = 0.5
     min_seed_area: int = 4
     min_area: int = 8
+    smoothing: float = 0.0
+    keep_unseeded: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,25 +180,50 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
 def instances_from_probs(probs: np.ndarray, params: InstanceParams | None) -> np.ndarray:
     """(H, W) int32 particle ids (0 = background) from (C, H, W) probabilities.
 
-    With ``params``: seeds = connected pixels whose interior probability (all particle classes but
-    the rim) exceeds ``seed_threshold``; watershed on the rim probability, restricted to the
-    foreground. Foreground blobs without any seed stay particles of their own. Without params:
-    :func:`connected_instances` of the argmax mask.
+    With ``params``: probabilities smoothed by ``smoothing`` px; seeds = connected pixels whose
+    interior probability (all particle classes but the rim) exceeds ``seed_threshold``; watershed on
+    the rim probability, restricted to the foreground; foreground blobs without any seed stay
+    particles of their own when ``keep_unseeded``. Without params: :func:`connected_instances` of
+    the argmax mask.
     """
-    from skimage.segmentation import watershed
-
     if params is None:
         return connected_instances(fold_mask(probs, None))
-    b = params.boundary_class
+    fg, inner, rim = instance_evidence(probs, params.boundary_class, params.smoothing)
+    grown = grow_seeds(fg, rim, seed_labels(fg, inner, params.seed_threshold, params.min_seed_area))
+    return finish_instances(fg, grown, params.keep_unseeded, params.min_area)
+
+
+def instance_evidence(
+    probs: np.ndarray, boundary_class: int, smoothing: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(foreground, P(interior), P(rim))`` of (C, H, W) probabilities smoothed by ``smoothing`` px."""
+    if smoothing > 0:
+        probs = ndi.gaussian_filter(np.asarray(probs, dtype=np.float32), (0, smoothing, smoothing))
     fg = np.argmax(probs, axis=0) != 0
-    inner = np.delete(probs, [0, b], axis=0).sum(axis=0)
-    seeds, _ = ndi.label(fg & (inner > params.seed_threshold), structure=np.ones((3, 3), bool))
-    seeds = _drop_small(seeds, params.min_seed_area)
-    labels = watershed(probs[b], markers=seeds, mask=fg, connectivity=2)
-    # Foreground the watershed could not reach (no seed in that blob): its own components.
-    rest, _ = ndi.label(fg & (labels == 0), structure=np.ones((3, 3), bool))
-    labels = np.where(rest > 0, rest + labels.max(), labels)
-    return _relabel(_drop_small(labels.astype(np.int64), params.min_area))
+    inner = np.delete(probs, [0, boundary_class], axis=0).sum(axis=0)
+    return fg, inner, probs[boundary_class]
+
+
+def seed_labels(fg: np.ndarray, inner: np.ndarray, threshold: float, min_area: int) -> np.ndarray:
+    """One label per connected foreground region of P(interior) > ``threshold``, >= ``min_area`` px."""
+    seeds, _ = ndi.label(fg & (inner > threshold), structure=np.ones((3, 3), bool))
+    return _drop_small(seeds, min_area)
+
+
+def grow_seeds(fg: np.ndarray, rim: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Seeded watershed on the rim probability over the foreground (0 where no seed reaches)."""
+    from skimage.segmentation import watershed
+
+    return np.asarray(watershed(rim, markers=seeds, mask=fg, connectivity=2), dtype=np.int64)
+
+
+def finish_instances(fg: np.ndarray, grown: np.ndarray, keep_unseeded: bool, min_area: int) -> np.ndarray:
+    """Unseeded foreground blobs added as particles (``keep_unseeded``), small ones dropped, ids 1..n."""
+    labels = grown
+    if keep_unseeded:
+        rest, _ = ndi.label(fg & (grown == 0), structure=np.ones((3, 3), bool))
+        labels = np.where(rest > 0, rest + grown.max(), grown)
+    return _relabel(_drop_small(labels, min_area))
 
 
 def segment_probs(

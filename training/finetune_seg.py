@@ -24,6 +24,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,13 @@ from training.seg_data import (
     read_mask,
     split_indices,
 )
-from training.seg_instances import instance_params, load_target_pair
+from training.seg_instances import (
+    instance_file,
+    instance_params,
+    load_target_pair,
+    read_instances,
+    tune_instances,
+)
 from training.seg_losses import DiceCELoss, pixel_confusion, score_prob_maps, scores_from_confusion
 
 log = logging.getLogger("nanomorph.finetune_seg")
@@ -78,9 +85,11 @@ _RESULT_KEYS = (
     "encoder", "arch", "data", "classes", "labeled_images", "freeze_encoder", "tile", "tile_overlap",
     "test_fraction", "val_fraction", "seed", "epochs", "steps", "batch_size", "lr", "encoder_lr_scale",
     "decoder_warmup", "weight_decay", "fg_fraction", "invert_fraction", "dice_weight", "instances",
+    "tune_instances",
 )  # fmt: skip
-# What runs saved before a setting existed used: no instance training, no inverted tiles.
-_SETTINGS_BEFORE_THEY_EXISTED = {"instances": "off", "invert_fraction": 0.0}
+# What runs saved before a setting existed used: no instance training, no inverted tiles, the
+# post-processing defaults.
+_SETTINGS_BEFORE_THEY_EXISTED = {"instances": "off", "invert_fraction": 0.0, "tune_instances": False}
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -254,6 +263,7 @@ def _config(config: dict[str, Any]) -> dict[str, Any]:
     if not 0.0 <= float(cfg["invert_fraction"]) <= 1.0:
         raise ValueError(f"--invert-fraction must be in [0, 1], got {cfg['invert_fraction']}")
     cfg["force"] = bool(cfg.get("force"))
+    cfg["tune_instances"] = bool(cfg["tune_instances"])
     return cfg
 
 
@@ -603,6 +613,34 @@ def _test(s: _Setup) -> tuple[np.ndarray, list[dict[str, Any]]]:
     return test_cm, per_image
 
 
+def _choose_postprocessing(s: _Setup) -> dict[str, Any] | None:
+    """An instance model's watershed parameters chosen on the validation images (``s.inst`` is
+    replaced, so the saved model, the test scores and export carry them); what was tried and how
+    it scored, or None for a model without instances or with ``--no-tune-instances``."""
+    if s.inst is None or not s.cfg["tune_instances"]:
+        return None
+    if not s.split.val:
+        log.warning("no validation images: the default instance post-processing is kept")
+        return {"chosen": s.inst.to_dict(), "images": 0, "note": "no validation images: defaults kept"}
+
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for (frame, _), i in zip(s.val_data, s.split.val, strict=True):
+            probs = predict_probs(s.unet, frame, s.contract, s.device, int(s.cfg["infer_batch_size"]))
+            path = instance_file(s.data, s.pairs[i])
+            assert path is not None  # every pair has one (instance_params checked)
+            yield probs, read_instances(path)
+
+    t0 = time.perf_counter()
+    tuning = tune_instances(progress(pairs(), total=len(s.split.val), desc="choose post-processing"), s.inst)
+    s.inst = tuning.params
+    log.info(
+        "instance post-processing chosen on %d validation images in %.0f s: validation AP@0.5 %.3f "
+        "(defaults %.3f) with %s",
+        tuning.images, time.perf_counter() - t0, tuning.ap50, tuning.ap50_default, tuning.params.to_dict(),
+    )  # fmt: skip
+    return tuning.to_dict()
+
+
 def _metrics(s: _Setup, trainer: _Trainer, speed: dict[str, Any]) -> dict[str, Any]:
     """The content of ``metrics.json``: held-out test scores, split, training facts, config."""
     test_cm, per_image = _test(s)
@@ -698,7 +736,10 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
     trainer = _Trainer(s, sched)
     trainer.restore(existing)
     speed = trainer.fit(dataset)
+    tuning = _choose_postprocessing(s)
     metrics = _metrics(s, trainer, speed)
+    if tuning is not None:
+        metrics["instances"] = tuning
     _write_outputs(s, metrics)
     log.info(
         "test mean IoU (foreground) %s, Dice %s on %d held-out images -> %s",
@@ -709,6 +750,23 @@ def train_segmenter(config: dict[str, Any]) -> dict[str, Any]:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _particles_card(cfg: dict[str, Any], tuning: dict[str, Any] | None) -> str:
+    """The model card's line on how particles are drawn from the masks."""
+    if cfg.get("instances", "off") == "off":
+        return "connected components of the mask (no instances/ labels)"
+    text = (
+        "boundary-watershed: trained on instances/ with a boundary class (each particle's rim), so touching "
+        "particles are split by a watershed seeded from the interiors (nanomorph.particles)"
+    )
+    if not tuning or not tuning.get("images"):
+        return f"{text}; parameters {cfg['instances']}"
+    return (
+        f"{text}; parameters {json.dumps(tuning['chosen'], sort_keys=True)}, chosen on {tuning['images']} "
+        f"validation images from {tuning['candidates']} candidates: validation AP@0.5 {tuning['val_ap50']:.3f} "
+        f"(defaults {tuning['val_ap50_default']:.3f})"
+    )
 
 
 def _write_card(out: Path, metrics: dict[str, Any], enc_info: dict[str, str]) -> None:
@@ -730,13 +788,7 @@ def _write_card(out: Path, metrics: dict[str, Any], enc_info: dict[str, str]) ->
                 "encoder training": "frozen" if cfg["freeze_encoder"] else "fine-tuned",
                 "classes": ", ".join(metrics["classes"]),
                 "tile / overlap": f"{metrics['contract']['tile_size']} / {metrics['contract']['tile_overlap']} px",
-                "particles": (
-                    "connected components of the mask (no instances/ labels)"
-                    if cfg.get("instances", "off") == "off"
-                    else "boundary-watershed: trained on instances/ with a boundary class (each particle's "
-                    "rim), so touching particles are split by a watershed seeded from the interiors "
-                    f"(nanomorph.particles; parameters {cfg['instances']})"
-                ),
+                "particles": _particles_card(cfg, metrics.get("instances")),
             },
             "Data": {
                 "data": cfg["data"],

@@ -8,13 +8,26 @@ parameters (:class:`nanomorph.particles.InstanceParams`) that export writes into
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nanomorph.contract import Contract
-from nanomorph.particles import InstanceParams, instance_target
+from nanomorph.particles import (
+    InstanceParams,
+    average_precision,
+    finish_instances,
+    grow_seeds,
+    instance_evidence,
+    instance_target,
+    instances_from_probs,
+    match_instances,
+    seed_labels,
+)
 from training.seg_data import SegPair, load_pair, read_index_image, resolve_data_dir
 
 INSTANCE_SUFFIXES = (".png", ".tif", ".tiff")
@@ -81,3 +94,87 @@ def load_target_pair(
     """``load_pair`` with the instance-aware target."""
     image, mask = load_pair(pair, contract, n_semantic)
     return image, target_mask(data, pair, mask, inst)
+
+
+# ------------------------------------------------------------------- post-processing choice
+#: What ``finetune-seg`` tries on its validation images (every combination; see tune_instances).
+TUNING_GRID: dict[str, tuple[Any, ...]] = {
+    "smoothing": (0.0, 1.0, 2.0),
+    "seed_threshold": (0.5, 0.7, 0.9),
+    "min_seed_area": (4, 16, 64),
+    "keep_unseeded": (True, False),
+    "min_area": (8, 32, 128),
+}
+
+
+@dataclass
+class InstanceTuning:
+    """The validation-chosen post-processing and how it scored (mean AP@0.5 over the images)."""
+
+    params: InstanceParams
+    images: int
+    candidates: int
+    ap50: float
+    ap50_default: float  # the parameters models used before tuning (InstanceParams' defaults)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chosen": self.params.to_dict(), "images": self.images, "candidates": self.candidates,
+            "val_ap50": round(self.ap50, 4), "val_ap50_default": round(self.ap50_default, 4),
+        }  # fmt: skip
+
+
+def tune_instances(
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]],
+    base: InstanceParams,
+    grid: dict[str, tuple[Any, ...]] | None = None,
+) -> InstanceTuning:
+    """Chooses the post-processing with the best mean AP@0.5 on ``(probs, instance ids)`` pairs.
+
+    Every combination of ``grid`` (default :data:`TUNING_GRID`) is scored on every pair, one image
+    at a time (nothing is kept but the sums). The watershed, the costly step, runs once per
+    (smoothing, seed threshold, minimum seed area); the rest are cheap filters of its result. Ties
+    keep the earlier combination, so the smallest change from "no smoothing, low thresholds" wins.
+    The steps are :func:`nanomorph.particles.instances_from_probs`' own, so the score is what
+    ``predict`` and the service get with the chosen parameters.
+    """
+    grid = {**TUNING_GRID, **(grid or {})}
+    combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    totals = np.zeros(len(combos))
+    default_total, n = 0.0, 0
+    for probs, truth in pairs:
+        n += 1
+        default_total += _ap50(
+            truth, instances_from_probs(probs, InstanceParams(boundary_class=base.boundary_class))
+        )
+        for i, ap in enumerate(_score_combos(probs, truth, base.boundary_class, combos)):
+            totals[i] += ap
+    if n == 0:
+        raise ValueError("no validation images with instance maps to choose the post-processing on")
+    best = int(np.argmax(totals))  # argmax: the first of equals
+    params = replace(base, **combos[best])
+    return InstanceTuning(params, n, len(combos), float(totals[best] / n), default_total / n)
+
+
+def _score_combos(
+    probs: np.ndarray, truth: np.ndarray, boundary_class: int, combos: list[dict[str, Any]]
+) -> list[float]:
+    """AP@0.5 of every combination on one image, the watershed shared by combinations that agree on it."""
+    cache: dict[tuple[Any, ...], Any] = {}
+    scores = []
+    for c in combos:
+        key_e = (c["smoothing"],)
+        if key_e not in cache:
+            cache[key_e] = instance_evidence(probs, boundary_class, c["smoothing"])
+        fg, inner, rim = cache[key_e]
+        key_g = (c["smoothing"], c["seed_threshold"], c["min_seed_area"])
+        if key_g not in cache:
+            cache[key_g] = grow_seeds(
+                fg, rim, seed_labels(fg, inner, c["seed_threshold"], c["min_seed_area"])
+            )
+        scores.append(_ap50(truth, finish_instances(fg, cache[key_g], c["keep_unseeded"], c["min_area"])))
+    return scores
+
+
+def _ap50(truth: np.ndarray, pred: np.ndarray) -> float:
+    return average_precision(match_instances(truth, pred), 0.5)["ap"]

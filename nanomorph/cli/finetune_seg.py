@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "--instances",
         help="auto: train instance-aware (boundary class + watershed) when DATA/instances/ exists; off: never",
     )
+    a(
+        "--tune-instances",
+        action=argparse.BooleanOptionalAction,
+        help="instance models: choose the watershed's smoothing, seed threshold and minimum areas on the "
+        "validation images (best mean AP@0.5)",
+    )
     a("--save-model", action=argparse.BooleanOptionalAction, help="write segmenter.safetensors")
     a("--keep-checkpoint", action=argparse.BooleanOptionalAction, help="keep checkpoint.pt when done")
     a("--checkpoint-every-s", type=float, help="seconds between checkpoints")

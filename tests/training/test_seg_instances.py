@@ -13,7 +13,7 @@ from PIL import Image
 from skimage.draw import disk
 
 from nanomorph.contract import read_image
-from nanomorph.particles import BOUNDARY_CLASS, InstanceParams
+from nanomorph.particles import BOUNDARY_CLASS, InstanceParams, instance_target
 from nanomorph.runtime import Segmenter
 from nanomorph.store import resolve
 from training.export import export_runs
@@ -54,6 +54,17 @@ def test_instances_train_a_boundary_class_that_export_and_runtime_carry(tmp_path
     _, meta = load_segmenter(out)
     params = InstanceParams.from_dict(meta["instances"])
     assert params is not None and params.boundary_class == 2
+    # The watershed's parameters were chosen on the validation images; the model carries those.
+    assert metrics["instances"]["images"] == metrics["n_images"]["val"] > 0
+    assert metrics["instances"]["chosen"] == params.to_dict()
+    assert "validation images from 162 candidates" in (out / "README.md").read_text()
+    untuned = train_segmenter(
+        {"data": str(data), "classes": "background,particle", "encoder": "scratch", "arch": "resnet18",
+         "tile": 64, "batch_size": 4, "steps": 1, "out": str(tmp_path / "untuned"), "device": "cpu",
+         "tune_instances": False}
+    )  # fmt: skip
+    assert "instances" not in untuned
+    assert InstanceParams.from_dict(load_segmenter(tmp_path / "untuned")[1]["instances"]) == InstanceParams()
 
     tags = export_runs(segmenter=out, name="inst", store=tmp_path / "store", version="1")
     stored = resolve(tags["segment"], tmp_path / "store")
@@ -117,3 +128,41 @@ def test_validation_scores_the_particle_mask_not_the_rim() -> None:
     )
     assert scores["mean_iou_foreground"] == pytest.approx(1.0)
     assert list(scores["per_class"]) == ["background", "particle"]
+
+
+def test_post_processing_is_chosen_on_validation_images_and_scores_as_predict_runs_it() -> None:
+    """Speckle that the default post-processing counts as particles: the tuner finds parameters
+    that drop it, and its score is what ``instances_from_probs`` gives with them."""
+    from nanomorph.particles import average_precision, instances_from_probs, match_instances
+    from training.seg_instances import tune_instances
+
+    rng = np.random.default_rng(0)
+
+    def image(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.zeros((96, 96), np.int64)
+        for k, (cy, cx) in enumerate([(30, 30), (30, 52), (70, 60)]):  # a touching pair and one apart
+            ids[disk((cy, cx + seed), 11, shape=ids.shape)] = k + 1
+        target = instance_target(ids, (ids > 0).astype(np.uint8), 2)
+        probs = np.eye(3, dtype=np.float32)[target].transpose(2, 0, 1)
+        for _ in range(6):  # 3 x 3 "particles" on the background: seeds the defaults keep
+            y, x = rng.integers(0, 93, 2)
+            if not ids[y : y + 3, x : x + 3].any():
+                probs[:, y : y + 3, x : x + 3] = np.array([0.0, 1.0, 0.0], np.float32)[:, None, None]
+        return probs, ids
+
+    val = [image(s) for s in range(3)]
+    tuning = tune_instances(iter(val), InstanceParams(boundary_class=2))
+    assert tuning.images == 3 and tuning.candidates == 162
+    assert tuning.ap50_default < 0.75 and tuning.ap50 == pytest.approx(1.0)
+    chosen = tuning.params
+    assert chosen.boundary_class == 2
+    assert chosen.min_area > 9 or (chosen.min_seed_area > 9 and not chosen.keep_unseeded)  # speckle gone
+
+    def ap(params: InstanceParams) -> float:
+        scores = [average_precision(match_instances(t, instances_from_probs(p, params)), 0.5)["ap"] for p, t in val]
+        return float(np.mean(scores))
+
+    assert ap(tuning.params) == pytest.approx(tuning.ap50)
+    assert ap(InstanceParams(boundary_class=2)) == pytest.approx(tuning.ap50_default)
+    with pytest.raises(ValueError, match="no validation images"):
+        tune_instances(iter([]), InstanceParams(boundary_class=2))
