@@ -159,7 +159,9 @@ def test_post_processing_is_chosen_on_validation_images_and_scores_as_predict_ru
     assert chosen.min_area > 9 or (chosen.min_seed_area > 9 and not chosen.keep_unseeded)  # speckle gone
 
     def ap(params: InstanceParams) -> float:
-        scores = [average_precision(match_instances(t, instances_from_probs(p, params)), 0.5)["ap"] for p, t in val]
+        scores = [
+            average_precision(match_instances(t, instances_from_probs(p, params)), 0.5)["ap"] for p, t in val
+        ]
         return float(np.mean(scores))
 
     assert ap(tuning.params) == pytest.approx(tuning.ap50)
