@@ -98,12 +98,14 @@ def load_target_pair(
 
 # ------------------------------------------------------------------- post-processing choice
 #: What ``finetune-seg`` tries on its validation images (every combination; see tune_instances).
+#: Areas in native px; EMPS (particles ~30-250 px across) chose 64 / 128 from a grid ending there, so
+#: the grid reaches one step further.
 TUNING_GRID: dict[str, tuple[Any, ...]] = {
     "smoothing": (0.0, 1.0, 2.0),
     "seed_threshold": (0.5, 0.7, 0.9),
-    "min_seed_area": (4, 16, 64),
+    "min_seed_area": (4, 16, 64, 256),
     "keep_unseeded": (True, False),
-    "min_area": (8, 32, 128),
+    "min_area": (8, 32, 128, 512),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from nanomorph.store import resolve
 from training.export import export_runs
 from training.finetune_seg import load_segmenter, train_segmenter
 from training.seg_data import find_pairs
-from training.seg_instances import instance_params
+from training.seg_instances import TUNING_GRID, instance_params
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -57,7 +58,8 @@ def test_instances_train_a_boundary_class_that_export_and_runtime_carry(tmp_path
     # The watershed's parameters were chosen on the validation images; the model carries those.
     assert metrics["instances"]["images"] == metrics["n_images"]["val"] > 0
     assert metrics["instances"]["chosen"] == params.to_dict()
-    assert "validation images from 162 candidates" in (out / "README.md").read_text()
+    candidates = math.prod(len(v) for v in TUNING_GRID.values())
+    assert f"validation images from {candidates} candidates" in (out / "README.md").read_text()
     untuned = train_segmenter(
         {"data": str(data), "classes": "background,particle", "encoder": "scratch", "arch": "resnet18",
          "tile": 64, "batch_size": 4, "steps": 1, "out": str(tmp_path / "untuned"), "device": "cpu",
@@ -152,7 +154,7 @@ def test_post_processing_is_chosen_on_validation_images_and_scores_as_predict_ru
 
     val = [image(s) for s in range(3)]
     tuning = tune_instances(iter(val), InstanceParams(boundary_class=2))
-    assert tuning.images == 3 and tuning.candidates == 162
+    assert tuning.images == 3 and tuning.candidates == math.prod(len(v) for v in TUNING_GRID.values())
     assert tuning.ap50_default < 0.75 and tuning.ap50 == pytest.approx(1.0)
     chosen = tuning.params
     assert chosen.boundary_class == 2
