@@ -148,3 +148,24 @@ def test_structured_crops_come_from_where_the_frame_has_structure(tmp_path: Path
     assert bool((crops.flatten(1).min(dim=1).values > 0).all())
     # ... and every crop holds part of a particle (bright pixels).
     assert bool((crops.flatten(1).max(dim=1).values > 0.9).all())
+
+
+def test_crop_norm_stretches_each_crop_to_its_own_range(tmp_path: Path) -> None:
+    """A faint half and a bright half: frame normalisation leaves crops of the faint half dim;
+    with crop_norm the same crops span [0, 1] on their own percentiles."""
+    rng = np.random.default_rng(0)
+    _png(
+        tmp_path / "frame.png", np.concatenate([rng.normal(40, 3, (64, 128)), rng.normal(200, 30, (64, 128))])
+    )
+    framed = UnlabeledFolder(tmp_path, crop_size=32, crops_per_image=32)
+    own = UnlabeledFolder(tmp_path, crop_size=32, crops_per_image=32, crop_norm=True)
+    framed.preload(), own.preload()
+    torch.manual_seed(1)
+    by_frame = torch.stack([framed[i] for i in range(32)])
+    torch.manual_seed(1)  # the same crop positions
+    by_crop = torch.stack([own[i] for i in range(32)])
+    faint = by_frame.amax(dim=(1, 2, 3)) < 0.5  # crops wholly inside the faint half
+    assert 0 < int(faint.sum()) < 32
+    assert bool(
+        (by_crop[faint].amin(dim=(1, 2, 3)) == 0).all() and (by_crop[faint].amax(dim=(1, 2, 3)) == 1).all()
+    )
