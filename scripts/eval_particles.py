@@ -13,7 +13,9 @@ part for model selection, then the doi-test images are segmented here with the s
 post-processing as ``predict`` and the service (``nanomorph.particles.segment_probs``):
 
 * ``cc``: a 2-class U-Net (``--instances off``), particles = connected components of its mask;
-* ``instance``: the U-Net with a boundary class, particles = seeded watershed.
+* ``instance``: the U-Net with a boundary class, particles = seeded watershed, its smoothing, seed
+  threshold and minimum areas chosen by ``finetune-seg`` on that held-out part (``--tune-instances``,
+  the default; never on the doi-test images).
 
 Metrics on the test images (per image, then mean / median over images): instance AP at IoU 0.5 and
 0.75 (one-to-one matches; TP / (TP + FP + FN)), |count error| / true count, |median diameter error|
