@@ -160,8 +160,9 @@ def evaluate_run(run: Path, data: Path, test: list[str], limit: int | None) -> d
     }
 
 
-def pretrain(work: Path, data: Path, split: dict[str, list[str]], epochs: int) -> Path:
-    """``nanomorph pretrain`` on the train images only (subprocess); the backbone file."""
+def pretrain(work: Path, data: Path, split: dict[str, list[str]], flags: str) -> Path:
+    """``nanomorph pretrain`` on the train images only (subprocess, its defaults plus ``flags``); the
+    backbone file. Never on val / test images, not even unlabeled."""
     import subprocess
 
     unl = work / "unlabeled"
@@ -173,7 +174,7 @@ def pretrain(work: Path, data: Path, split: dict[str, list[str]], epochs: int) -
     out = work / "pretrain"
     if not (out / "backbone.safetensors").is_file():
         cmd = [sys.executable, "-m", "nanomorph.cli", "pretrain", "--data", str(unl), "--out", str(out),
-               "--arch", "resnet18", "--epochs", str(epochs), "--device", "cpu"]  # fmt: skip
+               "--backbone", "resnet18", *flags.split()]  # fmt: skip
         log.info("pretraining: %s", " ".join(cmd))
         subprocess.run(cmd, check=True, cwd=ROOT)
     return out / "backbone.safetensors"
@@ -192,7 +193,11 @@ def main() -> int:
         "--invert-fraction", type=float, default=0.0, help="share of training tiles with inverted intensity"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pretrain-epochs", type=int, default=5)
+    p.add_argument(
+        "--pretrain-flags",
+        default="--epochs 30 --image-size 128 --crop-size 128 --crops-per-image 8 --batch-size 64",
+        help="flags of the ssl cells' `nanomorph pretrain` (default: native scale, the segmentation's)",
+    )
     p.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -212,7 +217,7 @@ def main() -> int:
         if (method, enc, labels) in done:
             continue
         encoder = (
-            str(pretrain(args.work, args.data, split, args.pretrain_epochs)) if enc == "ssl" else "scratch"
+            str(pretrain(args.work, args.data, split, args.pretrain_flags)) if enc == "ssl" else "scratch"
         )
         t0 = time.perf_counter()
         run = train_cell(root, args.work, method, encoder, labels, args)
