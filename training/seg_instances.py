@@ -100,7 +100,7 @@ def load_target_pair(
 #: What ``finetune-seg`` tries on its validation images (every combination; see tune_instances).
 #: Areas in native px; EMPS (particles ~30-250 px across) chose 64 / 128 from a grid ending there, so
 #: the grid reaches one step further.
-TUNING_GRID: dict[str, tuple[Any, ...]] = {
+TUNING_GRID: dict[str, tuple[Any, ...]] = {  # keys in _score_combos' loop order
     "smoothing": (0.0, 1.0, 2.0),
     "seed_threshold": (0.5, 0.7, 0.9),
     "min_seed_area": (4, 16, 64, 256),
@@ -133,48 +133,45 @@ def tune_instances(
 ) -> InstanceTuning:
     """Chooses the post-processing with the best mean AP@0.5 on ``(probs, instance ids)`` pairs.
 
-    Every combination of ``grid`` (default :data:`TUNING_GRID`) is scored on every pair, one image
-    at a time (nothing is kept but the sums). The watershed, the costly step, runs once per
-    (smoothing, seed threshold, minimum seed area); the rest are cheap filters of its result. Ties
-    keep the earlier combination, so the smallest change from "no smoothing, low thresholds" wins.
-    The steps are :func:`nanomorph.particles.instances_from_probs`' own, so the score is what
-    ``predict`` and the service get with the chosen parameters.
+    Every combination of ``grid`` (:data:`TUNING_GRID`, entries replaced by ``grid``'s) is scored on
+    every pair, one image at a time (nothing is kept but the sums). The watershed, the costly step,
+    runs once per (smoothing, seed threshold, minimum seed area), one result alive at a time; the
+    rest are cheap filters of it. Ties keep the combination first in grid order (the defaults are
+    first). The steps are :func:`nanomorph.particles.instances_from_probs`' own, so the score is
+    what ``predict`` and the service get with the chosen parameters.
     """
+    unknown = sorted(set(grid or {}) - set(TUNING_GRID))
+    if unknown:
+        raise ValueError(f"not post-processing parameters: {unknown} (known: {list(TUNING_GRID)})")
     grid = {**TUNING_GRID, **(grid or {})}
-    combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-    totals = np.zeros(len(combos))
+    combos = list(itertools.product(*grid.values()))
+    totals = dict.fromkeys(combos, 0.0)
     default_total, n = 0.0, 0
     for probs, truth in pairs:
         n += 1
-        default_total += _ap50(
-            truth, instances_from_probs(probs, InstanceParams(boundary_class=base.boundary_class))
-        )
-        for i, ap in enumerate(_score_combos(probs, truth, base.boundary_class, combos)):
-            totals[i] += ap
+        default = InstanceParams(boundary_class=base.boundary_class)
+        default_total += _ap50(truth, instances_from_probs(probs, default))
+        for combo, ap in _score_combos(probs, truth, base.boundary_class, grid).items():
+            totals[combo] += ap
     if n == 0:
         raise ValueError("no validation images with instance maps to choose the post-processing on")
-    best = int(np.argmax(totals))  # argmax: the first of equals
-    params = replace(base, **combos[best])
-    return InstanceTuning(params, n, len(combos), float(totals[best] / n), default_total / n)
+    best = max(combos, key=lambda c: totals[c])  # max keeps the first of equals
+    params = replace(base, **dict(zip(grid, best, strict=True)))
+    return InstanceTuning(params, n, len(combos), totals[best] / n, default_total / n)
 
 
 def _score_combos(
-    probs: np.ndarray, truth: np.ndarray, boundary_class: int, combos: list[dict[str, Any]]
-) -> list[float]:
-    """AP@0.5 of every combination on one image, the watershed shared by combinations that agree on it."""
-    cache: dict[tuple[Any, ...], Any] = {}
-    scores = []
-    for c in combos:
-        key_e = (c["smoothing"],)
-        if key_e not in cache:
-            cache[key_e] = instance_evidence(probs, boundary_class, c["smoothing"])
-        fg, inner, rim = cache[key_e]
-        key_g = (c["smoothing"], c["seed_threshold"], c["min_seed_area"])
-        if key_g not in cache:
-            cache[key_g] = grow_seeds(
-                fg, rim, seed_labels(fg, inner, c["seed_threshold"], c["min_seed_area"])
-            )
-        scores.append(_ap50(truth, finish_instances(fg, cache[key_g], c["keep_unseeded"], c["min_area"])))
+    probs: np.ndarray, truth: np.ndarray, boundary_class: int, grid: dict[str, tuple[Any, ...]]
+) -> dict[tuple[Any, ...], float]:
+    """AP@0.5 of every combination of ``grid`` on one image, keyed in ``TUNING_GRID``'s order."""
+    scores = {}
+    for smoothing in grid["smoothing"]:
+        fg, inner, rim = instance_evidence(probs, boundary_class, smoothing)
+        for threshold, min_seed in itertools.product(grid["seed_threshold"], grid["min_seed_area"]):
+            grown = grow_seeds(fg, rim, seed_labels(fg, inner, threshold, min_seed))
+            for keep, min_area in itertools.product(grid["keep_unseeded"], grid["min_area"]):
+                combo = (smoothing, threshold, min_seed, keep, min_area)
+                scores[combo] = _ap50(truth, finish_instances(fg, grown, keep, min_area))
     return scores
 
 
