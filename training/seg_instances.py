@@ -98,14 +98,15 @@ def load_target_pair(
 
 # ------------------------------------------------------------------- post-processing choice
 #: What ``finetune-seg`` tries on its validation images (every combination; see tune_instances).
-#: Areas in native px; EMPS (particles ~30-250 px across) chose 64 / 128 from a grid ending there, so
-#: the grid reaches one step further.
+#: Areas in native px, from specks to particles ~50 px across: on EMPS (particles ~30-250 px across)
+#: an 800-step U-Net's choice sat at the largest areas of the grid twice as the grid grew (64 / 128,
+#: then 256 / 512 px), so it reaches to 1024 / 2048.
 TUNING_GRID: dict[str, tuple[Any, ...]] = {  # keys in _score_combos' loop order
     "smoothing": (0.0, 1.0, 2.0),
     "seed_threshold": (0.5, 0.7, 0.9),
-    "min_seed_area": (4, 16, 64, 256),
+    "min_seed_area": (4, 16, 64, 256, 1024),
     "keep_unseeded": (True, False),
-    "min_area": (8, 32, 128, 512),
+    "min_area": (8, 32, 128, 512, 2048),
 }
 
 
