@@ -116,13 +116,15 @@ class InstanceTuning:
 
     params: InstanceParams
     images: int
+    particles: int  # in the validation instance maps: few of them make the choice a guess
     candidates: int
     ap50: float
     ap50_default: float  # the parameters models used before tuning (InstanceParams' defaults)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "chosen": self.params.to_dict(), "images": self.images, "candidates": self.candidates,
+            "chosen": self.params.to_dict(), "images": self.images, "particles": self.particles,
+            "candidates": self.candidates,
             "val_ap50": round(self.ap50, 4), "val_ap50_default": round(self.ap50_default, 4),
         }  # fmt: skip
 
@@ -147,9 +149,10 @@ def tune_instances(
     grid = {**TUNING_GRID, **(grid or {})}
     combos = list(itertools.product(*grid.values()))
     totals = dict.fromkeys(combos, 0.0)
-    default_total, n = 0.0, 0
+    default_total, n, particles = 0.0, 0, 0
     for probs, truth in pairs:
         n += 1
+        particles += len(np.unique(truth)) - int((truth == 0).any())
         default = InstanceParams(boundary_class=base.boundary_class)
         default_total += _ap50(truth, instances_from_probs(probs, default))
         for combo, ap in _score_combos(probs, truth, base.boundary_class, grid).items():
@@ -158,7 +161,7 @@ def tune_instances(
         raise ValueError("no validation images with instance maps to choose the post-processing on")
     best = max(combos, key=lambda c: totals[c])  # max keeps the first of equals
     params = replace(base, **dict(zip(grid, best, strict=True)))
-    return InstanceTuning(params, n, len(combos), totals[best] / n, default_total / n)
+    return InstanceTuning(params, n, particles, len(combos), totals[best] / n, default_total / n)
 
 
 def _score_combos(

@@ -154,7 +154,8 @@ def test_post_processing_is_chosen_on_validation_images_and_scores_as_predict_ru
 
     val = [image(s) for s in range(3)]
     tuning = tune_instances(iter(val), InstanceParams(boundary_class=2))
-    assert tuning.images == 3 and tuning.candidates == math.prod(len(v) for v in TUNING_GRID.values())
+    assert tuning.images == 3 and tuning.particles == 9
+    assert tuning.candidates == math.prod(len(v) for v in TUNING_GRID.values())
     assert tuning.ap50_default < 0.75 and tuning.ap50 == pytest.approx(1.0)
     chosen = tuning.params
     assert chosen.boundary_class == 2
