@@ -24,7 +24,6 @@ from nanomorph.particles import (
     grow_seeds,
     instance_evidence,
     instance_target,
-    instances_from_probs,
     match_instances,
     seed_labels,
 )
@@ -101,6 +100,7 @@ def load_target_pair(
 #: Areas in native px, from specks to particles ~50 px across: on EMPS (particles ~30-250 px across)
 #: an 800-step U-Net's choice sat at the largest areas of the grid twice as the grid grew (64 / 128,
 #: then 256 / 512 px), so it reaches to 1024 / 2048.
+#: Each entry's first value is InstanceParams' default (what models used before tuning).
 TUNING_GRID: dict[str, tuple[Any, ...]] = {  # keys in _score_combos' loop order
     "smoothing": (0.0, 1.0, 2.0),
     "seed_threshold": (0.5, 0.7, 0.9),
@@ -129,45 +129,35 @@ class InstanceTuning:
         }  # fmt: skip
 
 
-def tune_instances(
-    pairs: Iterable[tuple[np.ndarray, np.ndarray]],
-    base: InstanceParams,
-    grid: dict[str, tuple[Any, ...]] | None = None,
-) -> InstanceTuning:
+def tune_instances(pairs: Iterable[tuple[np.ndarray, np.ndarray]], base: InstanceParams) -> InstanceTuning:
     """Chooses the post-processing with the best mean AP@0.5 on ``(probs, instance ids)`` pairs.
 
-    Every combination of ``grid`` (:data:`TUNING_GRID`, entries replaced by ``grid``'s) is scored on
-    every pair, one image at a time (nothing is kept but the sums). The watershed, the costly step,
-    runs once per (smoothing, seed threshold, minimum seed area), one result alive at a time; the
-    rest are cheap filters of it. Ties keep the combination first in grid order (the defaults are
-    first). The steps are :func:`nanomorph.particles.instances_from_probs`' own, so the score is
-    what ``predict`` and the service get with the chosen parameters.
+    Every combination of :data:`TUNING_GRID` is scored on every pair, one image at a time (nothing
+    is kept but the sums). The watershed, the costly step, runs once per (smoothing, seed threshold,
+    minimum seed area), one result alive at a time; the rest are cheap filters of it. The defaults
+    are the grid's first combination, so their score comes with the rest and ties keep them. The
+    steps are :func:`nanomorph.particles.instances_from_probs`' own, so the score is what
+    ``predict`` and the service get with the chosen parameters.
     """
-    unknown = sorted(set(grid or {}) - set(TUNING_GRID))
-    if unknown:
-        raise ValueError(f"not post-processing parameters: {unknown} (known: {list(TUNING_GRID)})")
-    grid = {**TUNING_GRID, **(grid or {})}
-    combos = list(itertools.product(*grid.values()))
+    combos = list(itertools.product(*TUNING_GRID.values()))
     totals = dict.fromkeys(combos, 0.0)
-    default_total, n, particles = 0.0, 0, 0
+    n, particles = 0, 0
     for probs, truth in pairs:
         n += 1
         particles += len(np.unique(truth)) - int((truth == 0).any())
-        default = InstanceParams(boundary_class=base.boundary_class)
-        default_total += _ap50(truth, instances_from_probs(probs, default))
-        for combo, ap in _score_combos(probs, truth, base.boundary_class, grid).items():
+        for combo, ap in _score_combos(probs, truth, base.boundary_class).items():
             totals[combo] += ap
     if n == 0:
         raise ValueError("no validation images with instance maps to choose the post-processing on")
     best = max(combos, key=lambda c: totals[c])  # max keeps the first of equals
-    params = replace(base, **dict(zip(grid, best, strict=True)))
-    return InstanceTuning(params, n, particles, len(combos), totals[best] / n, default_total / n)
+    params = replace(base, **dict(zip(TUNING_GRID, best, strict=True)))
+    default = tuple(getattr(InstanceParams(), name) for name in TUNING_GRID)
+    return InstanceTuning(params, n, particles, len(combos), totals[best] / n, totals[default] / n)
 
 
-def _score_combos(
-    probs: np.ndarray, truth: np.ndarray, boundary_class: int, grid: dict[str, tuple[Any, ...]]
-) -> dict[tuple[Any, ...], float]:
-    """AP@0.5 of every combination of ``grid`` on one image, keyed in ``TUNING_GRID``'s order."""
+def _score_combos(probs: np.ndarray, truth: np.ndarray, boundary_class: int) -> dict[tuple[Any, ...], float]:
+    """AP@0.5 of every combination of :data:`TUNING_GRID` on one image, keyed in its order."""
+    grid = TUNING_GRID
     scores = {}
     for smoothing in grid["smoothing"]:
         fg, inner, rim = instance_evidence(probs, boundary_class, smoothing)
