@@ -13,6 +13,9 @@ part for model selection, then the doi-test images are segmented here with the s
 post-processing as ``predict`` and the service (``nanomorph.particles.segment_probs``):
 
 * ``cc``: a 2-class U-Net (``--instances off``), particles = connected components of its mask;
+* ``cc-chosen``: the same U-Net (trained once for both), its connected components after a smoothing
+  and a minimum particle area chosen here on the run's own held-out images by mean AP@0.5 (the
+  instance method gets the same choice in ``finetune-seg``, so this is the fair comparison);
 * ``instance``: the U-Net with a boundary class, particles = seeded watershed, its smoothing, seed
   threshold and minimum areas chosen by ``finetune-seg`` on that held-out part (``--tune-instances``,
   the default; never on the doi-test images).
@@ -46,11 +49,18 @@ sys.path.insert(0, str(ROOT))
 from nanomorph.particles import (  # noqa: E402
     InstanceParams,
     average_precision,
+    connected_instances,
+    fold_mask,
     match_instances,
     particle_table,
     segment_probs,
     summarize,
 )
+
+# What ``cc-chosen`` chooses from: the smoothing and minimum particle areas of the instance
+# method's grid (training.seg_instances.TUNING_GRID), plus no minimum at all.
+CC_SMOOTHING = (0.0, 1.0, 2.0)
+CC_MIN_AREAS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048)
 
 log = logging.getLogger("eval_particles")
 FIELDS = (
@@ -100,7 +110,10 @@ def train_cell(
 ) -> Path:
     from training.finetune_seg import train_segmenter
 
+    method = "cc" if method == "cc-chosen" else method  # one U-Net for both ways of counting
     out = work / "runs" / f"{method}_{Path(encoder).name if encoder != 'scratch' else 'scratch'}_{labels}"
+    if (out / "segmenter.safetensors").is_file():
+        return out  # trained by an earlier cell (or run) of this work folder
     train_segmenter(
         {
             "data": str(root), "classes": "background,particle", "encoder": encoder, "arch": "resnet18",
@@ -113,10 +126,19 @@ def train_cell(
     return out
 
 
-def evaluate_run(run: Path, data: Path, test: list[str], limit: int | None) -> dict[str, Any]:
-    """Segments the doi-test images with the run's U-Net and scores the particles."""
+def cc_instances(probs: np.ndarray, smoothing: float, min_area: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(mask, instances)``: connected components of the argmax of smoothed probabilities."""
+    from scipy import ndimage as ndi
+
+    if smoothing > 0:
+        probs = ndi.gaussian_filter(np.asarray(probs, np.float32), (0, smoothing, smoothing))
+    mask = fold_mask(probs, None)
+    return mask, connected_instances(mask, min_area)
+
+
+def run_probs(run: Path, folder: Path, names: list[str]) -> Any:
+    """``(name, probabilities)`` of each image, segmented by the run's U-Net as ``predict`` does."""
     import torch
-    from PIL import Image
 
     from nanomorph.contract import Contract, read_image
     from training.finetune_seg import load_segmenter, segment_image
@@ -124,15 +146,52 @@ def evaluate_run(run: Path, data: Path, test: list[str], limit: int | None) -> d
     torch.set_num_threads(max(1, torch.get_num_threads()))
     unet, meta = load_segmenter(run)
     contract = Contract.from_json(meta["contract"])
+    for name in names:
+        raw, _ = read_image(folder / name)
+        yield name, segment_image(unet, raw, contract, "cpu")[1]
+
+
+def choose_cc(run: Path, root: Path) -> tuple[float, int]:
+    """Smoothing and minimum area with the best mean AP@0.5 on the run's held-out (val) images."""
+    from PIL import Image
+
+    val = [f"{stem}.png" for stem in json.loads((run / "metrics.json").read_text())["split"]["val"]]
+    combos = [(s, a) for s in CC_SMOOTHING for a in CC_MIN_AREAS]
+    totals = dict.fromkeys(combos, 0.0)
+    for name, probs in run_probs(run, root / "images", val):
+        truth = np.asarray(Image.open(root / "instances" / name)).astype(np.int64)
+        for smoothing in CC_SMOOTHING:
+            _, base = cc_instances(probs, smoothing, 1)
+            for area in CC_MIN_AREAS:
+                inst = connected_instances(base > 0, area) if area > 1 else base
+                totals[(smoothing, area)] += average_precision(match_instances(truth, inst), 0.5)["ap"]
+    best = max(combos, key=lambda c: totals[c])
+    log.info("cc-chosen on %d val images: smoothing %s, min area %d (val AP@0.5 %.3f; none %.3f)",
+             len(val), *best, totals[best] / len(val), totals[(0.0, 1)] / len(val))  # fmt: skip
+    return best
+
+
+def evaluate_run(
+    run: Path, data: Path, test: list[str], limit: int | None, cc: tuple[float, int] | None = None
+) -> dict[str, Any]:
+    """Segments the doi-test images with the run's U-Net and scores the particles (``cc``: the
+    connected components of ``cc_instances`` with that smoothing and minimum area instead of the
+    model's own post-processing)."""
+    from PIL import Image
+
+    from training.finetune_seg import load_segmenter
+
+    meta = load_segmenter(run)[1]
     classes = json.loads(meta["classes"])
     params = InstanceParams.from_dict(meta.get("instances"))
     ap50, ap75, cerr, derr = [], [], [], []
     tp50 = fp50 = fn50 = tp75 = fp75 = fn75 = 0
-    for name in test[:limit]:
-        raw, _ = read_image(data / "images" / name)
+    for name, probs in run_probs(run, data / "images", test[:limit]):
         truth = np.asarray(Image.open(data / "segmaps" / name)).astype(np.int64)
-        _, probs = segment_image(unet, raw, contract, "cpu")
-        mask, inst, sem = segment_probs(probs, classes, params)
+        if cc is None:
+            mask, inst, sem = segment_probs(probs, classes, params)
+        else:
+            (mask, inst), sem = cc_instances(probs, *cc), list(classes)
         iou = match_instances(truth, inst)
         a50, a75 = average_precision(iou, 0.5), average_precision(iou, 0.75)
         ap50.append(a50["ap"])
@@ -185,7 +244,7 @@ def main() -> int:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--cells", default="instance:scratch:all,cc:scratch:all",
-                   help="method:encoder:labels,... (method cc|instance, encoder scratch|ssl, labels N|all)")  # fmt: skip
+                   help="method:encoder:labels,... (method cc|cc-chosen|instance, encoder scratch|ssl, labels N|all)")  # fmt: skip
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--tile", type=int, default=256)
@@ -221,8 +280,9 @@ def main() -> int:
         )
         t0 = time.perf_counter()
         run = train_cell(root, args.work, method, encoder, labels, args)
+        cc = choose_cc(run, root) if method == "cc-chosen" else None
         metrics = json.loads((run / "metrics.json").read_text())
-        row = {"method": method, "encoder": enc, "labels": labels, **evaluate_run(run, args.data, split["test"], args.test_limit),
+        row = {"method": method, "encoder": enc, "labels": labels, **evaluate_run(run, args.data, split["test"], args.test_limit, cc),
                "train_seconds": metrics["train"]["seconds"], "steps": metrics["train"]["steps"],
                "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}  # fmt: skip
         log.info("%s (%.0f s): %s", cell, time.perf_counter() - t0, row)
