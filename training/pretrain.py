@@ -100,10 +100,11 @@ RUN_KEYS = (
     "ratio_max",
     "structured_crops",
     "crop_norm",
+    "noise",
     "seed",
 )
 # What runs saved before a setting existed used (their checkpoints lack the key); 4/3 as 1.333.
-SETTINGS_BEFORE_THEY_EXISTED = {"ratio_max": 1.333, "crop_norm": False}
+SETTINGS_BEFORE_THEY_EXISTED = {"ratio_max": 1.333, "crop_norm": False, "noise": True}
 
 
 class NonFiniteLossError(ValueError):
@@ -163,6 +164,7 @@ def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
         "ratio_max": float(args.ratio_max),
         "structured_crops": bool(args.structured_crops),
         "crop_norm": bool(args.crop_norm),
+        "noise": bool(args.noise),
         "seed": int(args.seed),
     }
 
@@ -195,6 +197,17 @@ def _existing_run(
         before_they_existed=SETTINGS_BEFORE_THEY_EXISTED,
     )
     return action, checkpoint
+
+
+def augment_config(cfg: dict[str, Any]) -> AugmentConfig:
+    """The augmentation recipe of a run's settings (``_resolve``)."""
+    noise = {} if cfg.get("noise", True) else {"p_gauss_noise": 0.0, "p_poisson_noise": 0.0}
+    return AugmentConfig(
+        image_size=cfg["image_size"],
+        scale=(cfg["scale_min"], cfg["scale_max"]),
+        ratio=(1 / cfg["ratio_max"], cfg["ratio_max"]),
+        **noise,
+    )
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> Any:
@@ -411,13 +424,7 @@ def _prepare_data(
     steps_per_epoch = len(loader)
     if cfg["steps_per_epoch"]:
         steps_per_epoch = min(steps_per_epoch, cfg["steps_per_epoch"])
-    augment = BatchAugment(
-        AugmentConfig(
-            image_size=cfg["image_size"],
-            scale=(cfg["scale_min"], cfg["scale_max"]),
-            ratio=(1 / cfg["ratio_max"], cfg["ratio_max"]),
-        )
-    )
+    augment = BatchAugment(augment_config(cfg))
     return _Data(contract, dataset, n_files, workers, sampler, sampler_gen, loader, steps_per_epoch, augment)
 
 

@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         metavar="true|false",
         help="stretch each crop to its own intensity percentiles (else the frame's)",
     )
+    p.add_argument(
+        "--noise",
+        type=yes_no,
+        metavar="true|false",
+        help="Gaussian (read-out) and Poisson (shot) noise among the augmentations",
+    )
     p.add_argument("--quality-every", type=int, help="epochs between quality-signal measurements (0 = off)")
     p.add_argument("--quality-crops", type=int, help="fixed crops the quality signals are measured on")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")

@@ -196,3 +196,21 @@ def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
     epochs = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "epoch"]
     assert len(epochs) == 1 and np.isfinite(epochs[0]["loss"])  # only rank 0 wrote
     assert json.loads(ckpt["run"])["global_batch"] == 8
+
+
+def test_noise_false_takes_only_the_noise_out_of_the_augmentations() -> None:
+    """``--noise false``: flat crops stay flat (no read-out or shot noise); the rest of the recipe stays."""
+    from training.augment import BatchAugment
+    from training.pretrain import augment_config
+
+    settings = {"image_size": 32, "scale_min": 0.5, "scale_max": 1.0, "ratio_max": 1.0}
+    noisy, clean = augment_config({**settings, "noise": True}), augment_config({**settings, "noise": False})
+    assert (noisy.p_gauss_noise, noisy.p_poisson_noise) > (0.0, 0.0)
+    assert (clean.p_gauss_noise, clean.p_poisson_noise) == (0.0, 0.0)
+    assert {**clean.to_dict(), "p_gauss_noise": 0, "p_poisson_noise": 0} == {
+        **noisy.to_dict(), "p_gauss_noise": 0, "p_poisson_noise": 0
+    }  # fmt: skip
+    flat = torch.full((64, 1, 48, 48), 0.5)
+    clean_std = BatchAugment(clean, torch.Generator().manual_seed(0))(flat).std(dim=(1, 2, 3))
+    noisy_std = BatchAugment(noisy, torch.Generator().manual_seed(0))(flat).std(dim=(1, 2, 3))
+    assert float(clean_std.max()) < 1e-4 and float(noisy_std.max()) > 0.01
