@@ -185,7 +185,7 @@ def evaluate_run(
     classes = json.loads(meta["classes"])
     params = InstanceParams.from_dict(meta.get("instances"))
     ap50, ap75, cerr, derr = [], [], [], []
-    tp50 = fp50 = fn50 = tp75 = fp75 = fn75 = 0
+    tp50 = fp50 = fn50 = tp75 = fp75 = fn75 = 0.0
     for name, probs in run_probs(run, data / "images", test[:limit]):
         truth = np.asarray(Image.open(data / "segmaps" / name)).astype(np.int64)
         if cc is None:

@@ -32,7 +32,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -201,13 +201,12 @@ def _existing_run(
 
 def augment_config(cfg: dict[str, Any]) -> AugmentConfig:
     """The augmentation recipe of a run's settings (``_resolve``)."""
-    noise = {} if cfg.get("noise", True) else {"p_gauss_noise": 0.0, "p_poisson_noise": 0.0}
-    return AugmentConfig(
+    recipe = AugmentConfig(
         image_size=cfg["image_size"],
         scale=(cfg["scale_min"], cfg["scale_max"]),
         ratio=(1 / cfg["ratio_max"], cfg["ratio_max"]),
-        **noise,
     )
+    return recipe if cfg.get("noise", True) else replace(recipe, p_gauss_noise=0.0, p_poisson_noise=0.0)
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> Any:
