@@ -57,8 +57,8 @@ from nanomorph.particles import (  # noqa: E402
     summarize,
 )
 
-# What ``cc-chosen`` chooses from: the smoothing and minimum particle areas of the instance
-# method's grid (training.seg_instances.TUNING_GRID), plus no minimum at all.
+# What ``cc-chosen`` chooses from: the instance method's smoothings (training.seg_instances.TUNING_GRID)
+# and minimum particle areas over its range (8-2,048 px, more finely), plus no minimum at all.
 CC_SMOOTHING = (0.0, 1.0, 2.0)
 CC_MIN_AREAS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -112,8 +112,14 @@ def train_cell(
 
     method = "cc" if method == "cc-chosen" else method  # one U-Net for both ways of counting
     out = work / "runs" / f"{method}_{Path(encoder).name if encoder != 'scratch' else 'scratch'}_{labels}"
-    if (out / "segmenter.safetensors").is_file():
-        return out  # trained by an earlier cell (or run) of this work folder
+    if (out / "segmenter.safetensors").is_file():  # trained by an earlier cell (or run) of this work folder
+        trained = json.loads((out / "metrics.json").read_text())["train"]
+        if (trained["steps"], trained["tile"]) != (args.steps, args.tile):
+            raise SystemExit(
+                f"{out} holds a U-Net of {trained['steps']} steps of {trained['tile']} px tiles, not "
+                f"--steps {args.steps} --tile {args.tile}: use another --work folder or remove it"
+            )
+        return out
     train_segmenter(
         {
             "data": str(root), "classes": "background,particle", "encoder": encoder, "arch": "resnet18",

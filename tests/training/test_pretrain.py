@@ -205,7 +205,7 @@ def test_noise_false_takes_only_the_noise_out_of_the_augmentations() -> None:
 
     settings = {"image_size": 32, "scale_min": 0.5, "scale_max": 1.0, "ratio_max": 1.0}
     noisy, clean = augment_config({**settings, "noise": True}), augment_config({**settings, "noise": False})
-    assert (noisy.p_gauss_noise, noisy.p_poisson_noise) > (0.0, 0.0)
+    assert noisy.p_gauss_noise > 0 and noisy.p_poisson_noise > 0
     assert (clean.p_gauss_noise, clean.p_poisson_noise) == (0.0, 0.0)
     assert {**clean.to_dict(), "p_gauss_noise": 0, "p_poisson_noise": 0} == {
         **noisy.to_dict(), "p_gauss_noise": 0, "p_poisson_noise": 0
