@@ -142,29 +142,30 @@ def cc_instances(probs: np.ndarray, smoothing: float, min_area: int) -> tuple[np
     return mask, connected_instances(mask, min_area)
 
 
-def run_probs(run: Path, folder: Path, names: list[str]) -> Any:
-    """``(name, probabilities)`` of each image, segmented by the run's U-Net as ``predict`` does."""
+def run_probs(segmenter: tuple[Any, dict[str, str]], folder: Path, names: list[str]) -> Any:
+    """``(name, probabilities)`` of each image, segmented by a run's ``load_segmenter`` (U-Net,
+    metadata) as ``predict`` does."""
     import torch
 
     from nanomorph.contract import Contract, read_image
-    from training.finetune_seg import load_segmenter, segment_image
+    from training.finetune_seg import segment_image
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    unet, meta = load_segmenter(run)
+    unet, meta = segmenter
     contract = Contract.from_json(meta["contract"])
     for name in names:
         raw, _ = read_image(folder / name)
         yield name, segment_image(unet, raw, contract, "cpu")[1]
 
 
-def choose_cc(run: Path, root: Path) -> tuple[float, int]:
+def choose_cc(run: Path, segmenter: tuple[Any, dict[str, str]], root: Path) -> tuple[float, int]:
     """Smoothing and minimum area with the best mean AP@0.5 on the run's held-out (val) images."""
     from PIL import Image
 
     val = [f"{stem}.png" for stem in json.loads((run / "metrics.json").read_text())["split"]["val"]]
     combos = [(s, a) for s in CC_SMOOTHING for a in CC_MIN_AREAS]
     totals = dict.fromkeys(combos, 0.0)
-    for name, probs in run_probs(run, root / "images", val):
+    for name, probs in run_probs(segmenter, root / "images", val):
         truth = np.asarray(Image.open(root / "instances" / name)).astype(np.int64)
         for smoothing in CC_SMOOTHING:
             _, base = cc_instances(probs, smoothing, 1)
@@ -178,21 +179,23 @@ def choose_cc(run: Path, root: Path) -> tuple[float, int]:
 
 
 def evaluate_run(
-    run: Path, data: Path, test: list[str], limit: int | None, cc: tuple[float, int] | None = None
+    segmenter: tuple[Any, dict[str, str]],
+    data: Path,
+    test: list[str],
+    limit: int | None,
+    cc: tuple[float, int] | None = None,
 ) -> dict[str, Any]:
-    """Segments the doi-test images with the run's U-Net and scores the particles (``cc``: the
+    """Segments the doi-test images with a run's U-Net and scores the particles (``cc``: the
     connected components of ``cc_instances`` with that smoothing and minimum area instead of the
     model's own post-processing)."""
     from PIL import Image
 
-    from training.finetune_seg import load_segmenter
-
-    meta = load_segmenter(run)[1]
+    meta = segmenter[1]
     classes = json.loads(meta["classes"])
     params = InstanceParams.from_dict(meta.get("instances"))
     ap50, ap75, cerr, derr = [], [], [], []
     tp50 = fp50 = fn50 = tp75 = fp75 = fn75 = 0.0
-    for name, probs in run_probs(run, data / "images", test[:limit]):
+    for name, probs in run_probs(segmenter, data / "images", test[:limit]):
         truth = np.asarray(Image.open(data / "segmaps" / name)).astype(np.int64)
         if cc is None:
             mask, inst, sem = segment_probs(probs, classes, params)
@@ -277,6 +280,8 @@ def main() -> int:
         if results.is_file()
         else set()
     )
+    from training.finetune_seg import load_segmenter
+
     for cell in args.cells.split(","):
         method, enc, labels = cell.split(":")
         if (method, enc, labels) in done:
@@ -286,9 +291,10 @@ def main() -> int:
         )
         t0 = time.perf_counter()
         run = train_cell(root, args.work, method, encoder, labels, args)
-        cc = choose_cc(run, root) if method == "cc-chosen" else None
+        segmenter = load_segmenter(run)  # once: the choice and the test share it
+        cc = choose_cc(run, segmenter, root) if method == "cc-chosen" else None
         metrics = json.loads((run / "metrics.json").read_text())
-        row = {"method": method, "encoder": enc, "labels": labels, **evaluate_run(run, args.data, split["test"], args.test_limit, cc),
+        row = {"method": method, "encoder": enc, "labels": labels, **evaluate_run(segmenter, args.data, split["test"], args.test_limit, cc),
                "train_seconds": metrics["train"]["seconds"], "steps": metrics["train"]["steps"],
                "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}  # fmt: skip
         log.info("%s (%.0f s): %s", cell, time.perf_counter() - t0, row)
