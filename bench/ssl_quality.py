@@ -246,27 +246,46 @@ def run_nanomorph(unlabeled: Path, out: Path, args: argparse.Namespace, extra: s
     return out / "backbone.safetensors", cpu
 
 
-def structured_tiles(unlabeled: Path, crop: int, size: int) -> np.ndarray:
+def structured_tiles(
+    unlabeled: Path, crop: int, size: int
+) -> tuple[np.ndarray, list[tuple[np.ndarray, int, int]]]:
     """The reference loop's data: fixed tiles that hold structure (tile std above the 25th
-    percentile of all tiles), each normalised to its own 1st-99th percentiles."""
-    tiles = []
+    percentile of all tiles), each normalised to its own 1st-99th percentiles, (N, 1, size, size);
+    and where each kept tile lies, (raw frame, y, x), for ``--plain-crops shifted``."""
+    tiles, where = [], []
     for path in sorted(unlabeled.glob("*.png")):
         raw = read_image(path)[0]
-        for t in frame_tiles_raw(raw, crop):
-            lo, hi = np.percentile(t, (1, 99))
-            tiles.append(resize(np.clip((t - lo) / max(hi - lo, 1e-6), 0, 1), (size, size)))
+        for y, x in grid_origins(raw.shape, crop):
+            tiles.append(tile_normalised(raw[y : y + crop, x : x + crop], size))
+            where.append((raw, y, x))
     x = np.stack(tiles).astype(np.float32)
     keep = x.std(axis=(1, 2)) > np.percentile(x.std(axis=(1, 2)), 25)
-    return x[keep][:, None]
+    return x[keep][:, None], [w for w, k in zip(where, keep, strict=True) if k]
 
 
-def frame_tiles_raw(image: np.ndarray, crop: int) -> list[np.ndarray]:
-    h, w = image.shape
-    return [
-        image[y : y + crop, x : x + crop]
-        for y in range(0, h - crop + 1, crop)
-        for x in range(0, w - crop + 1, crop)
-    ]
+def tile_normalised(tile: np.ndarray, size: int) -> np.ndarray:
+    lo, hi = np.percentile(tile, (1, 99))
+    return resize(np.clip((tile - lo) / max(hi - lo, 1e-6), 0, 1), (size, size))
+
+
+def grid_origins(shape: tuple[int, ...], crop: int) -> list[tuple[int, int]]:
+    h, w = shape[:2]
+    return [(y, x) for y in range(0, h - crop + 1, crop) for x in range(0, w - crop + 1, crop)]
+
+
+def shifted_batch(
+    where: list[tuple[np.ndarray, int, int]], idx: torch.Tensor, crop: int, size: int
+) -> torch.Tensor:
+    """The kept tiles ``idx``, each moved by up to half a tile in y and x (inside its frame), so the
+    loop trains off the probe's grid, as nanomorph's random crop positions do."""
+    out = []
+    for i in idx.tolist():
+        raw, y, x = where[i]
+        dy, dx = (int(v) for v in torch.randint(-crop // 2, crop // 2 + 1, (2,)))
+        y = min(max(0, y + dy), raw.shape[0] - crop)
+        x = min(max(0, x + dx), raw.shape[1] - crop)
+        out.append(tile_normalised(raw[y : y + crop, x : x + crop], size))
+    return torch.from_numpy(np.stack(out).astype(np.float32))[:, None]
 
 
 def run_plain_loop(unlabeled: Path, out: Path, args: argparse.Namespace) -> tuple[Path, float]:
@@ -282,7 +301,8 @@ def run_plain_loop(unlabeled: Path, out: Path, args: argparse.Namespace) -> tupl
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.process_time()
     torch.manual_seed(0)
-    data = torch.from_numpy(structured_tiles(unlabeled, args.crop_size, args.image_size))
+    tiles, where = structured_tiles(unlabeled, args.crop_size, args.image_size)
+    data = torch.from_numpy(tiles)
     s = args.image_size
     aug = v2.Compose([
         v2.RandomResizedCrop(s, scale=(0.2, 1.0), antialias=True), v2.RandomHorizontalFlip(),
@@ -297,7 +317,7 @@ def run_plain_loop(unlabeled: Path, out: Path, args: argparse.Namespace) -> tupl
     losses = []
     for step in range(args.plain_steps):
         idx = torch.randint(0, len(data), (args.batch_size,))
-        x = data[idx]
+        x = shifted_batch(where, idx, args.crop_size, s) if args.plain_crops == "shifted" else data[idx]
         v0 = torch.stack([aug(t) for t in x]).contiguous(memory_format=torch.channels_last)
         v1 = torch.stack([aug(t) for t in x]).contiguous(memory_format=torch.channels_last)
         loss = loss_fn(model(v0), model(v1))
@@ -390,6 +410,13 @@ def main() -> None:
         help="optimiser steps of the plain loop (default --steps); raise it to give the loop the CPU seconds "
         "nanomorph's run took (the table prints both)",
     )
+    p.add_argument(
+        "--plain-crops",
+        choices=["grid", "shifted"],
+        default="grid",
+        help="the plain loop's data: the probe's own fixed grid tiles, or each tile shifted at random by up "
+        "to half a tile per draw (off the probe's grid, as nanomorph's crops are)",
+    )
     args = p.parse_args()
     args.plain_steps = args.plain_steps or args.steps
     torch.set_num_threads(os.cpu_count() or 2)
@@ -412,6 +439,7 @@ def main() -> None:
     if not args.skip_plain:
         # A plain loop of other length than --steps gets its own folder (e.g. to match CPU seconds).
         folder = "plain" if args.plain_steps == args.steps else f"plain-{args.plain_steps}"
+        folder += "-shifted" if args.plain_crops == "shifted" else ""
         plain_path, plain_cpu = run_plain_loop(unlabeled, args.work / folder, args)
         encoders["plain loop"] = ("plain", plain_path, plain_cpu)
 
