@@ -258,9 +258,10 @@ def structured_tiles(
         for y, x in grid_origins(raw.shape, crop):
             tiles.append(tile_normalised(raw[y : y + crop, x : x + crop], size))
             where.append((raw, y, x))
-    x = np.stack(tiles).astype(np.float32)
-    keep = x.std(axis=(1, 2)) > np.percentile(x.std(axis=(1, 2)), 25)
-    return x[keep][:, None], [w for w, k in zip(where, keep, strict=True) if k]
+    stack = np.stack(tiles).astype(np.float32)
+    spread = stack.std(axis=(1, 2))
+    keep = spread > np.percentile(spread, 25)
+    return stack[keep][:, None], [w for w, k in zip(where, keep, strict=True) if k]
 
 
 def tile_normalised(tile: np.ndarray, size: int) -> np.ndarray:
