@@ -101,10 +101,18 @@ RUN_KEYS = (
     "structured_crops",
     "crop_norm",
     "noise",
+    "rot90",
+    "gamma",
     "seed",
 )
 # What runs saved before a setting existed used (their checkpoints lack the key); 4/3 as 1.333.
-SETTINGS_BEFORE_THEY_EXISTED = {"ratio_max": 1.333, "crop_norm": False, "noise": True}
+SETTINGS_BEFORE_THEY_EXISTED = {
+    "ratio_max": 1.333,
+    "crop_norm": False,
+    "noise": True,
+    "rot90": True,
+    "gamma": 0.3,
+}
 
 
 class NonFiniteLossError(ValueError):
@@ -133,6 +141,8 @@ def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
     if int(args.batch_size) < 2:
         raise ValueError("--batch-size must be >= 2 (the losses compare samples within a batch)")
+    if float(args.gamma) < 0:
+        raise ValueError(f"--gamma must be >= 0 (exponents in [1/(1+g), 1+g]), got {args.gamma}")
     if float(args.ratio_max) < 1:
         raise ValueError(f"--ratio-max must be >= 1 (aspect ratios in [1/r, r]), got {args.ratio_max}")
     ssl_cfg = resolve_config(args.method, args.preset, args.projector, args.temperature, args.lambda_param)
@@ -165,6 +175,8 @@ def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
         "structured_crops": bool(args.structured_crops),
         "crop_norm": bool(args.crop_norm),
         "noise": bool(args.noise),
+        "rot90": bool(args.rot90),
+        "gamma": float(args.gamma),
         "seed": int(args.seed),
     }
 
@@ -205,7 +217,10 @@ def augment_config(cfg: dict[str, Any]) -> AugmentConfig:
         image_size=cfg["image_size"],
         scale=(cfg["scale_min"], cfg["scale_max"]),
         ratio=(1 / cfg["ratio_max"], cfg["ratio_max"]),
+        gamma=float(cfg.get("gamma", SETTINGS_BEFORE_THEY_EXISTED["gamma"])),
     )
+    if not cfg.get("rot90", True):
+        recipe = replace(recipe, p_rot90=0.0)
     return recipe if cfg.get("noise", True) else replace(recipe, p_gauss_noise=0.0, p_poisson_noise=0.0)
 
 

@@ -62,6 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         metavar="true|false",
         help="Gaussian (read-out) and Poisson (shot) noise among the augmentations",
     )
+    p.add_argument(
+        "--rot90",
+        type=yes_no,
+        metavar="true|false",
+        help="random 90-degree rotations among the augmentations (false: orientation is information)",
+    )
+    p.add_argument(
+        "--gamma", type=float, help="gamma jitter: exponent in [1/(1+g), 1+g] (0 = none; detector response)"
+    )
     p.add_argument("--quality-every", type=int, help="epochs between quality-signal measurements (0 = off)")
     p.add_argument("--quality-crops", type=int, help="fixed crops the quality signals are measured on")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")

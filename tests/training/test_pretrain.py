@@ -214,3 +214,27 @@ def test_noise_false_takes_only_the_noise_out_of_the_augmentations() -> None:
     clean_std = BatchAugment(clean, torch.Generator().manual_seed(0))(flat).std(dim=(1, 2, 3))
     noisy_std = BatchAugment(noisy, torch.Generator().manual_seed(0))(flat).std(dim=(1, 2, 3))
     assert float(clean_std.max()) < 1e-4 and float(noisy_std.max()) > 0.01
+
+
+def test_rot90_false_and_gamma_zero_take_only_those_out_of_the_augmentations() -> None:
+    """``--rot90 false``: an asymmetric pattern keeps its orientation under every draw (flips aside);
+    ``--gamma 0``: no gamma exponent; the rest of the recipe stays."""
+    from training.augment import AugmentConfig, BatchAugment
+    from training.pretrain import augment_config
+
+    settings = {"image_size": 32, "scale_min": 1.0, "scale_max": 1.0, "ratio_max": 1.0, "noise": False}
+    default = augment_config({**settings, "rot90": True, "gamma": 0.3})
+    fixed = augment_config({**settings, "rot90": False, "gamma": 0.0})
+    assert (default.p_rot90, default.gamma) == (AugmentConfig.p_rot90, 0.3)
+    assert (fixed.p_rot90, fixed.gamma) == (0.0, 0.0)
+    assert {**fixed.to_dict(), "p_rot90": 0, "gamma": 0} == {**default.to_dict(), "p_rot90": 0, "gamma": 0}
+    # A horizontal bar: rotations by 90 degrees make it vertical, flips keep it horizontal.
+    bar = torch.zeros(64, 1, 32, 32)
+    bar[:, :, 14:18, 4:28] = 1.0
+
+    def vertical(recipe: AugmentConfig) -> int:
+        out = BatchAugment(recipe, torch.Generator().manual_seed(0))(bar)
+        rows, cols = out.mean(dim=3), out.mean(dim=2)  # (B, 1, 32) profiles
+        return int((rows.amax(dim=(1, 2)) < cols.amax(dim=(1, 2))).sum())
+
+    assert vertical(fixed) == 0 and vertical(default) > 16
