@@ -162,6 +162,21 @@ def test_matching_is_one_to_one() -> None:
     assert average_precision(match_instances(truth, truth * 7), 0.75)["ap"] == 1.0
 
 
+def test_matching_does_not_depend_on_the_ids_chosen() -> None:
+    """Any ids name the same particles: gaps, huge ids (the sort path) and permutations give the
+    IoU matrix of ids 1..n in ascending order; negative ids are refused."""
+    ids, _ = drawing()
+    n = int(ids.max())
+    perm = np.random.default_rng(0).permutation(n) + 1
+    renamed = np.concatenate([[0], perm])[ids]  # particle i is now perm[i - 1]
+    iou = match_instances(ids, renamed)
+    assert iou.shape == (n, n) and np.allclose(iou[np.arange(n), perm - 1], 1.0)
+    for other in (ids * 1000 + (ids > 0), ids.astype(np.int64) * 10**12):
+        assert np.allclose(match_instances(ids, other), np.eye(n))
+    with pytest.raises(ValueError, match=">= 0"):
+        match_instances(ids, -ids)
+
+
 def test_params_round_trip_and_semantic_model_falls_back_to_components() -> None:
     assert InstanceParams.from_dict(PARAMS.to_dict()) == PARAMS
     assert InstanceParams.from_dict(None) is None
