@@ -302,7 +302,10 @@ def run_plain_loop(unlabeled: Path, out: Path, args: argparse.Namespace) -> tupl
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.process_time()
     torch.manual_seed(0)
-    tiles, where = structured_tiles(unlabeled, args.crop_size, args.image_size)
+    # native: tiles kept at --crop-size, so a view is sampled from native pixels (never upsampled
+    # from the downsized tile); the same keep rule, on the std of the native tile.
+    tile_side = args.crop_size if args.plain_crops == "native" else args.image_size
+    tiles, where = structured_tiles(unlabeled, args.crop_size, tile_side)
     data = torch.from_numpy(tiles)
     s = args.image_size
     aug = v2.Compose([
@@ -413,10 +416,12 @@ def main() -> None:
     )
     p.add_argument(
         "--plain-crops",
-        choices=["grid", "shifted"],
+        choices=["grid", "shifted", "native"],
         default="grid",
-        help="the plain loop's data: the probe's own fixed grid tiles, or each tile shifted at random by up "
-        "to half a tile per draw (off the probe's grid, as nanomorph's crops are)",
+        help="the plain loop's data: the probe's own fixed grid tiles (resized to --image-size before the "
+        "random resized crop), each tile shifted at random by up to half a tile per draw (off the probe's "
+        "grid, as nanomorph's crops are), or the grid tiles at native resolution (the random resized crop "
+        "samples --crop-size px directly, as nanomorph's views do)",
     )
     args = p.parse_args()
     args.plain_steps = args.plain_steps or args.steps
@@ -440,7 +445,7 @@ def main() -> None:
     if not args.skip_plain:
         # A plain loop of other length than --steps gets its own folder (e.g. to match CPU seconds).
         folder = "plain" if args.plain_steps == args.steps else f"plain-{args.plain_steps}"
-        folder += "-shifted" if args.plain_crops == "shifted" else ""
+        folder += "" if args.plain_crops == "grid" else f"-{args.plain_crops}"
         plain_path, plain_cpu = run_plain_loop(unlabeled, args.work / folder, args)
         encoders["plain loop"] = ("plain", plain_path, plain_cpu)
 
