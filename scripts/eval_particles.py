@@ -113,11 +113,16 @@ def train_cell(
     method = "cc" if method == "cc-chosen" else method  # one U-Net for both ways of counting
     out = work / "runs" / f"{method}_{Path(encoder).name if encoder != 'scratch' else 'scratch'}_{labels}"
     if (out / "segmenter.safetensors").is_file():  # trained by an earlier cell (or run) of this work folder
+        import yaml
+
         trained = json.loads((out / "metrics.json").read_text())["train"]
-        if (trained["steps"], trained["tile"]) != (args.steps, args.tile):
+        scale = yaml.safe_load((out / "config.yaml").read_text()).get("encoder_lr_scale")
+        wanted_scale = scale if args.encoder_lr_scale is None else args.encoder_lr_scale
+        if (trained["steps"], trained["tile"], scale) != (args.steps, args.tile, wanted_scale):
             raise SystemExit(
-                f"{out} holds a U-Net of {trained['steps']} steps of {trained['tile']} px tiles, not "
-                f"--steps {args.steps} --tile {args.tile}: use another --work folder or remove it"
+                f"{out} holds a U-Net of {trained['steps']} steps of {trained['tile']} px tiles, encoder lr "
+                f"scale {scale}, not --steps {args.steps} --tile {args.tile} --encoder-lr-scale "
+                f"{wanted_scale}: use another --work folder or remove it"
             )
         return out
     train_segmenter(
@@ -127,6 +132,7 @@ def train_cell(
             "steps": args.steps, "batch_size": args.batch_size, "test_fraction": 0.01, "val_fraction": 0.1,
             "max_val_evals": 2, "overlays": 2, "seed": args.seed, "out": str(out), "device": "cpu",
             "checkpoint_every_s": 120, "invert_fraction": args.invert_fraction,
+            **({} if args.encoder_lr_scale is None else {"encoder_lr_scale": args.encoder_lr_scale}),
         }
     )  # fmt: skip
     return out
@@ -259,6 +265,13 @@ def main() -> int:
     p.add_argument("--tile", type=int, default=256)
     p.add_argument(
         "--invert-fraction", type=float, default=0.0, help="share of training tiles with inverted intensity"
+    )
+    p.add_argument(
+        "--encoder-lr-scale",
+        type=float,
+        default=None,
+        help="finetune-seg's learning-rate factor of a pretrained encoder (default: finetune-seg's own); "
+        "use a fresh --work folder per value",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
