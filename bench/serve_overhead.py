@@ -13,8 +13,8 @@ synthetic 224x224 8-bit PNGs (smooth blobs plus noise, ~50 KB each), decoded in 
 Prints throughput (images/s), p50/p99 latency, rejected requests, the mean images per
 onnxruntime call (from the server's ``nanomorph_batch_images`` metric) and the ratio
 served/in-process at equal batch size / concurrency. ``--repeats N`` measures both arms N times,
-interleaved (so that a change in the machine's load hits both), and reports the median ratio with
-its spread (min-max). ``--record`` writes the table into docs/benchmarks.md under
+interleaved, the in-process arm before and after each served run (their mean, so that a change in
+the machine's load hits both), and reports the median ratio with its spread (min-max). ``--record`` writes the table into docs/benchmarks.md under
 "## Serving overhead". Not a test: run it by hand (~1-2 minutes per repeat on 2 CPU cores)::
 
     .venv/bin/python bench/serve_overhead.py --repeats 5 --record
@@ -211,11 +211,16 @@ def main(argv: list[str] | None = None) -> int:
                 load(server.url, images, c, 2 * c)  # warm-up: connections, thread pools
             for rep in range(args.repeats):
                 for c in levels:
-                    n_local = max(c * 4, args.requests // 3 if c == 1 else args.requests // 2)
-                    local[c].append(in_process(store, tag, images, c, n_local))
+                    n_requests = args.requests // 3 if c == 1 else args.requests
+                    # The in-process arm brackets the served one (half the images before, half after,
+                    # the mean of the two rates): a change in the machine's speed during the repeat
+                    # hits both arms alike (single short in-process runs moved 32-80 images/s).
+                    n_local = max(c * 4, n_requests // 2)
+                    first = in_process(store, tag, images, c, n_local)
                     before = batch_totals(server.url)
-                    s = load(server.url, images, c, args.requests // 3 if c == 1 else args.requests)
+                    s = load(server.url, images, c, n_requests)
                     after = batch_totals(server.url)
+                    local[c].append((first + in_process(store, tag, images, c, n_local)) / 2)
                     s["mean_batch"] = (after[1] - before[1]) / max(after[0] - before[0], 1.0)
                     s["ratio"] = s["throughput"] / local[c][-1]
                     served[c].append(s)
@@ -246,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{SECTION}\n\n`bench/serve_overhead.py --repeats {args.repeats}` ({time.strftime('%Y-%m-%d')}): "
         f"ResNet-18 classifier, 1 channel, {args.image_size} px, `/classify` with one PNG per request vs "
         f"in-process onnxruntime (PNG decode included) at the same batch size, both arms measured "
-        f"{args.repeats} time(s), interleaved; medians, and the ratio's spread over the repeats. Server: "
+        f"{args.repeats} time(s), interleaved (in-process: the mean of a run before and one after each served "
+        f"run); medians, and the ratio's spread over the repeats. Server: "
         f"`nanomorph serve` defaults (1 worker, max batch 32, no batch wait, max latency 60 s), clients on "
         f"the same machine over loopback (they share its cores). Mean batch: images per onnxruntime call "
         f"(`nanomorph_batch_images`).\n\n"
