@@ -26,7 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     a("--steps", type=int, help="optimizer steps (overrides --epochs)")
     a("--batch-size", type=int, help="tiles per step")
     a("--lr", type=float, help="decoder learning rate (AdamW)")
-    a("--encoder-lr-scale", type=float, help="encoder lr = lr x this (pretrained)")
+    a(
+        "--encoder-lr-scale",
+        type=float,
+        help="encoder lr = lr x this (pretrained); 1 measured better with many labels and long schedules",
+    )
     a(
         "--decoder-warmup",
         type=float,
