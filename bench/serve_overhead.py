@@ -14,8 +14,9 @@ Prints throughput (images/s), p50/p99 latency, rejected requests, the mean image
 onnxruntime call (from the server's ``nanomorph_batch_images`` metric) and the ratio
 served/in-process at equal batch size / concurrency. ``--repeats N`` measures both arms N times,
 interleaved, the in-process arm before and after each served run (their mean, so that a change in
-the machine's load hits both), and reports the median ratio with its spread (min-max). ``--record`` writes the table into docs/benchmarks.md under
-"## Serving overhead". Not a test: run it by hand (~1-2 minutes per repeat on 2 CPU cores)::
+the machine's load hits both), and reports the median ratio with its spread (min-max).
+``--record`` writes the table into docs/benchmarks.md under "## Serving overhead". Not a test: run
+it by hand (~1-2 minutes per repeat on 2 CPU cores)::
 
     .venv/bin/python bench/serve_overhead.py --repeats 5 --record
 """
