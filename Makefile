@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 serve: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/nanomorph serve --build-default --host $(HOST) --port $(PORT)
+	exec env HF_HUB_OFFLINE=1 $(BIN)/nanomorph serve --build-default --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
