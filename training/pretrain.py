@@ -212,16 +212,18 @@ def _existing_run(
 
 
 def augment_config(cfg: dict[str, Any]) -> AugmentConfig:
-    """The augmentation recipe of a run's settings (``_resolve``)."""
+    """The augmentation recipe of a run's settings (``_resolve``); a setting they lack takes the
+    value it had before it existed."""
+    run = {**SETTINGS_BEFORE_THEY_EXISTED, **cfg}
     recipe = AugmentConfig(
-        image_size=cfg["image_size"],
-        scale=(cfg["scale_min"], cfg["scale_max"]),
-        ratio=(1 / cfg["ratio_max"], cfg["ratio_max"]),
-        gamma=float(cfg.get("gamma", SETTINGS_BEFORE_THEY_EXISTED["gamma"])),
+        image_size=run["image_size"],
+        scale=(run["scale_min"], run["scale_max"]),
+        ratio=(1 / run["ratio_max"], run["ratio_max"]),
+        gamma=float(run["gamma"]),
     )
-    if not cfg.get("rot90", True):
+    if not run["rot90"]:
         recipe = replace(recipe, p_rot90=0.0)
-    return recipe if cfg.get("noise", True) else replace(recipe, p_gauss_noise=0.0, p_poisson_noise=0.0)
+    return recipe if run["noise"] else replace(recipe, p_gauss_noise=0.0, p_poisson_noise=0.0)
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> Any:
