@@ -50,6 +50,9 @@ class AugmentConfig:
         gauss_sigma: maximum noise standard deviation (images are in [0, 1]).
         p_poisson_noise: probability of Poisson (shot) noise.
         poisson_peak: (min, max) expected counts at intensity 1 (lower = noisier), log-uniform.
+        resize_first: resize the input to ``image_size`` (antialiased, as the preprocessing
+            contract resizes a tile) before the random resized crop, so a zoomed view is
+            upsampled from what classification sees instead of sampled from finer native pixels.
     """
 
     image_size: int = 224
@@ -67,6 +70,7 @@ class AugmentConfig:
     gauss_sigma: float = 0.05
     p_poisson_noise: float = 0.3
     poisson_peak: tuple[float, float] = (20.0, 500.0)
+    resize_first: bool = False
 
     def __post_init__(self) -> None:
         self.scale = (float(self.scale[0]), float(self.scale[1]))
@@ -97,6 +101,16 @@ def _bernoulli(n: int, p: float, device: torch.device, gen: torch.Generator | No
     return torch.rand(n, device=device, generator=gen) < p
 
 
+def _resize_shorter_side(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, C, H, W)`` resized so its shorter side is ``size``, antialiased (a triangle filter
+    when shrinking, as Pillow's bilinear resize in the preprocessing contract)."""
+    h, w = x.shape[-2:]
+    out = (max(1, round(h * size / min(h, w))), max(1, round(w * size / min(h, w))))
+    if out == (h, w):
+        return x
+    return F.interpolate(x, size=out, mode="bilinear", antialias=True, align_corners=False)
+
+
 class BatchAugment(nn.Module):
     """Applies :class:`AugmentConfig` to a batch, each sample with its own random parameters.
 
@@ -114,6 +128,8 @@ class BatchAugment(nn.Module):
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"BatchAugment expects (B, 1, H, W), got {tuple(x.shape)}")
         x = x.float()
+        if self.config.resize_first:
+            x = _resize_shorter_side(x, self.config.image_size)
         x = self._geometry(x)
         x = self._jitter(x)
         x = self._blur(x)
@@ -260,7 +276,8 @@ def tem_transforms(config: AugmentConfig) -> nn.Module:
     s = config.image_size
     sigma = (config.blur_sigma[0] * s, config.blur_sigma[1] * s)
     kernel = 2 * max(1, math.ceil(3 * sigma[1])) + 1
-    steps: list[nn.Module] = [
+    steps: list[nn.Module] = [v2.Resize(s, antialias=True)] if config.resize_first else []
+    steps += [
         v2.RandomResizedCrop(s, scale=config.scale, ratio=config.ratio, antialias=True),
         v2.RandomHorizontalFlip(config.p_flip),
         v2.RandomVerticalFlip(config.p_flip),

@@ -103,6 +103,7 @@ RUN_KEYS = (
     "noise",
     "rot90",
     "gamma",
+    "resize_first",
     "seed",
 )
 # What runs saved before a setting existed used (their checkpoints lack the key); 4/3 as 1.333.
@@ -112,6 +113,7 @@ SETTINGS_BEFORE_THEY_EXISTED = {
     "noise": True,
     "rot90": True,
     "gamma": 0.3,
+    "resize_first": False,
 }
 
 
@@ -177,6 +179,7 @@ def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
         "noise": bool(args.noise),
         "rot90": bool(args.rot90),
         "gamma": float(args.gamma),
+        "resize_first": bool(args.resize_first),
         "seed": int(args.seed),
     }
 
@@ -220,6 +223,7 @@ def augment_config(cfg: dict[str, Any]) -> AugmentConfig:
         scale=(run["scale_min"], run["scale_max"]),
         ratio=(1 / run["ratio_max"], run["ratio_max"]),
         gamma=float(run["gamma"]),
+        resize_first=bool(run["resize_first"]),
     )
     if not run["rot90"]:
         recipe = replace(recipe, p_rot90=0.0)

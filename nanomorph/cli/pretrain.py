@@ -69,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         help="random 90-degree rotations among the augmentations (false: orientation is information)",
     )
     p.add_argument(
+        "--resize-first",
+        type=yes_no,
+        metavar="true|false",
+        help="resize each crop to --image-size before the random resized crop (a zoomed view is "
+        "then never sharper than what classification sees; false: views from native pixels)",
+    )
+    p.add_argument(
         "--gamma", type=float, help="gamma jitter: exponent in [1/(1+g), 1+g] (0 = none; detector response)"
     )
     p.add_argument("--quality-every", type=int, help="epochs between quality-signal measurements (0 = off)")

@@ -104,3 +104,26 @@ def test_torchvision_v2_pipeline_on_single_images() -> None:
         assert out.shape == (1, 32, 32)
         assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     assert not torch.allclose(outs[0], outs[1])
+
+
+def test_resize_first_makes_views_from_what_classification_sees() -> None:
+    """``resize_first``: at full area the view is the contract's antialiased resize of the crop, and
+    a zoomed view of a pattern finer than the model's pixels is flat (the resize averaged it away),
+    while views sampled from native pixels alias it into a visible pattern."""
+    from nanomorph.contract.transform import resize
+
+    geo: dict[str, Any] = dict(ratio=(1.0, 1.0), p_flip=0.0, p_rot90=0.0, **OFF)
+    x = _batch(b=2, size=64)
+    whole = AugmentConfig(image_size=16, scale=(1.0, 1.0), resize_first=True, **geo)
+    expected = torch.tensor(resize(x[0, 0].numpy(), 16))
+    assert torch.allclose(BatchAugment(whole)(x)[0, 0], expected, atol=0.02)
+    checker = (torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2  # 1-px period
+    fine = checker.float().expand(16, 1, 64, 64)
+    zoomed = dict(image_size=16, scale=(0.3, 0.5), **geo)
+    native = BatchAugment(AugmentConfig(**zoomed), torch.Generator().manual_seed(0))(fine)
+    resized = BatchAugment(AugmentConfig(**zoomed, resize_first=True), torch.Generator().manual_seed(0))(fine)
+    assert float(native.std(dim=(1, 2, 3)).mean()) > 0.1
+    assert float(resized.std(dim=(1, 2, 3)).max()) < 0.02
+    # The per-image pipeline does the same.
+    one = tem_transforms(AugmentConfig(**zoomed, resize_first=True))(fine[0])
+    assert one.shape == (1, 16, 16) and float(one.std()) < 0.02

@@ -228,6 +228,9 @@ def test_rot90_false_and_gamma_zero_take_only_those_out_of_the_augmentations() -
     assert (default.p_rot90, default.gamma) == (AugmentConfig.p_rot90, 0.3)
     assert (fixed.p_rot90, fixed.gamma) == (0.0, 0.0)
     assert {**fixed.to_dict(), "p_rot90": 0, "gamma": 0} == {**default.to_dict(), "p_rot90": 0, "gamma": 0}
+    # --resize-first reaches the recipe; a run saved before it existed made views from native px.
+    assert augment_config({**settings, "resize_first": True}).resize_first is True
+    assert augment_config(settings).resize_first is False
     # A horizontal bar: rotations by 90 degrees make it vertical, flips keep it horizontal.
     bar = torch.zeros(64, 1, 32, 32)
     bar[:, :, 14:18, 4:28] = 1.0
