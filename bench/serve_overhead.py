@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -117,34 +118,102 @@ def in_process(clf: Classifier, images: list[bytes], batch: int, n_images: int) 
     return done / (time.perf_counter() - start)
 
 
-def load(url: str, images: list[bytes], clients: int, n_requests: int) -> dict[str, Any]:
-    """``clients`` threads post one image per request until ``n_requests`` are done."""
+BOUNDARY = "nanomorph-bench-boundary"
+
+
+def multipart_body(name: str, png: bytes) -> bytes:
+    """One ``images`` file part, as curl -F or httpx ``files=`` would send it."""
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"; filename="{name}"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    )
+    return head.encode() + png + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def httpx_poster(
+    url: str, images: list[bytes], clients: int
+) -> tuple[Callable[[int], int], Callable[[], None]]:
+    """(post(i) -> status, close()) over one shared httpx client: multipart built per request."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    client = httpx.Client(timeout=120, limits=limits)
+
+    def post(i: int) -> int:
+        files = {"images": (f"{i}.png", images[i % len(images)], "image/png")}
+        return client.post(url + "/classify", files=files).status_code
+
+    return post, client.close
+
+
+def raw_poster(
+    url: str, images: list[bytes], clients: int
+) -> tuple[Callable[[int], int], Callable[[], None]]:
+    """(post(i) -> status, close()): a keep-alive ``http.client`` connection per thread and the
+    multipart bodies built once, so the load generator takes as little of the shared cores as
+    a C load tool would (the server sees the same bytes as from httpx)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url)
+    bodies = [multipart_body(f"{i}.png", png) for i, png in enumerate(images)]
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    local = threading.local()
+    opened: list[http.client.HTTPConnection] = []
+
+    def post(i: int) -> int:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = http.client.HTTPConnection(
+                host.hostname or "127.0.0.1", host.port, timeout=120
+            )
+            opened.append(conn)
+        try:
+            conn.request("POST", "/classify", body=bodies[i % len(bodies)], headers=headers)
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        except (OSError, http.client.HTTPException):
+            conn.close()  # reconnects on the next request; counted as rejected
+            return 0
+
+    def close() -> None:
+        for conn in opened:
+            conn.close()
+
+    return post, close
+
+
+def load(
+    url: str, images: list[bytes], clients: int, n_requests: int, client: str = "httpx"
+) -> dict[str, Any]:
+    """``clients`` threads post one image per request until ``n_requests`` are done; also the
+    load generator's own CPU per request (it shares the cores with the server)."""
     latencies: list[float] = []
     statuses: list[int] = []
     lock = threading.Lock()
     counter = iter(range(n_requests))
+    post, close = (raw_poster if client == "raw" else httpx_poster)(url, images, clients)
 
-    def worker(client: httpx.Client) -> None:
+    def worker() -> None:
         while True:
             with lock:
                 i = next(counter, None)
             if i is None:
                 return
             t0 = time.perf_counter()
-            r = client.post(
-                url + "/classify", files={"images": (f"{i}.png", images[i % len(images)], "image/png")}
-            )
+            status = post(i)
             dt = time.perf_counter() - t0
             with lock:
                 latencies.append(dt)
-                statuses.append(r.status_code)
+                statuses.append(status)
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    with httpx.Client(timeout=120, limits=limits) as client, ThreadPoolExecutor(clients) as pool:
+    cpu0 = time.process_time()
+    with ThreadPoolExecutor(clients) as pool:
         start = time.perf_counter()
-        for f in [pool.submit(worker, client) for _ in range(clients)]:
+        for f in [pool.submit(worker) for _ in range(clients)]:
             f.result()
         wall = time.perf_counter() - start
+    client_cpu_ms = 1000 * (time.process_time() - cpu0) / max(len(statuses), 1)
+    close()
     ok = [lat for lat, s in zip(latencies, statuses, strict=True) if s == 200]
     q = statistics.quantiles(ok, n=100, method="inclusive") if len(ok) > 1 else [float("nan")] * 99
     return {
@@ -153,6 +222,7 @@ def load(url: str, images: list[bytes], clients: int, n_requests: int) -> dict[s
         "p99_ms": 1000 * q[98],
         "rejected": sum(1 for s in statuses if s != 200),
         "requests": len(statuses),
+        "client_cpu_ms": client_cpu_ms,
     }
 
 
@@ -188,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--repeats", type=int, default=1, help="measure both arms this many times (median, spread)"
     )
+    p.add_argument(
+        "--client",
+        choices=("httpx", "raw"),
+        default="httpx",
+        help="load generator: httpx (multipart built per request) or raw http.client with prebuilt "
+        "bodies (less of the shared cores taken by the clients)",
+    )
     p.add_argument("--record", action="store_true", help="write the result into docs/benchmarks.md")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
@@ -209,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         clf = Classifier(OnnxModel(resolve(tag, store)))  # one session for every in-process run
         with start_server(work / "server", store=store, env=env, timeout=600) as server:
             for c in levels:
-                load(server.url, images, c, 2 * c)  # warm-up: connections, thread pools
+                load(server.url, images, c, 2 * c, args.client)  # warm-up: connections, thread pools
             for rep in range(args.repeats):
                 for c in levels:
                     n_requests = args.requests // 3 if c == 1 else args.requests
@@ -219,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                     n_local = max(c * 4, n_requests // 2)
                     first = in_process(clf, images, c, n_local)
                     before = batch_totals(server.url)
-                    s = load(server.url, images, c, n_requests)
+                    s = load(server.url, images, c, n_requests, args.client)
                     after = batch_totals(server.url)
                     local[c].append((first + in_process(clf, images, c, n_local)) / 2)
                     s["mean_batch"] = (after[1] - before[1]) / max(after[0] - before[0], 1.0)
@@ -229,33 +306,36 @@ def main(argv: list[str] | None = None) -> int:
                         f"[{rep + 1}/{args.repeats}] {c:>2}: in-process {local[c][-1]:7.1f} images/s, "
                         f"served {s['throughput']:7.1f} images/s  p50 {s['p50_ms']:6.0f} ms  "
                         f"p99 {s['p99_ms']:6.0f} ms  rejected {s['rejected']}/{s['requests']}  "
-                        f"mean batch {s['mean_batch']:.1f}  ratio {s['ratio']:.2f}",
+                        f"mean batch {s['mean_batch']:.1f}  client CPU {s['client_cpu_ms']:.1f} ms/request  "
+                        f"ratio {s['ratio']:.2f}",
                         flush=True,
                     )
 
     med = statistics.median
     rows = [
         "| clients = batch | in-process images/s | served images/s | ratio (median) | ratio min-max | "
-        "mean batch | p50 ms | p99 ms | rejected |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "mean batch | client CPU ms/request | p50 ms | p99 ms | rejected |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in levels:
         ratios = [s["ratio"] for s in served[c]]
         rows.append(
             f"| {c} | {med(local[c]):.1f} | {med([s['throughput'] for s in served[c]]):.1f} | "
             f"{med(ratios):.2f} | {min(ratios):.2f}-{max(ratios):.2f} | "
-            f"{med([s['mean_batch'] for s in served[c]]):.1f} | {med([s['p50_ms'] for s in served[c]]):.0f} | "
+            f"{med([s['mean_batch'] for s in served[c]]):.1f} | {med([s['client_cpu_ms'] for s in served[c]]):.1f} | "
+            f"{med([s['p50_ms'] for s in served[c]]):.0f} | "
             f"{med([s['p99_ms'] for s in served[c]]):.0f} | "
             f"{sum(s['rejected'] for s in served[c])}/{sum(s['requests'] for s in served[c])} |"
         )
     table = (
-        f"{SECTION}\n\n`bench/serve_overhead.py --repeats {args.repeats}` ({time.strftime('%Y-%m-%d')}): "
+        f"{SECTION}\n\n`bench/serve_overhead.py --repeats {args.repeats} --client {args.client}` ({time.strftime('%Y-%m-%d')}): "
         f"ResNet-18 classifier, 1 channel, {args.image_size} px, `/classify` with one PNG per request vs "
         f"in-process onnxruntime (PNG decode included) at the same batch size, both arms measured "
         f"{args.repeats} time(s), interleaved (in-process: the mean of a run before and one after each served "
         f"run); medians, and the ratio's spread over the repeats. Server: "
         f"`nanomorph serve` defaults (1 worker, max batch 32, no batch wait, max latency 60 s), clients on "
-        f"the same machine over loopback (they share its cores). Mean batch: images per onnxruntime call "
+        f"the same machine over loopback (they share its cores; client CPU: the load generator's own CPU "
+        f"time per request). Mean batch: images per onnxruntime call "
         f"(`nanomorph_batch_images`).\n\n"
         f"Machine: {machine()}.\n\n" + "\n".join(rows) + "\n"
     )
