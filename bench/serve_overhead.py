@@ -8,7 +8,9 @@ synthetic 224x224 8-bit PNGs (smooth blobs plus noise, ~50 KB each), decoded in 
   1, 8, 16 and 32 images (PNG decode included);
 * served: ``nanomorph serve`` with the default configuration on 127.0.0.1, 1, 8, 16 and 32
   concurrent clients each posting one image per request (multipart, as curl would), a bounded
-  number of requests per level after a warm-up.
+  number of requests per level after a warm-up. The clients run on the same cores as the server,
+  so their own CPU per request is printed; ``--client raw`` (http.client, bodies built once)
+  takes less of it than ``--client httpx`` (the default, multipart built per request).
 
 Prints throughput (images/s), p50/p99 latency, rejected requests, the mean images per
 onnxruntime call (from the server's ``nanomorph_batch_images`` metric) and the ratio
