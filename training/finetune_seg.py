@@ -7,9 +7,11 @@ by overlapping sliding-window inference with blending (``nanomorph.contract.tile
 a 2048x2048 frame gets a full-resolution mask.
 
 With a pretrained encoder and ``--no-freeze-encoder`` the decoder is trained alone first
-(``decoder_warmup`` of the steps) and the encoder then joins with a lower learning rate: the random
-decoder's first gradients would otherwise wreck the pretrained features (the LP-FT argument of
-Kumar et al., "Fine-Tuning can Distort Pretrained Features", ICLR 2022).
+(``decoder_warmup`` of the steps) and the encoder then joins at ``encoder_lr_scale`` times the
+decoder's rate: the random decoder's first gradients would otherwise wreck the pretrained features
+(the LP-FT argument of Kumar et al., "Fine-Tuning can Distort Pretrained Features", ICLR 2022). The
+warm-up is what protects them; a lower encoder rate afterwards (0.1, the old default) held the SSL
+encoder back on real particles at 8, 32 and 310 labelled images (docs/results.md), so it is 1.
 
 Run folder (docs/architecture.md §3): ``config.yaml``, ``metrics.json``, ``metrics.jsonl``,
 ``checkpoint.pt`` (resumable), ``segmenter.safetensors``, ``classes.json``, ``overlays/*.png``,

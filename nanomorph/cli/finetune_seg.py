@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     a(
         "--encoder-lr-scale",
         type=float,
-        help="encoder lr = lr x this (pretrained); 1 measured better with many labels and long schedules",
+        help="encoder lr = lr x this (pretrained); 1 measured at least as good as 0.1 at 8-310 labelled images",
     )
     a(
         "--decoder-warmup",
