@@ -67,6 +67,11 @@ FIELDS = (
     "method", "encoder", "labels", "n_test", "ap50_mean", "ap75_mean", "count_err_median",
     "diam_err_median", "ap50_pooled", "ap75_pooled", "train_seconds", "steps", "date",
 )  # fmt: skip
+# One row per cell and test image in WORK/per_image.csv: where a cell fails, not only how much.
+IMAGE_FIELDS = (
+    "method", "encoder", "labels", "image", "height", "width", "count_true", "count_pred", "ap50", "ap75",
+    "count_err", "diam_true_px", "diam_pred_px", "diam_err",
+)  # fmt: skip
 
 
 def make_split(data: Path, seed: int, test: float, val: float) -> dict[str, list[str]]:
@@ -200,6 +205,7 @@ def evaluate_run(
     classes = json.loads(meta["classes"])
     params = InstanceParams.from_dict(meta.get("instances"))
     ap50, ap75, cerr, derr = [], [], [], []
+    per_image: list[dict[str, Any]] = []
     tp50 = fp50 = fn50 = tp75 = fp75 = fn75 = 0.0
     for name, probs in run_probs(segmenter, data / "images", test[:limit]):
         truth = np.asarray(Image.open(data / "segmaps" / name)).astype(np.int64)
@@ -217,12 +223,19 @@ def evaluate_run(
             particle_table(truth, (truth > 0).astype(np.uint8), ["background", "particle"]), truth.shape
         )
         sp = summarize(particle_table(inst, mask, sem), truth.shape)
+        image = {"image": name, "height": truth.shape[0], "width": truth.shape[1], "count_true": st["count"],
+                 "count_pred": sp["count"], "ap50": a50["ap"], "ap75": a75["ap"],
+                 "diam_true_px": st["diameter_median"], "diam_pred_px": sp["diameter_median"]}  # fmt: skip
         if st["count"]:
-            cerr.append(abs(sp["count"] - st["count"]) / st["count"])
-            if sp["diameter_median"] is not None:
-                derr.append(abs(sp["diameter_median"] - st["diameter_median"]) / st["diameter_median"])
-            else:
-                derr.append(1.0)  # no particle found: the whole size is wrong
+            image["count_err"] = abs(sp["count"] - st["count"]) / st["count"]
+            image["diam_err"] = (
+                abs(sp["diameter_median"] - st["diameter_median"]) / st["diameter_median"]
+                if sp["diameter_median"] is not None
+                else 1.0  # no particle found: the whole size is wrong
+            )
+            cerr.append(image["count_err"])
+            derr.append(image["diam_err"])
+        per_image.append(image)
     return {
         "n_test": len(ap50),
         "ap50_mean": float(np.mean(ap50)),
@@ -231,7 +244,19 @@ def evaluate_run(
         "diam_err_median": float(np.median(derr)) if derr else None,
         "ap50_pooled": tp50 / max(1, tp50 + fp50 + fn50),
         "ap75_pooled": tp75 / max(1, tp75 + fp75 + fn75),
+        "per_image": per_image,
     }
+
+
+def append_rows(path: Path, fields: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    """Appends ``rows`` to the CSV at ``path`` (header first when the file is new); floats to 4 places."""
+    new = not path.is_file()
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(fields), extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def pretrain(work: Path, data: Path, split: dict[str, list[str]], flags: str) -> Path:
@@ -252,6 +277,20 @@ def pretrain(work: Path, data: Path, split: dict[str, list[str]], flags: str) ->
         log.info("pretraining: %s", " ".join(cmd))
         subprocess.run(cmd, check=True, cwd=ROOT)
     return out / "backbone.safetensors"
+
+
+def replace_cell_rows(path: Path, key: dict[str, str], rows: list[dict[str, Any]]) -> None:
+    """Writes one cell's per-image ``rows`` to ``path`` in place of any it held for that cell (a cell
+    scored again after an interruption, or re-scored, is never listed twice)."""
+    kept = []
+    if path.is_file():
+        kept = [
+            r for r in csv.DictReader(path.read_text().splitlines()) if any(r[k] != v for k, v in key.items())
+        ]
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    append_rows(tmp, IMAGE_FIELDS, kept + rows)
+    tmp.replace(path)
 
 
 def main() -> int:
@@ -307,16 +346,14 @@ def main() -> int:
         segmenter = load_segmenter(run)  # once: the choice and the test share it
         cc = choose_cc(run, segmenter, root) if method == "cc-chosen" else None
         metrics = json.loads((run / "metrics.json").read_text())
-        row = {"method": method, "encoder": enc, "labels": labels, **evaluate_run(segmenter, args.data, split["test"], args.test_limit, cc),
-               "train_seconds": metrics["train"]["seconds"], "steps": metrics["train"]["steps"],
+        key = {"method": method, "encoder": enc, "labels": labels}
+        scores = evaluate_run(segmenter, args.data, split["test"], args.test_limit, cc)
+        images = [{**key, **image} for image in scores.pop("per_image")]
+        row = {**key, **scores, "train_seconds": metrics["train"]["seconds"], "steps": metrics["train"]["steps"],
                "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}  # fmt: skip
         log.info("%s (%.0f s): %s", cell, time.perf_counter() - t0, row)
-        new = not results.is_file()
-        with open(results, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(FIELDS), extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+        replace_cell_rows(args.work / "per_image.csv", key, images)  # before results.csv marks the cell done
+        append_rows(results, FIELDS, [row])
     return 0
 
 
