@@ -53,12 +53,17 @@ class InstanceParams:
         boundary_width: rim width in px used for the training target.
         seed_threshold: a pixel seeds a particle when P(interior) is above this.
         min_seed_area: seeds smaller than this (px) are noise and dropped.
+        min_seed_fraction: seeds smaller than this fraction of the image's typical seed (the
+            area-weighted median seed area) are dropped too (0 = none). A floor that scales with
+            each image's magnification: on EMPS, where frames range from 15-px to 400-px particles,
+            no single ``min_seed_area`` kept the small particles and dropped the fragments of large
+            ones (docs/results.md, 2026-12-01).
         min_area: particles smaller than this (px) after the watershed are dropped.
         smoothing: Gaussian sigma (px) applied to the probabilities before instances are drawn
             (0 = none); quiets speckle that would otherwise seed spurious particles.
         keep_unseeded: foreground blobs with no seed become particles of their own (else dropped).
 
-    ``finetune-seg`` chooses the last five on its validation images (:mod:`training.seg_instances`);
+    ``finetune-seg`` chooses the last six on its validation images (:mod:`training.seg_instances`);
     the defaults are what models stored before that use.
     """
 
@@ -67,6 +72,7 @@ class InstanceParams:
     boundary_width: int = 2
     seed_threshold: float = 0.5
     min_seed_area: int = 4
+    min_seed_fraction: float = 0.0
     min_area: int = 8
     smoothing: float = 0.0
     keep_unseeded: bool = True
@@ -147,14 +153,15 @@ def connected_instances(mask: np.ndarray, min_area: int = 1) -> np.ndarray:
         if c == 0:
             continue
         lab, k = ndi.label(mask == c, structure=np.ones((3, 3), bool))
-        lab = _drop_small(lab, min_area)
+        lab = drop_small(lab, min_area)
         sel = lab > 0
         out[sel] = lab[sel] + n
         n = int(out.max())
     return _relabel(out)
 
 
-def _drop_small(labels: np.ndarray, min_area: int) -> np.ndarray:
+def drop_small(labels: np.ndarray, min_area: int) -> np.ndarray:
+    """``labels`` with every label under ``min_area`` px set to 0 (``labels`` itself when ``min_area`` <= 1)."""
     if min_area <= 1 or labels.max() == 0:
         return labels
     areas = np.bincount(labels.ravel())
@@ -181,7 +188,8 @@ def instances_from_probs(probs: np.ndarray, params: InstanceParams | None) -> np
     """(H, W) int32 particle ids (0 = background) from (C, H, W) probabilities.
 
     With ``params``: probabilities smoothed by ``smoothing`` px; seeds = connected pixels whose
-    interior probability (all particle classes but the rim) exceeds ``seed_threshold``; watershed on
+    interior probability (all particle classes but the rim) exceeds ``seed_threshold``, at least
+    :func:`seed_floor` px; watershed on
     the rim probability, restricted to the foreground; foreground blobs without any seed stay
     particles of their own when ``keep_unseeded``. Without params: :func:`connected_instances` of
     the argmax mask.
@@ -189,7 +197,9 @@ def instances_from_probs(probs: np.ndarray, params: InstanceParams | None) -> np
     if params is None:
         return connected_instances(fold_mask(probs, None))
     fg, inner, rim = instance_evidence(probs, params.boundary_class, params.smoothing)
-    grown = grow_seeds(fg, rim, seed_labels(fg, inner, params.seed_threshold, params.min_seed_area))
+    seeds = seed_labels(fg, inner, params.seed_threshold)
+    floor = seed_floor(seeds, params.min_seed_area, params.min_seed_fraction)
+    grown = grow_seeds(fg, rim, drop_small(seeds, floor))
     return finish_instances(fg, grown, params.keep_unseeded, params.min_area)
 
 
@@ -204,10 +214,26 @@ def instance_evidence(
     return fg, inner, probs[boundary_class]
 
 
-def seed_labels(fg: np.ndarray, inner: np.ndarray, threshold: float, min_area: int) -> np.ndarray:
+def seed_labels(fg: np.ndarray, inner: np.ndarray, threshold: float, min_area: int = 1) -> np.ndarray:
     """One label per connected foreground region of P(interior) > ``threshold``, >= ``min_area`` px."""
     seeds, _ = ndi.label(fg & (inner > threshold), structure=np.ones((3, 3), bool))
-    return _drop_small(seeds, min_area)
+    return drop_small(seeds, min_area)
+
+
+def seed_floor(seeds: np.ndarray, min_area: int, min_fraction: float) -> int:
+    """The smallest seed (px) that seeds a particle: ``min_area``, or ``min_fraction`` of the image's
+    typical seed when that is larger.
+
+    Typical = the area-weighted median seed area (half the seed pixels lie in seeds at least that
+    large), so specks barely move it and it follows the image's particle size.
+    """
+    if min_fraction <= 0 or seeds.max() == 0:
+        return int(min_area)
+    areas = np.bincount(seeds.ravel())[1:]
+    areas = np.sort(areas[areas > 0])
+    cumulative = np.cumsum(areas)
+    typical = areas[np.searchsorted(cumulative, cumulative[-1] / 2)]
+    return max(int(min_area), int(min_fraction * typical))
 
 
 def grow_seeds(fg: np.ndarray, rim: np.ndarray, seeds: np.ndarray) -> np.ndarray:
@@ -223,7 +249,7 @@ def finish_instances(fg: np.ndarray, grown: np.ndarray, keep_unseeded: bool, min
     if keep_unseeded:
         rest, _ = ndi.label(fg & (grown == 0), structure=np.ones((3, 3), bool))
         labels = np.where(rest > 0, rest + grown.max(), grown)
-    return _relabel(_drop_small(labels, min_area))
+    return _relabel(drop_small(labels, min_area))
 
 
 def segment_probs(

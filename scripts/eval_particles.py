@@ -23,6 +23,9 @@ post-processing as ``predict`` and the service (``nanomorph.particles.segment_pr
 Metrics on the test images (per image, then mean / median over images): instance AP at IoU 0.5 and
 0.75 (one-to-one matches; TP / (TP + FP + FN)), |count error| / true count, |median diameter error|
 / true median (equivalent circular diameter; particles touching the frame left out on both sides).
+One row per cell in ``WORK/results.csv``, one per cell and test image in ``WORK/per_image.csv``.
+``--retune`` re-chooses an instance run's post-processing on its validation images over today's grid
+(the run stays as saved) and writes ``results-retuned.csv`` / ``per_image-retuned.csv``.
 
 Usage::
 
@@ -67,7 +70,7 @@ FIELDS = (
     "method", "encoder", "labels", "n_test", "ap50_mean", "ap75_mean", "count_err_median",
     "diam_err_median", "ap50_pooled", "ap75_pooled", "train_seconds", "steps", "date",
 )  # fmt: skip
-# One row per cell and test image in WORK/per_image.csv: where a cell fails, not only how much.
+# One row per cell and test image in WORK/per_image.csv (per_image-retuned.csv with --retune): where a cell fails, not only how much.
 IMAGE_FIELDS = (
     "method", "encoder", "labels", "image", "height", "width", "count_true", "count_pred", "ap50", "ap75",
     "count_err", "diam_true_px", "diam_pred_px", "diam_err",
@@ -187,6 +190,28 @@ def choose_cc(run: Path, segmenter: tuple[Any, dict[str, str]], root: Path) -> t
     log.info("cc-chosen on %d val images: smoothing %s, min area %d (val AP@0.5 %.3f; none %.3f)",
              len(val), *best, totals[best] / len(val), totals[(0.0, 1)] / len(val))  # fmt: skip
     return best
+
+
+def retune(run: Path, segmenter: tuple[Any, dict[str, str]], root: Path) -> tuple[Any, dict[str, str]]:
+    """The segmenter with its instance post-processing chosen again on the run's held-out (val)
+    images by ``finetune-seg``'s own choice (``tune_instances``) over today's grid; the run's files
+    are left as they are."""
+    from PIL import Image
+
+    from training.seg_instances import tune_instances
+
+    unet, meta = segmenter
+    base = InstanceParams.from_dict(meta.get("instances"))
+    if base is None:
+        raise SystemExit(f"{run} is not an instance model: nothing to retune")
+    val = [f"{stem}.png" for stem in json.loads((run / "metrics.json").read_text())["split"]["val"]]
+    pairs = (
+        (probs, np.asarray(Image.open(root / "instances" / name)).astype(np.int64))
+        for name, probs in run_probs(segmenter, root / "images", val)
+    )
+    tuning = tune_instances(pairs, base)
+    log.info("retuned on %d val images: %s", len(val), json.dumps(tuning.to_dict()))
+    return unet, {**meta, "instances": json.dumps(tuning.params.to_dict())}
 
 
 def evaluate_run(
@@ -319,6 +344,13 @@ def main() -> int:
         help="flags of the ssl cells' `nanomorph pretrain` (default: native scale, the segmentation's)",
     )
     p.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
+    p.add_argument(
+        "--retune",
+        action="store_true",
+        help="instance cells: choose the post-processing again on the run's validation images with today's "
+        "grid (training.seg_instances.TUNING_GRID) before scoring, written to results-retuned.csv and "
+        "per_image-retuned.csv; for runs trained before the grid grew",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -326,7 +358,8 @@ def main() -> int:
     (args.work / "split.json").write_text(json.dumps({"seed": args.seed, **split}, indent=1) + "\n")
     log.info("split by doi: %s", {k: len(v) for k, v in split.items()})
     root = prepare(args.data, args.work, split)
-    results = args.work / "results.csv"
+    suffix = "-retuned" if args.retune else ""  # retuned scores never mix with the stored choice's
+    results = args.work / f"results{suffix}.csv"
     done = (
         {(r["method"], r["encoder"], r["labels"]) for r in csv.DictReader(results.read_text().splitlines())}
         if results.is_file()
@@ -345,6 +378,8 @@ def main() -> int:
         run = train_cell(root, args.work, method, encoder, labels, args)
         segmenter = load_segmenter(run)  # once: the choice and the test share it
         cc = choose_cc(run, segmenter, root) if method == "cc-chosen" else None
+        if args.retune and method == "instance":
+            segmenter = retune(run, segmenter, root)
         metrics = json.loads((run / "metrics.json").read_text())
         key = {"method": method, "encoder": enc, "labels": labels}
         scores = evaluate_run(segmenter, args.data, split["test"], args.test_limit, cc)
@@ -352,7 +387,9 @@ def main() -> int:
         row = {**key, **scores, "train_seconds": metrics["train"]["seconds"], "steps": metrics["train"]["steps"],
                "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}  # fmt: skip
         log.info("%s (%.0f s): %s", cell, time.perf_counter() - t0, row)
-        replace_cell_rows(args.work / "per_image.csv", key, images)  # before results.csv marks the cell done
+        replace_cell_rows(
+            args.work / f"per_image{suffix}.csv", key, images
+        )  # before results.csv marks the cell done
         append_rows(results, FIELDS, [row])
     return 0
 

@@ -20,11 +20,13 @@ from nanomorph.contract import Contract
 from nanomorph.particles import (
     InstanceParams,
     average_precision,
+    drop_small,
     finish_instances,
     grow_seeds,
     instance_evidence,
     instance_target,
     match_instances,
+    seed_floor,
     seed_labels,
 )
 from training.seg_data import SegPair, load_pair, read_index_image, resolve_data_dir
@@ -100,11 +102,14 @@ def load_target_pair(
 #: Areas in native px, from specks to particles ~50 px across: on EMPS (particles ~30-250 px across)
 #: an 800-step U-Net's choice sat at the largest areas of the grid twice as the grid grew (64 / 128,
 #: then 256 / 512 px), so it reaches to 1024 / 2048.
+#: ``min_seed_fraction`` (a floor relative to each image's typical seed) joined on 2026-12-01: on EMPS the
+#: best absolute floor (256 px) dropped every particle of the frames with 15-30 px particles.
 #: Each entry's first value is InstanceParams' default (what models used before tuning).
 TUNING_GRID: dict[str, tuple[Any, ...]] = {  # keys in _score_combos' loop order
     "smoothing": (0.0, 1.0, 2.0),
     "seed_threshold": (0.5, 0.7, 0.9),
     "min_seed_area": (4, 16, 64, 256, 1024),
+    "min_seed_fraction": (0.0, 0.05, 0.1, 0.2),
     "keep_unseeded": (True, False),
     "min_area": (8, 32, 128, 512, 2048),
 }
@@ -161,11 +166,18 @@ def _score_combos(probs: np.ndarray, truth: np.ndarray, boundary_class: int) -> 
     scores = {}
     for smoothing in grid["smoothing"]:
         fg, inner, rim = instance_evidence(probs, boundary_class, smoothing)
-        for threshold, min_seed in itertools.product(grid["seed_threshold"], grid["min_seed_area"]):
-            grown = grow_seeds(fg, rim, seed_labels(fg, inner, threshold, min_seed))
-            for keep, min_area in itertools.product(grid["keep_unseeded"], grid["min_area"]):
-                combo = (smoothing, threshold, min_seed, keep, min_area)
-                scores[combo] = _ap50(truth, finish_instances(fg, grown, keep, min_area))
+        for threshold in grid["seed_threshold"]:
+            seeds = seed_labels(fg, inner, threshold)
+            by_floor: dict[tuple[int, bool, int], float] = {}  # size rules that keep the same seeds agree
+            for min_seed, fraction in itertools.product(grid["min_seed_area"], grid["min_seed_fraction"]):
+                floor = seed_floor(seeds, min_seed, fraction)
+                grown = None
+                for keep, min_area in itertools.product(grid["keep_unseeded"], grid["min_area"]):
+                    key = (floor, keep, min_area)
+                    if key not in by_floor:
+                        grown = grow_seeds(fg, rim, drop_small(seeds, floor)) if grown is None else grown
+                        by_floor[key] = _ap50(truth, finish_instances(fg, grown, keep, min_area))
+                    scores[(smoothing, threshold, min_seed, fraction, keep, min_area)] = by_floor[key]
     return scores
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from nanomorph.particles import (
     lognormal_fit,
     match_instances,
     particle_table,
+    seed_floor,
     segment_probs,
     semantic_classes,
     size_distribution_png,
@@ -207,3 +209,50 @@ def test_smoothing_and_unseeded_blobs_follow_the_params() -> None:
     # Models stored before these two existed read as they behaved: no smoothing, unseeded kept.
     old = {k: v for k, v in PARAMS.to_dict().items() if k not in ("smoothing", "keep_unseeded")}
     assert InstanceParams.from_dict(old) == PARAMS
+
+
+def test_seed_floor_is_a_share_of_the_area_weighted_median_seed() -> None:
+    seeds = np.zeros((80, 80), np.int64)
+    seeds[0:2, 0:2] = 1  # 4 px
+    seeds[10:20, 0:10] = 2  # 100 px
+    seeds[10:20, 20:30] = 3  # 100 px
+    seeds[40:60, 40:60] = 4  # 400 px
+    # Seed pixels sorted by seed size: 4, 100, 100 | 400 -> half of the 604 pixels lie in the 400-px seed.
+    assert seed_floor(seeds, 4, 0.1) == 40
+    assert seed_floor(seeds, 64, 0.1) == 64  # the absolute floor when it is the larger
+    assert seed_floor(seeds, 4, 0.0) == 4
+    assert seed_floor(np.zeros((5, 5), np.int64), 4, 0.5) == 4  # no seeds
+
+
+def scaled_frame(radius: int, positions: list[tuple[int, int]], blobs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Discs of one radius, plus ``blobs`` 8 x 8 false particles (seeded) on the background."""
+    ids = np.zeros((256, 256), np.int64)
+    for k, (cy, cx) in enumerate(positions):
+        ids[disk((cy, cx), radius, shape=ids.shape)] = k + 1
+    probs = probs_from(ids)
+    for b in range(blobs):
+        probs[:, 240:248, 8 + 20 * b : 16 + 20 * b] = np.array([0.0, 1.0, 0.0], np.float32)[:, None, None]
+    return probs, ids
+
+
+def test_a_seed_floor_relative_to_the_image_serves_every_magnification() -> None:
+    """Small particles at one magnification, large ones with 64-px false blobs at another: no
+    absolute minimum seed keeps the first and drops the second; a share of the typical seed does."""
+    small = scaled_frame(5, [(30 + 30 * i, 40 + 30 * j) for i in range(3) for j in range(3)], blobs=0)
+    large = scaled_frame(45, [(60, 60), (60, 170), (170, 110)], blobs=4)
+    frames = [small, large]
+
+    def ap(params: InstanceParams) -> float:
+        scores = [
+            average_precision(match_instances(t, instances_from_probs(p, params)), 0.5)["ap"]
+            for p, t in frames
+        ]
+        return float(np.mean(scores))
+
+    base = InstanceParams(boundary_class=2, keep_unseeded=False)
+    for min_seed in (4, 16, 64, 256, 1024):
+        assert ap(replace(base, min_seed_area=min_seed)) < 0.9
+    assert ap(replace(base, min_seed_fraction=0.1)) == pytest.approx(1.0)
+    # Models stored before the fraction existed read as they behaved: no relative floor.
+    old = {k: v for k, v in base.to_dict().items() if k != "min_seed_fraction"}
+    assert InstanceParams.from_dict(old) == base
