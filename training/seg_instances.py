@@ -139,7 +139,8 @@ def tune_instances(pairs: Iterable[tuple[np.ndarray, np.ndarray]], base: Instanc
 
     Every combination of :data:`TUNING_GRID` is scored on every pair, one image at a time (nothing
     is kept but the sums). The watershed, the costly step, runs once per (smoothing, seed threshold,
-    minimum seed area), one result alive at a time; the rest are cheap filters of it. The defaults
+    seed floor): size rules (absolute and relative minimum seed) that keep the same seeds share it and
+    its scores; the rest are cheap filters of it. The defaults
     are the grid's first combination, so their score comes with the rest and ties keep them. The
     steps are :func:`nanomorph.particles.instances_from_probs`' own, so the score is what
     ``predict`` and the service get with the chosen parameters.
