@@ -214,10 +214,11 @@ def instance_evidence(
     return fg, inner, probs[boundary_class]
 
 
-def seed_labels(fg: np.ndarray, inner: np.ndarray, threshold: float, min_area: int = 1) -> np.ndarray:
-    """One label per connected foreground region of P(interior) > ``threshold``, >= ``min_area`` px."""
+def seed_labels(fg: np.ndarray, inner: np.ndarray, threshold: float) -> np.ndarray:
+    """One label per connected foreground region of P(interior) > ``threshold`` (any size: the
+    size rule is :func:`seed_floor`'s)."""
     seeds, _ = ndi.label(fg & (inner > threshold), structure=np.ones((3, 3), bool))
-    return drop_small(seeds, min_area)
+    return seeds
 
 
 def seed_floor(seeds: np.ndarray, min_area: int, min_fraction: float) -> int:
