@@ -172,11 +172,16 @@ def run_probs(segmenter: tuple[Any, dict[str, str]], folder: Path, names: list[s
         yield name, segment_image(unet, raw, contract, "cpu")[1]
 
 
+def val_names(run: Path) -> list[str]:
+    """File names of the images a run held out for its own model selection (its val split)."""
+    return [f"{stem}.png" for stem in json.loads((run / "metrics.json").read_text())["split"]["val"]]
+
+
 def choose_cc(run: Path, segmenter: tuple[Any, dict[str, str]], root: Path) -> tuple[float, int]:
     """Smoothing and minimum area with the best mean AP@0.5 on the run's held-out (val) images."""
     from PIL import Image
 
-    val = [f"{stem}.png" for stem in json.loads((run / "metrics.json").read_text())["split"]["val"]]
+    val = val_names(run)
     combos = [(s, a) for s in CC_SMOOTHING for a in CC_MIN_AREAS]
     totals = dict.fromkeys(combos, 0.0)
     for name, probs in run_probs(segmenter, root / "images", val):
@@ -204,7 +209,7 @@ def retune(run: Path, segmenter: tuple[Any, dict[str, str]], root: Path) -> tupl
     base = InstanceParams.from_dict(meta.get("instances"))
     if base is None:
         raise SystemExit(f"{run} is not an instance model: nothing to retune")
-    val = [f"{stem}.png" for stem in json.loads((run / "metrics.json").read_text())["split"]["val"]]
+    val = val_names(run)
     pairs = (
         (probs, np.asarray(Image.open(root / "instances" / name)).astype(np.int64))
         for name, probs in run_probs(segmenter, root / "images", val)
