@@ -95,6 +95,7 @@ RUN_KEYS = (
     "weight_decay",
     "momentum",
     "warmup_epochs",
+    "lr_floor",
     "scale_min",
     "scale_max",
     "ratio_max",
@@ -108,6 +109,7 @@ RUN_KEYS = (
 )
 # What runs saved before a setting existed used (their checkpoints lack the key); 4/3 as 1.333.
 SETTINGS_BEFORE_THEY_EXISTED = {
+    "lr_floor": 0.0,
     "ratio_max": 1.333,
     "crop_norm": False,
     "noise": True,
@@ -145,6 +147,8 @@ def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
         raise ValueError("--batch-size must be >= 2 (the losses compare samples within a batch)")
     if float(args.gamma) < 0:
         raise ValueError(f"--gamma must be >= 0 (exponents in [1/(1+g), 1+g]), got {args.gamma}")
+    if not 0 <= float(args.lr_floor) <= 1:
+        raise ValueError(f"--lr-floor must be in [0, 1] (a share of the lr), got {args.lr_floor}")
     if float(args.ratio_max) < 1:
         raise ValueError(f"--ratio-max must be >= 1 (aspect ratios in [1/r, r]), got {args.ratio_max}")
     ssl_cfg = resolve_config(args.method, args.preset, args.projector, args.temperature, args.lambda_param)
@@ -171,6 +175,7 @@ def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
         "weight_decay": wd,
         "momentum": float(args.momentum),
         "warmup_epochs": float(args.warmup_epochs),
+        "lr_floor": float(args.lr_floor),
         "scale_min": float(args.scale_min),
         "scale_max": float(args.scale_max),
         "ratio_max": float(args.ratio_max),
@@ -480,7 +485,8 @@ def _build_trainer(
     total_steps = cfg["epochs"] * data.steps_per_epoch
     warmup_epochs = min(cfg["warmup_epochs"], 0.1 * cfg["epochs"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(round(warmup_epochs * data.steps_per_epoch), total_steps)
+        optimizer,
+        WarmupCosine(round(warmup_epochs * data.steps_per_epoch), total_steps, floor=cfg["lr_floor"]),
     )
     trainer = _Trainer(model, model, criterion, optimizer, scheduler)
     if checkpoint is not None:

@@ -37,7 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--weight-decay", type=float, help="null: sgd 5e-4, lars 1e-6, adamw 0.05")
     p.add_argument("--momentum", type=float, help="sgd / lars momentum")
     p.add_argument(
-        "--warmup-epochs", type=float, help="linear warm-up, then cosine to 0 (at most 10%% of the epochs)"
+        "--warmup-epochs", type=float, help="linear warm-up, then cosine (at most 10%% of the epochs)"
+    )
+    p.add_argument(
+        "--lr-floor",
+        type=float,
+        help="share of the lr the cosine ends at (0 = decays to 0; 1 with --warmup-epochs 0 = constant lr)",
     )
     p.add_argument("--scale-min", type=float, help="random resized crop: smallest area fraction")
     p.add_argument("--scale-max", type=float, help="random resized crop: largest area fraction")

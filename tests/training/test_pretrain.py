@@ -132,6 +132,24 @@ def test_user_errors_are_one_clear_line(tmp_path: Path) -> None:
         "pretrain", "--data", str(data), "--out", str(tmp_path / "r"), *TINY, "--ratio-max", "0.5"
     )
     assert run.returncode == 2 and "--ratio-max" in run.stderr
+    run = nanomorph("pretrain", "--data", str(data), "--out", str(tmp_path / "r"), *TINY, "--lr-floor", "2")
+    assert run.returncode == 2 and "--lr-floor" in run.stderr
+
+
+def test_lr_floor_one_without_warmup_is_the_plain_loops_constant_lr(tmp_path: Path) -> None:
+    """``--warmup-epochs 0 --lr-floor 1``: every step at the resolved lr (the reference loop's
+    schedule); the default warms up and decays below it."""
+    data = _dataset(tmp_path / "unlabeled")
+    step_lrs = {}
+    for name, extra in (("constant", ["--warmup-epochs", "0", "--lr-floor", "1"]), ("cosine", [])):
+        out = tmp_path / name
+        argv = ["pretrain", "--data", str(data), "--out", str(out), *TINY, "--epochs", "3", *extra]
+        assert nanomorph(*argv).returncode == 0
+        lr = yaml.safe_load((out / "config.yaml").read_text())["resolved"]["lr"]
+        step_lrs[name] = [r["lr"] / lr for r in read_metrics(out / "metrics.jsonl") if "kind" not in r]
+    constant = step_lrs["constant"]
+    assert len(constant) >= 2 and constant == pytest.approx([1.0] * len(constant))
+    assert min(step_lrs["cosine"]) < 0.9
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
