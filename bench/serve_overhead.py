@@ -13,7 +13,9 @@ synthetic 224x224 8-bit PNGs (smooth blobs plus noise, ~50 KB each), decoded in 
   takes less of it than ``--client httpx`` (the default, multipart built per request).
 
 Prints throughput (images/s), p50/p99 latency, rejected requests, the mean images per
-onnxruntime call (from the server's ``nanomorph_batch_images`` metric) and the ratio
+onnxruntime call (from the server's ``nanomorph_batch_images`` metric), the time in onnxruntime
+calls per image in both arms (a slower model in the server means its cores are shared; a model
+busy less than all of the served run means batches start late) and the ratio
 served/in-process at equal batch size / concurrency. ``--repeats N`` measures both arms N times,
 interleaved, the in-process arm before and after each served run (their mean, so that a change in
 the machine's load hits both), and reports the median ratio with its spread (min-max).
@@ -107,17 +109,20 @@ def make_images(n: int, size: int = 224, seed: int = 0) -> list[bytes]:
     return out
 
 
-def in_process(clf: Classifier, images: list[bytes], batch: int, n_images: int) -> float:
-    """Images/s of decode + preprocess + onnxruntime at ``batch`` images per call."""
+def in_process(clf: Classifier, images: list[bytes], batch: int, n_images: int) -> tuple[float, float]:
+    """Images/s of decode + preprocess + onnxruntime at ``batch`` images per call, and the
+    seconds per image of the onnxruntime calls alone (to compare with the server's)."""
     clf.predict_batch(np.stack([clf.preprocess(read_image(images[0])[0])] * batch))  # warm-up
-    done = 0
+    done, model_s = 0, 0.0
     start = time.perf_counter()
     while done < n_images:
         chunk = [images[(done + i) % len(images)] for i in range(batch)]
         x = np.stack([clf.preprocess(read_image(b)[0]) for b in chunk])
+        t0 = time.perf_counter()
         clf.predict_batch(x)
+        model_s += time.perf_counter() - t0
         done += batch
-    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start), model_s / done
 
 
 BOUNDARY = "nanomorph-bench-boundary"
@@ -228,15 +233,18 @@ def load(
     }
 
 
-def batch_totals(url: str) -> tuple[float, float]:
-    """(onnxruntime calls, images) so far, from the server's ``nanomorph_batch_images`` histogram."""
-    calls = images = 0.0
+def batch_totals(url: str) -> tuple[float, float, float]:
+    """(onnxruntime calls, images, seconds in them) so far, from the server's
+    ``nanomorph_batch_images`` and ``nanomorph_inference_seconds`` histograms."""
+    calls = images = seconds = 0.0
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
         if line.startswith("nanomorph_batch_images_count"):
             calls += float(line.split()[-1])
         elif line.startswith("nanomorph_batch_images_sum"):
             images += float(line.split()[-1])
-    return calls, images
+        elif line.startswith("nanomorph_inference_seconds_sum"):
+            seconds += float(line.split()[-1])
+    return calls, images, seconds
 
 
 def machine() -> str:
@@ -300,8 +308,13 @@ def main(argv: list[str] | None = None) -> int:
                     before = batch_totals(server.url)
                     s = load(server.url, images, c, n_requests, args.client)
                     after = batch_totals(server.url)
-                    local[c].append((first + in_process(clf, images, c, n_local)) / 2)
+                    second = in_process(clf, images, c, n_local)
+                    local[c].append((first[0] + second[0]) / 2)
                     s["mean_batch"] = (after[1] - before[1]) / max(after[0] - before[0], 1.0)
+                    # Where the gap is: the model slower in the server (cores shared with HTTP,
+                    # decoding and clients) or idle between calls (batches formed too late).
+                    s["model_ms"] = 1000 * (after[2] - before[2]) / max(after[1] - before[1], 1.0)
+                    s["local_model_ms"] = 1000 * (first[1] + second[1]) / 2
                     s["ratio"] = s["throughput"] / local[c][-1]
                     served[c].append(s)
                     print(
@@ -309,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"served {s['throughput']:7.1f} images/s  p50 {s['p50_ms']:6.0f} ms  "
                         f"p99 {s['p99_ms']:6.0f} ms  rejected {s['rejected']}/{s['requests']}  "
                         f"mean batch {s['mean_batch']:.1f}  client CPU {s['client_cpu_ms']:.1f} ms/request  "
+                        f"model ms/image served {s['model_ms']:.1f} vs in-process {s['local_model_ms']:.1f} "
+                        f"(busy {s['model_ms'] * s['throughput'] / 10:.0f}% of the served run)  "
                         f"ratio {s['ratio']:.2f}",
                         flush=True,
                     )
@@ -316,15 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     med = statistics.median
     rows = [
         "| clients = batch | in-process images/s | served images/s | ratio (median) | ratio min-max | "
-        "mean batch | client CPU ms/request | p50 ms | p99 ms | rejected |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "mean batch | model ms/image served / in-process | client CPU ms/request | p50 ms | p99 ms | rejected |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in levels:
         ratios = [s["ratio"] for s in served[c]]
         rows.append(
             f"| {c} | {med(local[c]):.1f} | {med([s['throughput'] for s in served[c]]):.1f} | "
             f"{med(ratios):.2f} | {min(ratios):.2f}-{max(ratios):.2f} | "
-            f"{med([s['mean_batch'] for s in served[c]]):.1f} | {med([s['client_cpu_ms'] for s in served[c]]):.1f} | "
+            f"{med([s['mean_batch'] for s in served[c]]):.1f} | "
+            f"{med([s['model_ms'] for s in served[c]]):.1f} / {med([s['local_model_ms'] for s in served[c]]):.1f} | "
+            f"{med([s['client_cpu_ms'] for s in served[c]]):.1f} | "
             f"{med([s['p50_ms'] for s in served[c]]):.0f} | "
             f"{med([s['p99_ms'] for s in served[c]]):.0f} | "
             f"{sum(s['rejected'] for s in served[c])}/{sum(s['requests'] for s in served[c])} |"
@@ -338,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         f"`nanomorph serve` defaults (1 worker, max batch 32, no batch wait, max latency 60 s), clients on "
         f"the same machine over loopback (they share its cores; client CPU: the load generator's own CPU "
         f"time per request). Mean batch: images per onnxruntime call "
-        f"(`nanomorph_batch_images`).\n\n"
+        f"(`nanomorph_batch_images`); model ms/image: time in onnxruntime calls per image, the server's "
+        f"(`nanomorph_inference_seconds`) and the in-process arm's.\n\n"
         f"Machine: {machine()}.\n\n" + "\n".join(rows) + "\n"
     )
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
