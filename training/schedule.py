@@ -1,7 +1,8 @@
 """The one learning-rate schedule of every training command: linear warm-up, then cosine decay.
 
-``pretrain`` decays to 0 over its warm-up of ``warmup_epochs``; ``finetune-cls`` warms up over a
-tenth of its steps and decays to 0; ``finetune-seg`` warms up over a twentieth and decays to 1 % of
+``pretrain`` warms up over ``warmup_epochs`` and decays to ``lr_floor`` (default 0; with no
+warm-up and a floor of 1 its lr is constant, as bench/ssl_quality.py's reference loop trains);
+``finetune-cls`` warms up over a tenth of its steps and decays to 0; ``finetune-seg`` warms up over a twentieth and decays to 1 % of
 the base rate (``floor=0.01``), so the encoder that joined late still moves at the end.
 """
 
