@@ -2,8 +2,9 @@
 
 ``pretrain`` warms up over ``warmup_epochs`` and decays to ``lr_floor`` (default 0; with no
 warm-up and a floor of 1 its lr is constant, as bench/ssl_quality.py's reference loop trains);
-``finetune-cls`` warms up over a tenth of its steps and decays to 0; ``finetune-seg`` warms up over a twentieth and decays to 1 % of
-the base rate (``floor=0.01``), so the encoder that joined late still moves at the end.
+``finetune-cls`` warms up over a tenth of its steps and decays to 0; ``finetune-seg`` warms up over
+a twentieth and decays to 1 % of the base rate (``floor=0.01``), so the encoder that joined late
+still moves at the end.
 """
 
 from __future__ import annotations
