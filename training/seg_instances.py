@@ -169,16 +169,18 @@ def _score_combos(probs: np.ndarray, truth: np.ndarray, boundary_class: int) -> 
         fg, inner, rim = instance_evidence(probs, boundary_class, smoothing)
         for threshold in grid["seed_threshold"]:
             seeds = seed_labels(fg, inner, threshold)
-            by_floor: dict[tuple[int, bool, int], float] = {}  # size rules that keep the same seeds agree
+            # Size rules that keep the same seeds (the same floor) share one watershed and its scores.
+            by_floor: dict[int, dict[tuple[bool, int], float]] = {}
             for min_seed, fraction in itertools.product(grid["min_seed_area"], grid["min_seed_fraction"]):
                 floor = seed_floor(seeds, min_seed, fraction)
-                grown = None
-                for keep, min_area in itertools.product(grid["keep_unseeded"], grid["min_area"]):
-                    key = (floor, keep, min_area)
-                    if key not in by_floor:
-                        grown = grow_seeds(fg, rim, drop_small(seeds, floor)) if grown is None else grown
-                        by_floor[key] = _ap50(truth, finish_instances(fg, grown, keep, min_area))
-                    scores[(smoothing, threshold, min_seed, fraction, keep, min_area)] = by_floor[key]
+                if floor not in by_floor:
+                    grown = grow_seeds(fg, rim, drop_small(seeds, floor))
+                    by_floor[floor] = {
+                        (keep, min_area): _ap50(truth, finish_instances(fg, grown, keep, min_area))
+                        for keep, min_area in itertools.product(grid["keep_unseeded"], grid["min_area"])
+                    }
+                for (keep, min_area), ap in by_floor[floor].items():
+                    scores[(smoothing, threshold, min_seed, fraction, keep, min_area)] = ap
     return scores
 
 
