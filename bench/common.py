@@ -25,6 +25,16 @@ def load_average() -> str:
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def print_and_record(table: str, section: str, record: bool) -> None:
+    """Prints a bench's result ``table`` and, with ``record``, writes it into docs/benchmarks.md."""
+    print()
+    print(table)
+    if record:
+        path = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+        record_section(table, path, section)
+        print(f"recorded in {path}")
+
+
 def record_section(text: str, path: Path, section: str) -> None:
     """Replaces the ``section`` ("## Title" or "### Title") of ``path`` (docs/benchmarks.md) with
     ``text``, which starts with that heading, or appends it; what follows the section (the next
