@@ -47,7 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import cpu_name, export_to_store, load_average, record_section  # noqa: E402
+from bench.common import cpu_name, export_to_store, load_average, print_and_record  # noqa: E402
 from nanomorph.contract import Contract, read_image  # noqa: E402
 from nanomorph.runtime import Classifier, OnnxModel  # noqa: E402
 from nanomorph.store import make_tag, metadata_props, resolve  # noqa: E402
@@ -275,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         help="load generator: httpx (multipart built per request) or raw http.client with prebuilt "
         "bodies (less of the shared cores taken by the clients)",
     )
+    p.add_argument(
+        "--concurrent-calls",
+        type=int,
+        default=1,
+        help="the server's NANOMORPH_CONCURRENT_CALLS (onnxruntime calls at once, cores shared out)",
+    )
     p.add_argument("--record", action="store_true", help="write the result into docs/benchmarks.md")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
@@ -292,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
         local: dict[int, list[float]] = {b: [] for b in levels}
         served: dict[int, list[dict[str, Any]]] = {c: [] for c in levels}
-        env = {"NANOMORPH_CLASSIFY_MODEL": tag}
+        env = {"NANOMORPH_CLASSIFY_MODEL": tag, "NANOMORPH_CONCURRENT_CALLS": str(args.concurrent_calls)}
         clf = Classifier(OnnxModel(resolve(tag, store)))  # one session for every in-process run
         with start_server(work / "server", store=store, env=env, timeout=600) as server:
             for c in levels:
@@ -323,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"p99 {s['p99_ms']:6.0f} ms  rejected {s['rejected']}/{s['requests']}  "
                         f"mean batch {s['mean_batch']:.1f}  client CPU {s['client_cpu_ms']:.1f} ms/request  "
                         f"model ms/image served {s['model_ms']:.1f} vs in-process {s['local_model_ms']:.1f} "
-                        f"(busy {s['model_ms'] * s['throughput'] / 10:.0f}% of the served run)  "
+                        f"(busy {s['model_ms'] * s['throughput'] / 10 / args.concurrent_calls:.0f}% of the "
+                        "served run per call lane)  "
                         f"ratio {s['ratio']:.2f}",
                         flush=True,
                     )
@@ -347,12 +354,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{sum(s['rejected'] for s in served[c])}/{sum(s['requests'] for s in served[c])} |"
         )
     table = (
-        f"{SECTION}\n\n`bench/serve_overhead.py --repeats {args.repeats} --client {args.client}` ({time.strftime('%Y-%m-%d')}): "
+        f"{SECTION}\n\n`bench/serve_overhead.py --repeats {args.repeats} --client {args.client} --concurrent-calls "
+        f"{args.concurrent_calls}` ({time.strftime('%Y-%m-%d')}): "
         f"ResNet-18 classifier, 1 channel, {args.image_size} px, `/classify` with one PNG per request vs "
         f"in-process onnxruntime (PNG decode included) at the same batch size, both arms measured "
         f"{args.repeats} time(s), interleaved (in-process: the mean of a run before and one after each served "
         f"run); medians, and the ratio's spread over the repeats. Server: "
-        f"`nanomorph serve` defaults (1 worker, max batch 32, no batch wait, max latency 60 s), clients on "
+        f"`nanomorph serve` defaults (1 worker, max batch 32, no batch wait, max latency 60 s, "
+        f"{args.concurrent_calls} concurrent onnxruntime call(s)), clients on "
         f"the same machine over loopback (they share its cores; client CPU: the load generator's own CPU "
         f"time per request). Mean batch: images per onnxruntime call "
         f"(`nanomorph_batch_images`); model ms/image: time in onnxruntime calls per image, the server's "
@@ -365,11 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             "\n**Oversubscribed machine**: the load average was well above the core count (other jobs ran), "
             "so absolute numbers are several times too low and the ratios are noise-dominated; rerun on a quiet machine.\n"
         )
-    print()
-    print(table)
-    if args.record:
-        record_section(table, ROOT / "docs" / "benchmarks.md", SECTION)
-        print(f"recorded in {ROOT / 'docs' / 'benchmarks.md'}")
+    print_and_record(table, SECTION, args.record)
     return 0
 
 

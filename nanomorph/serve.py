@@ -41,6 +41,7 @@ _ENV_OPTIONS = {
     "precision": "NANOMORPH_PRECISION",
     "workers": "NANOMORPH_WORKERS",
     "max_batch_size": "NANOMORPH_MAX_BATCH_SIZE",
+    "concurrent_calls": "NANOMORPH_CONCURRENT_CALLS",
     "max_latency_ms": "NANOMORPH_MAX_LATENCY_MS",
     "max_upload_mb": "NANOMORPH_MAX_UPLOAD_MB",
     "shutdown_grace_s": "NANOMORPH_SHUTDOWN_GRACE_S",
@@ -113,6 +114,7 @@ def serve(host: str = "127.0.0.1", port: int = 3000, env_overrides: Mapping[str,
     # The service package lives at the repository root; make it importable without installing.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     grace = grace_seconds(env)
+    check_settings(env)
     shown = {k: v for k, v in (env_overrides or {}).items() if "TOKEN" not in k}
     log.info(
         "serving on http://%s:%d (%s)",
@@ -121,6 +123,22 @@ def serve(host: str = "127.0.0.1", port: int = 3000, env_overrides: Mapping[str,
         ", ".join(f"{k}={v}" for k, v in shown.items()) or "defaults",
     )
     return run_supervised(command(host, int(port), grace), env, grace_s=grace)
+
+
+def check_settings(env: Mapping[str, str]) -> None:
+    """Reads the service's settings from ``env`` as each worker will, so that a bad value (e.g.
+    ``--concurrent-calls 0``) is one clear error here instead of a traceback from every worker.
+
+    Raises:
+        ValueError: a variable has a bad value (the message names it).
+    """
+    if not (REPO_ROOT / "service" / "settings.py").is_file():
+        return  # an install without the service package: the server reports it
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from service.settings import Settings
+
+    Settings.from_env(env)
 
 
 def missing_default_models(store: str | None) -> list[str]:

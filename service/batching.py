@@ -1,10 +1,11 @@
 """Adaptive batching: concurrent requests share one onnxruntime call.
 
 A :class:`Batcher` owns one batch function (an internal API taking exactly one array, batch axis
-first) and one thread to run it on. Requests queue their arrays; whenever the function is idle it
-takes everything queued, up to ``max_batch_size`` images, concatenates it, runs it once and hands
-each request its slice of the result. With one client that is a batch of 1 and no added wait;
-under load the batch grows by itself to what the model can absorb ("continuous batching").
+first) and ``concurrent_calls`` threads ("lanes", one by default) to run it on. Requests queue
+their arrays; whenever a lane is idle it takes everything queued, up to ``max_batch_size`` images,
+concatenates it, runs it once and hands each request its slice of the result. With one client that
+is a batch of 1 and no added wait; under load the batch grows by itself to what the model can
+absorb ("continuous batching").
 
 Why not BentoML's own batchable-API dispatch? Reaching a batchable ``@bentoml.api`` from another
 endpoint of the same service goes through ``self.to_async``, an in-process HTTP client that
@@ -57,6 +58,10 @@ class Batcher:
         max_elements: most array elements per call (0: no limit besides ``max_batch_size``): the
             segment batcher's items are tiles of varying sides, so concurrent large frames must not
             add up to one huge call (its activations would grow onnxruntime's arena to match).
+        concurrent_calls: calls of ``fn`` that may run at once, each on its own thread (1: one at
+            a time). Several pay off on CPU under many clients with onnxruntime sessions of fewer
+            threads each: a call is not held up by one of its threads that decoding or HTTP took
+            off a core, and the other lane keeps the cores busy (docs/benchmarks.md).
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class Batcher:
         batch_wait_ms: float = 0.0,
         name: str = "batcher",
         max_elements: int = 0,
+        concurrent_calls: int = 1,
     ) -> None:
         self.fn = fn
         self.max_batch_size = max(1, int(max_batch_size))
@@ -74,9 +80,10 @@ class Batcher:
         self.batch_wait = max(0.0, batch_wait_ms / 1000.0)
         self.max_elements = max(0, int(max_elements))
         self._queue: deque[_Job] = deque()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.lanes = max(1, int(concurrent_calls))
+        self._executor = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix=name)
         self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def submit(self, data: np.ndarray, shed: bool = True) -> list[Any]:
         """Runs ``fn`` on ``data`` (batch axis first) batched with other callers; returns its N results.
@@ -89,9 +96,13 @@ class Batcher:
             chunks = await asyncio.gather(*(self.submit(p, shed) for p in parts))
             return [r for chunk in chunks for r in chunk]
         loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+        if not self._tasks or any(t.done() or t.get_loop() is not loop for t in self._tasks):
+            for task in self._tasks:  # a lane left on this loop would make one lane too many
+                if not task.done() and task.get_loop() is loop:
+                    task.cancel()
             self._wake = asyncio.Event()
-            self._task = loop.create_task(self._run())
+            # Each lane takes what is queued whenever it is idle; all wake on a new request.
+            self._tasks = [loop.create_task(self._run()) for _ in range(self.lanes)]
         job = _Job(data, loop.create_future(), shed)
         self._queue.append(job)
         assert self._wake is not None
@@ -161,6 +172,6 @@ class Batcher:
                     start += n
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -130,7 +130,7 @@ class Models:
         s = self.settings
         stored = resolve(slot.tag, s.store)  # verifies the sha256 of every file
         onnx = OnnxModel(
-            stored, providers=list(s.providers) or None, threads=s.ort_threads, precision=s.precision
+            stored, providers=list(s.providers) or None, threads=s.session_threads(), precision=s.precision
         )
         log.info(
             "%s: %s (%s) from %s on providers %s",
@@ -157,6 +157,7 @@ class Models:
             s.batch_wait_ms,
             name=f"nanomorph-{slot.task}",
             max_elements=elements,
+            concurrent_calls=s.concurrent_calls,
         )
         slot.error = None
         metrics.MODEL_INFO.labels(

@@ -35,7 +35,14 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     ),
     "NANOMORPH_MODEL_POLL_S": ("2", "seconds between store polls for required models"),
     "NANOMORPH_PROVIDERS": ("CUDA then CPU if available", "onnxruntime execution providers (comma list)"),
-    "NANOMORPH_ORT_THREADS": ("0 (all cores)", "onnxruntime intra-op threads per session"),
+    "NANOMORPH_ORT_THREADS": (
+        "0 (all cores / NANOMORPH_CONCURRENT_CALLS)",
+        "onnxruntime intra-op threads per session",
+    ),
+    "NANOMORPH_CONCURRENT_CALLS": (
+        "1",
+        "onnxruntime calls each model runs at once (CPU: more throughput under many clients, slower lone requests)",
+    ),
     "NANOMORPH_PRECISION": (
         "auto",
         "auto: a model's int8 file (where export kept one) on CPU, fp32 on CUDA; fp32: always fp32",
@@ -166,6 +173,7 @@ class Settings:
     poll_s: float = 2.0
     providers: tuple[str, ...] = ()
     ort_threads: int = 0
+    concurrent_calls: int = 1
     precision: str = "auto"
     warmup: bool = True
     max_batch_size: int = 32
@@ -195,6 +203,16 @@ class Settings:
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_tokens)
+
+    def session_threads(self, cores: int | None = None) -> int:
+        """onnxruntime intra-op threads per session: ``NANOMORPH_ORT_THREADS`` if set; else with
+        several concurrent calls the cores shared between them (calls with more threads than
+        their share fight over the cores: measured slower than one call at a time); else 0, all."""
+        if self.ort_threads or self.concurrent_calls == 1:
+            return self.ort_threads
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cores // self.concurrent_calls)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -227,6 +245,7 @@ class Settings:
             poll_s=_float(env, "NANOMORPH_MODEL_POLL_S", 2.0, minimum=0.05),
             providers=_list(env, "NANOMORPH_PROVIDERS"),
             ort_threads=_int(env, "NANOMORPH_ORT_THREADS", 0),
+            concurrent_calls=_int(env, "NANOMORPH_CONCURRENT_CALLS", 1, minimum=1),
             precision=_precision(env),
             warmup=_bool(env, "NANOMORPH_WARMUP", True),
             max_batch_size=_int(env, "NANOMORPH_MAX_BATCH_SIZE", 32, minimum=1),

@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     )
     a("--workers", type=int, help="worker processes (null: 1)")
     a("--max-batch-size", type=int, help="images per onnxruntime call")
+    a(
+        "--concurrent-calls",
+        type=int,
+        help="onnxruntime calls each model runs at once, the cores shared between them (null: "
+        "$NANOMORPH_CONCURRENT_CALLS, else 1; 2 on CPU: more images/s under many clients, a lone request slower)",
+    )
     a("--max-latency-ms", type=int, help="queue time before 503")
     a("--max-upload-mb", type=float, help="largest upload (MiB)")
     a(

@@ -50,6 +50,16 @@ def test_settings_defaults_and_overrides() -> None:
     assert s.max_upload_bytes == MIB // 2
 
 
+def test_concurrent_calls_share_the_cores_between_their_sessions() -> None:
+    assert Settings.from_env({}).concurrent_calls == 1
+    assert Settings.from_env({}).session_threads(cores=16) == 0  # one call: onnxruntime's default, all
+    two = Settings.from_env({"NANOMORPH_CONCURRENT_CALLS": "2"})
+    assert two.session_threads(cores=2) == 1 and two.session_threads(cores=16) == 8
+    assert Settings.from_env({"NANOMORPH_CONCURRENT_CALLS": "4"}).session_threads(cores=2) == 1
+    pinned = Settings.from_env({"NANOMORPH_CONCURRENT_CALLS": "2", "NANOMORPH_ORT_THREADS": "3"})
+    assert pinned.session_threads(cores=2) == 3  # an explicit thread count is the operator's call
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -58,6 +68,7 @@ def test_settings_defaults_and_overrides() -> None:
         ("NANOMORPH_PROTECT_METRICS", "maybe"),
         ("NANOMORPH_REQUIRE_MODELS", "detect"),
         ("NANOMORPH_PRECISION", "int4"),
+        ("NANOMORPH_CONCURRENT_CALLS", "0"),
     ],
 )
 def test_settings_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -131,6 +142,41 @@ def test_batcher_gathers_concurrent_requests_and_chunks() -> None:
     assert calls[0] == 1 and max(calls) == 4 and sum(calls) == 15
 
 
+def test_batcher_runs_calls_side_by_side_with_concurrent_calls() -> None:
+    """With two lanes a second call starts while the first still runs (each would wait forever for
+    the other at one lane: the barrier times out); requests keep their own results."""
+
+    def run(concurrent_calls: int) -> tuple[list[int], bool]:
+        barrier = threading.Barrier(2, timeout=1)
+        sizes: list[int] = []
+        met = True
+
+        def fn(batch: np.ndarray) -> np.ndarray:
+            nonlocal met
+            sizes.append(len(batch))
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                met = False
+            return batch + 1
+
+        async def main() -> list[list[np.ndarray]]:
+            b = Batcher(fn, max_batch_size=4, concurrent_calls=concurrent_calls)
+            first = asyncio.ensure_future(b.submit(np.array([[0.0]])))
+            await asyncio.sleep(0.05)  # the first call is running (and waiting at the barrier)
+            second = asyncio.ensure_future(b.submit(np.array([[10.0], [20.0]])))
+            out = await asyncio.gather(first, second)
+            b.close()
+            return out
+
+        out = asyncio.run(main())
+        assert [float(x[0]) for r in out for x in r] == [1.0, 11.0, 21.0]
+        return sizes, met
+
+    assert run(2) == ([1, 2], True)
+    assert run(1)[1] is False  # one lane: the second call only starts after the first gave up
+
+
 def test_batcher_errors_and_overload() -> None:
     def boom(batch: np.ndarray) -> np.ndarray:
         raise RuntimeError("model failed")
@@ -191,6 +237,35 @@ def test_service_class_in_process(tiny_store: tuple[Path, dict[str, str]]) -> No
     svc._shutdown()
 
 
+def test_service_with_two_concurrent_calls_shares_the_cores(tiny_store: tuple[Path, dict[str, str]]) -> None:
+    """NANOMORPH_CONCURRENT_CALLS reaches the batchers and the sessions: two lanes, each session
+    with its share of the cores, and concurrent requests still get their own answers."""
+    from service.service import Nanomorph
+
+    store, _ = tiny_store
+    settings = Settings(
+        store=str(store), concurrent_calls=2, models={**Settings().models, "segment": "no-segment:1"}
+    )
+    svc = Nanomorph.inner(settings=settings)  # type: ignore[attr-defined]
+    assert svc._ready.wait(30)
+    slot = svc._slot("classify")
+    assert slot.batcher.lanes == 2
+    threads = slot.onnx.session.get_session_options().intra_op_num_threads
+    assert threads == settings.session_threads() >= 1
+
+    async def both() -> list[list[dict[str, object]]]:
+        dark, bright = np.zeros((1, 1, 32, 32), np.float32), np.ones((2, 1, 32, 32), np.float32)
+        return list(await asyncio.gather(slot.batcher.submit(dark), slot.batcher.submit(bright)))
+
+    dark, bright = asyncio.run(both())
+    alone = svc.classify_batch(
+        np.concatenate([np.zeros((1, 1, 32, 32)), np.ones((2, 1, 32, 32))]).astype(np.float32)
+    )
+    assert [r["label"] for r in dark + bright] == [r["label"] for r in alone]
+    assert len(dark) == 1 and len(bright) == 2
+    svc._shutdown()
+
+
 def test_service_import_never_imports_torch_or_training() -> None:
     code = (
         "import sys, service.service; "
@@ -233,8 +308,10 @@ def test_serve_options_become_environment() -> None:
     ]
     args = parser.parse_args(
         ["--shutdown-grace-s", "5", "--recycle-requests", "10000", "--recycle-rss-mb", "900"]
+        + ["--concurrent-calls", "2"]
     )
     assert serve_cmd.env_from_args(args) == {
+        "NANOMORPH_CONCURRENT_CALLS": "2",
         "NANOMORPH_SHUTDOWN_GRACE_S": "5.0",
         "NANOMORPH_RECYCLE_REQUESTS": "10000",
         "NANOMORPH_RECYCLE_RSS_MB": "900.0",
@@ -255,3 +332,15 @@ def test_serve_bad_port_is_a_clear_cli_error() -> None:
     )
     assert r.returncode == 2 and "70000" in r.stderr and "Traceback" not in r.stderr
     assert json.dumps(r.stderr)  # one readable line
+
+
+def test_serve_bad_setting_is_a_clear_cli_error_before_any_worker_starts() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "nanomorph.cli", "serve", "--port", "31997", "--concurrent-calls", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "BENTOML_HOME": "/nonexistent-never-created"},
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "NANOMORPH_CONCURRENT_CALLS='0' must be >= 1" in r.stderr
