@@ -80,8 +80,8 @@ class Batcher:
         self.batch_wait = max(0.0, batch_wait_ms / 1000.0)
         self.max_elements = max(0, int(max_elements))
         self._queue: deque[_Job] = deque()
-        self.lanes = max(1, int(concurrent_calls))
-        self._executor = ThreadPoolExecutor(max_workers=self.lanes, thread_name_prefix=name)
+        self.concurrent_calls = max(1, int(concurrent_calls))
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrent_calls, thread_name_prefix=name)
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -102,7 +102,7 @@ class Batcher:
                     task.cancel()
             self._wake = asyncio.Event()
             # Each lane takes what is queued whenever it is idle; all wake on a new request.
-            self._tasks = [loop.create_task(self._run()) for _ in range(self.lanes)]
+            self._tasks = [loop.create_task(self._run()) for _ in range(self.concurrent_calls)]
         job = _Job(data, loop.create_future(), shed)
         self._queue.append(job)
         assert self._wake is not None

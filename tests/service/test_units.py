@@ -249,7 +249,7 @@ def test_service_with_two_concurrent_calls_shares_the_cores(tiny_store: tuple[Pa
     svc = Nanomorph.inner(settings=settings)  # type: ignore[attr-defined]
     assert svc._ready.wait(30)
     slot = svc._slot("classify")
-    assert slot.batcher.lanes == 2
+    assert slot.batcher.concurrent_calls == 2
     threads = slot.onnx.session.get_session_options().intra_op_num_threads
     assert threads == settings.session_threads() >= 1
 
