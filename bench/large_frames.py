@@ -41,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import cpu_name, export_to_store, load_average, record_section  # noqa: E402
+from bench.common import cpu_name, export_to_store, load_average, print_and_record  # noqa: E402
 from nanomorph.contract import Contract, read_image  # noqa: E402
 from nanomorph.runtime import OnnxModel, Segmenter  # noqa: E402
 from nanomorph.store import make_tag, metadata_props, resolve  # noqa: E402
@@ -207,10 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             f"\n4096 x 4096 in-process with the training tile ({contract.tile_size} px, the tiling before "
             f"inference tiles): {old:.1f} s.\n"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.record:
-        record_section(text, ROOT / "docs" / "benchmarks.md", SECTION)
+    print_and_record("\n".join(lines) + "\n", SECTION, args.record)
     return 0 if all(r["status"] == 200 for r in rows) else 1
 
 

@@ -144,46 +144,6 @@ class Contract:
         return cls.from_dict(json.loads(text))
 
 
-#: Integer images whose values span at most this many levels (8- and 16-bit detectors), and no
-#: more levels than pixels, get their percentiles from a histogram: one counting pass instead of a
-#: partition of a float copy (bench/normalise.py).
-HISTOGRAM_LEVELS = 1 << 16
-
-
-def percentiles(image: np.ndarray, q: list[float]) -> np.ndarray:
-    """``np.percentile(image.astype(np.float32), q)`` (linear interpolation), bit for bit.
-
-    For integer images spanning at most :data:`HISTOGRAM_LEVELS` values (and no more values than
-    pixels, or 256) the order statistics come from a histogram (the two values around each
-    percentile, then numpy's own interpolation in float64); anything else goes to ``np.percentile``.
-    """
-    a = np.asarray(image)
-    if a.dtype.kind not in "ui" or a.size == 0:
-        low, high = 0, HISTOGRAM_LEVELS  # not integers: numpy
-    else:  # unsigned images are counted from 0 (one pass fewer than finding their minimum)
-        low, high = (0 if a.dtype.kind == "u" else int(a.min())), int(a.max())
-    offset = min(low, 0)
-    levels = high - offset + 1
-    if levels > min(HISTOGRAM_LEVELS, max(a.size, 256)):  # (such values are exact in float32)
-        return np.asarray(np.percentile(np.asarray(a, dtype=np.float32), q), dtype=np.float64)
-    flat = a.reshape(-1) if offset == 0 else a.reshape(-1).astype(np.int64) - offset
-    # bincount copies its input to int64 first: in chunks that copy stays in cache (3x faster on 4k frames).
-    chunk = max(1 << 16, 4 * levels)
-    counts = np.bincount(flat[:chunk], minlength=levels)
-    for start in range(chunk, flat.size, chunk):
-        counts += np.bincount(flat[start : start + chunk], minlength=levels)
-    cumulative = np.cumsum(counts)
-    # numpy's "linear" method: virtual index (n - 1) * q / 100, its floor and the next one.
-    virtual = (a.size - 1) * np.true_divide(np.asarray(q, dtype=np.float64), 100)
-    below = np.clip(np.floor(virtual), 0, a.size - 1).astype(np.int64)
-    above = np.clip(below + 1, 0, a.size - 1)
-    before = np.searchsorted(cumulative, below, side="right").astype(np.float64) + offset
-    after = np.searchsorted(cumulative, above, side="right").astype(np.float64) + offset
-    t = virtual - below
-    # numpy's _lerp: from the lower value below t = 0.5, from the upper one above (same rounding).
-    return np.where(t >= 0.5, after - (after - before) * (1 - t), before + (after - before) * t)
-
-
 def normalise(image: np.ndarray, contract: Contract | None = None) -> np.ndarray:
     """Robust intensity normalisation to [0, 1].
 
@@ -202,10 +162,9 @@ def normalise(image: np.ndarray, contract: Contract | None = None) -> np.ndarray
     img = np.asarray(image, dtype=np.float32)
     if img.ndim != 2:
         raise ValueError(f"normalise expects a 2-D image, got shape {img.shape}")
-    # Integer pixels are always finite: only floats need the (whole-frame) check.
-    if np.asarray(image).dtype.kind not in "uib" and not np.isfinite(img).all():
+    if not np.isfinite(img).all():
         raise ValueError("image has non-finite pixels; read it with nanomorph.contract.read_image")
-    lo, hi = percentiles(image, [contract.p_low, contract.p_high])
+    lo, hi = np.percentile(img, [contract.p_low, contract.p_high])
     if not hi > lo:
         # Percentiles can coincide on images that are constant but for a few pixels: fall back to min/max.
         lo, hi = float(img.min()), float(img.max())

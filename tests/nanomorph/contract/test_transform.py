@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from nanomorph.contract import Contract, normalise, resize, to_model_input
-from nanomorph.contract.transform import HISTOGRAM_LEVELS, percentiles
 
 RNG = np.random.default_rng(1)
 
@@ -30,76 +29,6 @@ def test_normalise_is_linear_between_the_percentiles_and_accepts_integers() -> N
     img = np.arange(101, dtype=np.uint16).reshape(1, 101).repeat(3, axis=0)
     out = normalise(img, Contract(p_low=0.0, p_high=100.0))
     np.testing.assert_allclose(out[0], np.linspace(0.0, 1.0, 101), atol=1e-6)
-
-
-def _integer_images() -> list[np.ndarray]:
-    rng = np.random.default_rng(7)
-    return [
-        rng.integers(0, 256, (64, 80)).astype(np.uint8),  # 8-bit camera frame
-        rng.integers(0, 4096, (67, 71)).astype(np.uint16),  # 12-bit in 16
-        rng.integers(0, 65536, (260, 260)).astype(np.uint16),  # full 16-bit range
-        rng.integers(-3000, 3000, (80, 80)).astype(np.int16),  # signed, offset by its minimum
-        rng.integers(200, 260, (31, 29)).astype(np.int32),  # few levels, not from zero
-        (rng.normal(300, 5, (64, 64))).astype(np.int64),  # narrow peak: many ties
-        np.full((9, 9), 17, np.uint8),  # constant
-        np.array([[5]], np.uint16),  # one pixel
-        rng.integers(0, 2, (1, 500)).astype(np.uint8),  # two levels
-        rng.integers(0, 256, (300, 301)).astype(np.uint8),  # counted in more than one chunk
-    ]
-
-
-def _without_numpy_percentile(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Makes sure the histogram answers: np.percentile raises from here on."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("np.percentile called: the histogram path was not taken")
-
-    monkeypatch.setattr(np, "percentile", refuse)
-
-
-@pytest.mark.parametrize("index", range(10))
-def test_percentiles_of_integer_images_equal_numpy_bit_for_bit(
-    index: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    image = _integer_images()[index]
-    q = [0.0, 0.5, 1.0, 2.5, 33.3, 50.0, 66.7, 97.5, 99.0, 99.5, 100.0]
-    expected = np.percentile(image.astype(np.float32), q)
-    _without_numpy_percentile(monkeypatch)
-    got = percentiles(image, q)
-    assert got.dtype == np.float64
-    assert got.tobytes() == expected.tobytes()  # identical floats, not merely close
-
-
-def test_percentiles_follow_numpys_rounding_at_every_q(monkeypatch: pytest.MonkeyPatch) -> None:
-    """numpy interpolates from the lower value below a fraction of 0.5 and from the upper one above,
-    which rounds differently: a sweep of q on a wide 16-bit image catches either choice made wrong."""
-    image = np.random.default_rng(11).integers(0, 65536, (257, 263)).astype(np.uint16)
-    q = list(np.linspace(0.0, 100.0, 2001))
-    expected = np.percentile(image.astype(np.float32), q)
-    _without_numpy_percentile(monkeypatch)
-    assert percentiles(image, q).tobytes() == expected.tobytes()
-
-
-def test_percentiles_fall_back_to_numpy_outside_the_histogram() -> None:
-    rng = np.random.default_rng(3)
-    wide = rng.integers(0, 1 << 20, (300, 300)).astype(np.int32)  # more levels than the histogram holds
-    huge = np.array([[0, 1 << 25], [3, 4]], np.int64)  # beyond float32's exact integers
-    small = rng.integers(0, 4096, (20, 20)).astype(np.uint16)  # more levels than pixels
-    floats = rng.random((20, 20)).astype(np.float32)
-    assert HISTOGRAM_LEVELS < (1 << 20)
-    for image in (wide, huge, small, floats):
-        expected = np.percentile(image.astype(np.float32), [0.5, 99.5])
-        assert percentiles(image, [0.5, 99.5]).tobytes() == expected.tobytes()
-
-
-def test_normalise_of_integer_images_is_unchanged_by_the_histogram() -> None:
-    """Training and serving normalise the same 8/16-bit frames: the fast path must not move a pixel."""
-    for image in _integer_images():
-        lo, hi = np.percentile(image.astype(np.float32), [0.5, 99.5])
-        img = image.astype(np.float32)
-        if hi > lo:
-            expected = np.clip((img - np.float32(lo)) / np.float32(float(hi) - float(lo)), 0, 1)
-            assert normalise(image).tobytes() == expected.astype(np.float32).tobytes()
 
 
 def test_constant_and_nearly_constant_images() -> None:
