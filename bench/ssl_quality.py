@@ -301,7 +301,7 @@ def run_plain_loop(unlabeled: Path, out: Path, args: argparse.Namespace) -> tupl
         return weights, json.loads((out / "cpu.json").read_text())["cpu_s"]
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.process_time()
-    torch.manual_seed(0)
+    torch.manual_seed(args.plain_seed)  # the loop's init, batches and augmentations
     # native: tiles kept at --crop-size, so a view is sampled from native pixels (never upsampled
     # from the downsized tile); the same keep rule, on the std of the native tile.
     tile_side = args.crop_size if args.plain_crops == "native" else args.image_size
@@ -423,6 +423,13 @@ def main() -> None:
         "grid, as nanomorph's crops are), or the grid tiles at native resolution (the random resized crop "
         "samples --crop-size px directly, as nanomorph's views do)",
     )
+    p.add_argument(
+        "--plain-seed",
+        type=int,
+        default=0,
+        help="seed of the plain loop (its initialisation, batches and augmentations); another seed gets its "
+        'own folder, so a seed-to-seed spread can be read beside nanomorph\'s --run "tag=--seed N"',
+    )
     args = p.parse_args()
     args.plain_steps = args.plain_steps or args.steps
     torch.set_num_threads(os.cpu_count() or 2)
@@ -446,6 +453,7 @@ def main() -> None:
         # A plain loop of other length than --steps gets its own folder (e.g. to match CPU seconds).
         folder = "plain" if args.plain_steps == args.steps else f"plain-{args.plain_steps}"
         folder += "" if args.plain_crops == "grid" else f"-{args.plain_crops}"
+        folder += "" if args.plain_seed == 0 else f"-seed{args.plain_seed}"
         plain_path, plain_cpu = run_plain_loop(unlabeled, args.work / folder, args)
         encoders["plain loop"] = ("plain", plain_path, plain_cpu)
 
