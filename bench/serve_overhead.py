@@ -51,6 +51,7 @@ from bench.common import cpu_name, export_to_store, load_average, print_and_reco
 from nanomorph.contract import Contract, read_image  # noqa: E402
 from nanomorph.runtime import Classifier, OnnxModel  # noqa: E402
 from nanomorph.store import make_tag, metadata_props, resolve  # noqa: E402
+from service.settings import available_cores  # noqa: E402
 
 CLASSES = ["singular", "dispersed", "bundle", "network"]
 SECTION = "## Serving overhead"
@@ -250,9 +251,8 @@ def batch_totals(url: str) -> tuple[float, float, float]:
 def machine() -> str:
     import onnxruntime as ort
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
-        f"{cpu_name()}, {cores} cores available, onnxruntime {ort.__version__} (CPUExecutionProvider), "
+        f"{cpu_name()}, {available_cores()} cores available, onnxruntime {ort.__version__} (CPUExecutionProvider), "
         f"Python {platform.python_version()}; load average at the end {load_average()} "
         "(other jobs share these cores)"
     )
@@ -368,8 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(`nanomorph_inference_seconds`) and the in-process arm's.\n\n"
         f"Machine: {machine()}.\n\n" + "\n".join(rows) + "\n"
     )
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if os.getloadavg()[0] > 1.5 * cores:
+    if os.getloadavg()[0] > 1.5 * available_cores():
         table += (
             "\n**Oversubscribed machine**: the load average was well above the core count (other jobs ran), "
             "so absolute numbers are several times too low and the ratios are noise-dominated; rerun on a quiet machine.\n"

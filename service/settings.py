@@ -163,6 +163,14 @@ def _default_budget(max_pixels: int, workers: int) -> int:
     return default_pixel_budget(max_pixels, workers)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on: its affinity mask (what a container's cpuset or
+    ``taskset`` leaves it), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class Settings:
     """The service's configuration (see :data:`ENV_VARS` and docs/service.md)."""
@@ -210,9 +218,7 @@ class Settings:
         their share fight over the cores: measured slower than one call at a time); else 0, all."""
         if self.ort_threads or self.concurrent_calls == 1:
             return self.ort_threads
-        if cores is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, cores // self.concurrent_calls)
+        return max(1, (available_cores() if cores is None else cores) // self.concurrent_calls)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
