@@ -63,7 +63,15 @@ from training.runio import (
     write_model_card,
 )
 from training.schedule import WarmupCosine
-from training.ssl import SSLConfig, SSLLoss, SSLModel, build_projector, param_groups, resolve_config
+from training.ssl import (
+    SSLConfig,
+    SSLLoss,
+    SSLModel,
+    build_projector,
+    multi_view_loss,
+    param_groups,
+    resolve_config,
+)
 
 log = logging.getLogger("nanomorph.pretrain")
 
@@ -105,6 +113,8 @@ RUN_KEYS = (
     "rot90",
     "gamma",
     "resize_first",
+    "local_views",
+    "local_size",
     "seed",
 )
 # What runs saved before a setting existed used (their checkpoints lack the key); 4/3 as 1.333.
@@ -116,6 +126,8 @@ SETTINGS_BEFORE_THEY_EXISTED = {
     "rot90": True,
     "gamma": 0.3,
     "resize_first": False,
+    "local_views": 0,
+    "local_size": 0,
 }
 
 
@@ -151,6 +163,7 @@ def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
         raise ValueError(f"--lr-floor must be in [0, 1] (a share of the lr), got {args.lr_floor}")
     if float(args.ratio_max) < 1:
         raise ValueError(f"--ratio-max must be >= 1 (aspect ratios in [1/r, r]), got {args.ratio_max}")
+    local_views, local_size = _local_views(args)
     ssl_cfg = resolve_config(args.method, args.preset, args.projector, args.temperature, args.lambda_param)
     base_lr, wd, _ = OPTIMIZER_DEFAULTS[args.optimizer]
     base_lr = float(args.base_lr if args.base_lr is not None else base_lr)
@@ -185,8 +198,24 @@ def _resolve(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
         "rot90": bool(args.rot90),
         "gamma": float(args.gamma),
         "resize_first": bool(args.resize_first),
+        "local_views": local_views,
+        "local_size": local_size,
         "seed": int(args.seed),
     }
+
+
+def _local_views(args: argparse.Namespace) -> tuple[int, int]:
+    """(local views per crop, their side): side 0 when there are none, two thirds of the input side
+    when not given (what was measured on real EM frames: docs/results.md)."""
+    views = int(getattr(args, "local_views", 0) or 0)
+    if views < 0:
+        raise ValueError(f"--local-views must be >= 0, got {views}")
+    if not views:
+        return 0, 0
+    size = int(getattr(args, "local_size", None) or int(args.image_size) * 2 // 3)
+    if not 8 <= size <= int(args.image_size):
+        raise ValueError(f"--local-size must be in [8, --image-size {args.image_size}], got {size}")
+    return views, size
 
 
 def _existing_run(
@@ -233,6 +262,20 @@ def augment_config(cfg: dict[str, Any]) -> AugmentConfig:
     if not run["rot90"]:
         recipe = replace(recipe, p_rot90=0.0)
     return recipe if run["noise"] else replace(recipe, p_gauss_noise=0.0, p_poisson_noise=0.0)
+
+
+def local_augment_config(cfg: dict[str, Any]) -> AugmentConfig | None:
+    """The recipe of a run's local views (None without them): the global recipe at the local side,
+    with the crop area shrunk by (local side / input side)² so that a local view shows its
+    particles at the same magnification as the global views do: size stays information."""
+    run = {**SETTINGS_BEFORE_THEY_EXISTED, **cfg}
+    if not run["local_views"]:
+        return None
+    recipe = augment_config(cfg)
+    shrink = (run["local_size"] / run["image_size"]) ** 2
+    return replace(
+        recipe, image_size=run["local_size"], scale=(recipe.scale[0] * shrink, recipe.scale[1] * shrink)
+    )
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> Any:
@@ -292,18 +335,29 @@ def build_ssl_model(backbone: nn.Module, ssl_cfg: SSLConfig, device: torch.devic
 
 
 def forward_step(
-    model: nn.Module, criterion: nn.Module, augment: nn.Module, x: torch.Tensor, bf16: bool
+    model: nn.Module,
+    criterion: nn.Module,
+    augment: nn.Module,
+    x: torch.Tensor,
+    bf16: bool,
+    local_augment: nn.Module | None = None,
+    local_views: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two augmented views of the batch ``x`` through backbone + projector in ONE forward pass
-    (channels_last everywhere, bf16 autocast when ``bf16``: see ``training.device.pick_precision``),
-    then the loss in fp32. Returns (features, loss)."""
+    """Two augmented views of the batch ``x`` (and ``local_views`` smaller ones from
+    ``local_augment``) through backbone + projector in ONE forward call (channels_last
+    everywhere, bf16 autocast when ``bf16``: see ``training.device.pick_precision``), then the
+    loss in fp32 (:func:`training.ssl.multi_view_loss`). Returns (features, loss); the features
+    start with the first global view's."""
     # channels_last: oneDNN's CPU convolutions are faster in it too (resnet18 training step +15%,
     # efficientnet_b0 +50% on the 2-core box; never slower for the timm models measured).
-    views = torch.cat([augment(x), augment(x)]).contiguous(memory_format=torch.channels_last)
+    views = [torch.cat([augment(x), augment(x)]).contiguous(memory_format=torch.channels_last)]
+    if local_augment is not None and local_views > 0:
+        local = torch.cat([local_augment(x) for _ in range(local_views)])
+        views.append(local.contiguous(memory_format=torch.channels_last))
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        h, z = model(views)
-    z0, z1 = z.chunk(2)
-    return h, criterion(z0, z1)
+        h, z = model(views if len(views) > 1 else views[0])
+    z_views = z.chunk(2 + (local_views if len(views) > 1 else 0))
+    return h, multi_view_loss(criterion, z_views[0], z_views[1], list(z_views[2:]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +445,8 @@ class _Data:
     loader: DataLoader
     steps_per_epoch: int
     augment: BatchAugment
+    local_augment: BatchAugment | None  # the local views' recipe (None: two global views only)
+    local_views: int
 
     def set_epoch(self, epoch: int, seed: int) -> None:
         if isinstance(self.sampler, DistributedSampler):
@@ -450,7 +506,12 @@ def _prepare_data(
     if cfg["steps_per_epoch"]:
         steps_per_epoch = min(steps_per_epoch, cfg["steps_per_epoch"])
     augment = BatchAugment(augment_config(cfg))
-    return _Data(contract, dataset, n_files, workers, sampler, sampler_gen, loader, steps_per_epoch, augment)
+    local_recipe = local_augment_config(cfg)
+    local_augment = BatchAugment(local_recipe) if local_recipe is not None else None
+    return _Data(
+        contract, dataset, n_files, workers, sampler, sampler_gen, loader, steps_per_epoch, augment,
+        local_augment, int(cfg.get("local_views", 0)),
+    )  # fmt: skip
 
 
 @dataclass
@@ -539,6 +600,14 @@ def _log_start(cfg: dict[str, Any], info: dist_utils.DistInfo, data: _Data) -> N
         info.device,
         data.workers,
     )
+    if data.local_augment is not None and info.is_main:
+        recipe = data.local_augment.config
+        log.info(
+            "multi-crop: %d local views of %d px per crop (area %.2f-%.2f, the global views' magnification)",
+            data.local_views,
+            recipe.image_size,
+            *recipe.scale,
+        )
 
 
 def _train_epoch(
@@ -565,7 +634,15 @@ def _train_epoch(
         if step >= steps:
             break
         x = batch.to(info.device, non_blocking=True)
-        h, loss = forward_step(trainer.train_model, trainer.criterion, data.augment, x, trainer.bf16)
+        h, loss = forward_step(
+            trainer.train_model,
+            trainer.criterion,
+            data.augment,
+            x,
+            trainer.bf16,
+            data.local_augment,
+            data.local_views,
+        )
         _check_finite(loss, info, epoch, step, out)
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()

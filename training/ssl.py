@@ -169,9 +169,26 @@ class SSLModel(nn.Module):
         self.projector = projector
         self.embedding_dim = embedding_dim  # width of the backbone's features (0: not recorded)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.backbone(x).flatten(1)
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: a batch, or batches of different sides (global and local views); each batch
+        goes through the backbone on its own (its own BatchNorm statistics), the features are
+        concatenated in order. One call either way, so DDP sees one forward per step."""
+        groups = x if isinstance(x, list) else [x]
+        h = torch.cat([self.backbone(g).flatten(1) for g in groups])
         return h, self.projector(h)
+
+
+def multi_view_loss(
+    criterion: nn.Module, z0: torch.Tensor, z1: torch.Tensor, local: list[torch.Tensor]
+) -> torch.Tensor:
+    """The pairwise loss over two global views ``z0``, ``z1`` and any local views (multi-crop,
+    Caron et al., NeurIPS 2020): the mean of the global pair's loss and every global-local pair's,
+    so each local view is pulled towards both global views of its crop and never towards
+    another local one. Without local views it is ``criterion(z0, z1)``."""
+    losses = [criterion(z0, z1)]
+    for z in local:
+        losses += [criterion(z0, z), criterion(z1, z)]
+    return torch.stack(losses).mean()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

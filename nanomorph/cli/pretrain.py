@@ -81,6 +81,18 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "then never sharper than what classification sees; false: views from native pixels)",
     )
     p.add_argument(
+        "--local-views",
+        type=int,
+        help="smaller views of each crop beside the two global ones (multi-crop; 0 = none); each is "
+        "compared with both global views",
+    )
+    p.add_argument(
+        "--local-size",
+        type=int,
+        help="side of the local views in px (default: two thirds of --image-size; their crop area shrinks "
+        "with it, so particles keep the global views' magnification)",
+    )
+    p.add_argument(
         "--gamma", type=float, help="gamma jitter: exponent in [1/(1+g), 1+g] (0 = none; detector response)"
     )
     p.add_argument("--quality-every", type=int, help="epochs between quality-signal measurements (0 = off)")

@@ -134,6 +134,9 @@ def test_user_errors_are_one_clear_line(tmp_path: Path) -> None:
     assert run.returncode == 2 and "--ratio-max" in run.stderr
     run = nanomorph("pretrain", "--data", str(data), "--out", str(tmp_path / "r"), *TINY, "--lr-floor", "2")
     assert run.returncode == 2 and "--lr-floor" in run.stderr
+    for flags in (["--local-views", "-1"], ["--local-views", "2", "--local-size", "64"]):
+        run = nanomorph("pretrain", "--data", str(data), "--out", str(tmp_path / "r"), *TINY, *flags)
+        assert run.returncode == 2 and flags[-2] in run.stderr, run.stderr
 
 
 def test_lr_floor_one_without_warmup_is_the_plain_loops_constant_lr(tmp_path: Path) -> None:
@@ -205,10 +208,13 @@ def test_ddp_two_gloo_processes(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "nanomorph.cli", "pretrain", "--data", str(data), "--out", str(out), *TINY]
     cmd += ["--epochs", "1", "--steps-per-epoch", "2", "--device", "cpu", "--batch-size", "4"]
+    cmd += ["--local-views", "2"]  # views of two sides in one forward call per step, as DDP needs
     result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["world_size"] == 2 and config["resolved"]["global_batch"] == 8
+    assert (config["resolved"]["local_views"], config["resolved"]["local_size"]) == (2, 21)  # 2/3 of 32
+    assert "multi-crop: 2 local views of 21 px" in result.stderr
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["global_step"] == 2 and len(ckpt["rng"]) == 2  # both ranks' RNG states
     epochs = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "epoch"]
@@ -259,3 +265,39 @@ def test_rot90_false_and_gamma_zero_take_only_those_out_of_the_augmentations() -
         return int((rows.amax(dim=(1, 2)) < cols.amax(dim=(1, 2))).sum())
 
     assert vertical(fixed) == 0 and vertical(default) > 16
+
+
+def test_local_views_keep_the_global_views_magnification() -> None:
+    """``--local-views``: the global recipe at the local side, its crop area shrunk by the square of
+    the side ratio (a particle spans as many px in a local view as in a global one); none in runs
+    saved before the setting existed."""
+    from training.pretrain import augment_config, local_augment_config
+
+    settings = {"image_size": 32, "scale_min": 0.5, "scale_max": 1.0, "ratio_max": 1.0}
+    assert local_augment_config(settings) is None
+    assert local_augment_config({**settings, "local_views": 0, "local_size": 0}) is None
+    local = local_augment_config({**settings, "local_views": 4, "local_size": 16})
+    assert local is not None and local.image_size == 16 and local.scale == (0.125, 0.25)
+    assert {**local.to_dict(), "image_size": 0, "scale": 0} == {
+        **augment_config(settings).to_dict(), "image_size": 0, "scale": 0
+    }  # fmt: skip
+
+
+def test_forward_step_with_local_views() -> None:
+    """Two global and N local views in one step: features of all views (the first global view's
+    first), one finite loss that differs from the two-view loss of the same batch."""
+    from training.augment import AugmentConfig, BatchAugment
+    from training.backbones import create_backbone
+    from training.pretrain import build_ssl_model, forward_step
+    from training.ssl import SSLLoss, resolve_config
+
+    torch.manual_seed(0)
+    cfg = resolve_config("simclr", projector="32-16")
+    model = build_ssl_model(create_backbone(ARCH), cfg, torch.device("cpu"))
+    x = torch.rand(4, 1, 40, 40)
+    glob = BatchAugment(AugmentConfig(image_size=32), torch.Generator().manual_seed(0))
+    local = BatchAugment(AugmentConfig(image_size=16, scale=(0.125, 0.25)), torch.Generator().manual_seed(1))
+    h, loss = forward_step(model, SSLLoss(cfg), glob, x, False, local, 3)
+    assert h.shape[0] == (2 + 3) * 4 and torch.isfinite(loss)
+    _, two_view = forward_step(model, SSLLoss(cfg), glob, x, False)
+    assert torch.isfinite(two_view) and not torch.isclose(loss, two_view)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.ssl import SSLLoss, SSLModel, build_projector, param_groups, resolve_config
+from training.ssl import SSLLoss, SSLModel, build_projector, multi_view_loss, param_groups, resolve_config
 
 
 def nt_xent_reference(z0: torch.Tensor, z1: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -111,3 +111,29 @@ def test_losses_finite_and_decreasing_on_a_fixed_batch(method: str) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_multi_view_loss_is_the_mean_over_the_global_pair_and_global_local_pairs() -> None:
+    """Multi-crop: each local view against both global views, never against another local view;
+    without local views the plain pairwise loss."""
+    g = torch.Generator().manual_seed(2)
+    z0, z1, l0, l1 = (torch.randn(8, 16, generator=g) for _ in range(4))
+    loss_fn = SSLLoss(resolve_config("simclr", temperature=0.2))
+    ref = [nt_xent_reference(a, b, 0.2) for a, b in ((z0, z1), (z0, l0), (z1, l0), (z0, l1), (z1, l1))]
+    assert torch.allclose(multi_view_loss(loss_fn, z0, z1, [l0, l1]), torch.stack(ref).mean(), atol=1e-5)
+    assert torch.allclose(multi_view_loss(loss_fn, z0, z1, []), ref[0], atol=1e-6)
+
+
+def test_model_takes_views_of_two_sides_in_one_call() -> None:
+    """Global and local views (different sides) in one forward call: features in order, each
+    group through the backbone on its own, as separate calls would give."""
+    torch.manual_seed(0)
+    cfg = resolve_config("simclr", projector="16-8")
+    backbone = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+    )
+    model = SSLModel(backbone, build_projector(cfg, 16)).eval()
+    big, small = torch.rand(6, 1, 32, 32), torch.rand(4, 1, 16, 16)
+    h, z = model([big, small])
+    assert h.shape == (10, 16) and z.shape == (10, 8)
+    assert torch.allclose(h, torch.cat([backbone(big), backbone(small)]), atol=1e-6)
