@@ -283,16 +283,18 @@ def test_local_views_keep_the_global_views_magnification() -> None:
     }  # fmt: skip
 
 
-def test_forward_step_with_local_views() -> None:
+@pytest.mark.parametrize("method", ["simclr", "barlowtwins"])
+def test_forward_step_with_local_views(method: str) -> None:
     """Two global and N local views in one step: features of all views (the first global view's
-    first), one finite loss that differs from the two-view loss of the same batch."""
+    first), one finite loss that differs from the two-view loss of the same batch; for each
+    objective, since both take the local views' pairs."""
     from training.augment import AugmentConfig, BatchAugment
     from training.backbones import create_backbone
     from training.pretrain import build_ssl_model, forward_step
     from training.ssl import SSLLoss, resolve_config
 
     torch.manual_seed(0)
-    cfg = resolve_config("simclr", projector="32-16")
+    cfg = resolve_config(method, projector="32-16")
     model = build_ssl_model(create_backbone(ARCH), cfg, torch.device("cpu"))
     x = torch.rand(4, 1, 40, 40)
     glob = BatchAugment(AugmentConfig(image_size=32), torch.Generator().manual_seed(0))
