@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Does pretraining pay off on real frames? ``nanomorph pretrain`` (its defaults) vs a plain
 reference loop (timm + lightly, written below) vs random init, on the same frames and the same
-optimiser-step budget, then identical linear-probe splits. Not a test: it prints measured numbers.
+optimiser-step budget (``--plain-match-cpu``: the loop gets the CPU seconds nanomorph's run took, the
+issue's same-budget comparison), then identical linear-probe splits. Not a test: it prints measured numbers.
 
 Data: the EMPS particle set (``images/``, ``segmaps/`` instance maps, ``metadata.csv`` with the
 source paper's doi). All frames are used WITHOUT labels for pretraining. The downstream task is
@@ -25,7 +26,7 @@ Usage::
     python bench/ssl_quality.py --data ../shared/data/emps-train --work runs/ssl_quality
     python bench/ssl_quality.py ... --steps 60 --splits 5        # a quicker look
 
-Re-running reuses finished pretraining runs (``--work``); ``--force`` starts over.
+Re-running reuses finished pretraining runs (their folders under ``--work``); delete a folder to train it again.
 """
 
 from __future__ import annotations
@@ -289,8 +290,12 @@ def shifted_batch(
     return torch.from_numpy(np.stack(out).astype(np.float32))[:, None]
 
 
-def run_plain_loop(unlabeled: Path, out: Path, args: argparse.Namespace) -> tuple[Path, float]:
-    """A plain SimCLR loop: timm resnet18 + lightly's NT-Xent, AdamW lr 1e-3, torchvision augs."""
+def run_plain_loop(
+    unlabeled: Path, out: Path, args: argparse.Namespace, cpu_budget: float | None = None
+) -> tuple[Path, float]:
+    """A plain SimCLR loop: timm resnet18 + lightly's NT-Xent, AdamW lr 1e-3 (constant), torchvision
+    augs; ``args.plain_steps`` steps, or with ``cpu_budget`` as many as fit in that many CPU seconds
+    (this process's, data preparation included, as nanomorph's count its whole run)."""
     import timm
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
@@ -318,8 +323,13 @@ def run_plain_loop(unlabeled: Path, out: Path, args: argparse.Namespace) -> tupl
     model = torch.nn.Sequential(backbone, head).to(memory_format=torch.channels_last)
     loss_fn = NTXentLoss()  # lightly's default temperature (0.5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    losses = []
-    for step in range(args.plain_steps):
+    losses: list[float] = []
+    step = 0
+
+    def more() -> bool:  # a step budget, or a CPU-seconds one
+        return step < args.plain_steps if cpu_budget is None else time.process_time() - t0 < cpu_budget
+
+    while more():
         idx = torch.randint(0, len(data), (args.batch_size,))
         x = shifted_batch(where, idx, args.crop_size, s) if args.plain_crops == "shifted" else data[idx]
         v0 = torch.stack([aug(t) for t in x]).contiguous(memory_format=torch.channels_last)
@@ -330,11 +340,13 @@ def run_plain_loop(unlabeled: Path, out: Path, args: argparse.Namespace) -> tupl
         opt.step()
         losses.append(float(loss))
         if step % 10 == 0:
-            print(f"plain loop step {step}/{args.plain_steps} loss {loss.item():.3f}", flush=True)
+            budget = f"{args.plain_steps}" if cpu_budget is None else f"? ({cpu_budget:.0f} CPU s)"
+            print(f"plain loop step {step}/{budget} loss {loss.item():.3f}", flush=True)
+        step += 1
     torch.save(backbone.state_dict(), weights)
     cpu = time.process_time() - t0
     (out / "cpu.json").write_text(
-        json.dumps({"cpu_s": cpu, "loss_first": losses[0], "loss_last": losses[-1]})
+        json.dumps({"cpu_s": cpu, "steps": step, "loss_first": losses[0], "loss_last": losses[-1]})
     )
     return weights, cpu
 
@@ -412,7 +424,13 @@ def main() -> None:
         type=int,
         default=None,
         help="optimiser steps of the plain loop (default --steps); raise it to give the loop the CPU seconds "
-        "nanomorph's run took (the table prints both)",
+        "nanomorph's run took (the table prints both), or use --plain-match-cpu",
+    )
+    p.add_argument(
+        "--plain-match-cpu",
+        action="store_true",
+        help="run the plain loop for the CPU seconds the first nanomorph run took instead of --plain-steps "
+        "(the same-budget comparison; its folder is named by the budget)",
     )
     p.add_argument(
         "--plain-crops",
@@ -451,10 +469,15 @@ def main() -> None:
         encoders[f"nanomorph ({tag})"] = ("nanomorph", nm_path, nm_cpu)
     if not args.skip_plain:
         # A plain loop of other length than --steps gets its own folder (e.g. to match CPU seconds).
-        folder = "plain" if args.plain_steps == args.steps else f"plain-{args.plain_steps}"
+        nanomorph_cpu = [cpu for kind, _, cpu in encoders.values() if kind == "nanomorph"]
+        budget = nanomorph_cpu[0] if args.plain_match_cpu else None
+        if budget is not None:
+            folder = f"plain-cpu{budget:.0f}"
+        else:
+            folder = "plain" if args.plain_steps == args.steps else f"plain-{args.plain_steps}"
         folder += "" if args.plain_crops == "grid" else f"-{args.plain_crops}"
         folder += "" if args.plain_seed == 0 else f"-seed{args.plain_seed}"
-        plain_path, plain_cpu = run_plain_loop(unlabeled, args.work / folder, args)
+        plain_path, plain_cpu = run_plain_loop(unlabeled, args.work / folder, args, budget)
         encoders["plain loop"] = ("plain", plain_path, plain_cpu)
 
     ks = [int(k) for k in args.k.split(",")]
