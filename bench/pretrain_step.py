@@ -1,8 +1,8 @@
 """Images/s of one nanomorph pretraining step vs a plain reference loop (not a timed test).
 
 nanomorph: images on disk -> ``UnlabeledFolder`` (decoded once, cached) -> DataLoader ->
-``BatchAugment`` (two views, plus ``--local-views`` small ones, pretrain's default) -> timm backbone + lightly projector -> lightly loss -> SGD, i.e. the
-code ``nanomorph pretrain`` runs (``training.pretrain.forward_step``), at the precision
+``BatchAugment`` (two views, plus ``--local-views`` small ones, pretrain's default) -> timm
+backbone + lightly projector -> lightly loss -> SGD, i.e. the code ``nanomorph pretrain`` runs (``training.pretrain.forward_step``), at the precision
 ``nanomorph pretrain --precision auto`` picks on this machine (bf16 autocast on CPUs with AMX) or
 the one given with ``--precision``.
 Reference: timm resnet18 + lightly SimCLRProjectionHead + NTXentLoss + SGD on PRE-MADE view
