@@ -2,9 +2,9 @@
 
 nanomorph: images on disk -> ``UnlabeledFolder`` (decoded once, cached) -> DataLoader ->
 ``BatchAugment`` (two views, plus ``--local-views`` small ones, pretrain's default) -> timm
-backbone + lightly projector -> lightly loss -> SGD, i.e. the code ``nanomorph pretrain`` runs (``training.pretrain.forward_step``), at the precision
-``nanomorph pretrain --precision auto`` picks on this machine (bf16 autocast on CPUs with AMX) or
-the one given with ``--precision``.
+backbone + lightly projector -> lightly loss -> SGD, i.e. the code ``nanomorph pretrain`` runs
+(``training.pretrain.forward_step``), at the precision ``nanomorph pretrain --precision auto``
+picks on this machine (bf16 autocast on CPUs with AMX) or the one given with ``--precision``.
 Reference: timm resnet18 + lightly SimCLRProjectionHead + NTXentLoss + SGD on PRE-MADE view
 tensors (no data loading, no augmentation), two forward passes as in lightly's examples.
 Both in the same process, same batch, size and head. Prints the ratio (target >= 1.0), and
