@@ -71,7 +71,13 @@ def bench_nanomorph(data: Path, args: argparse.Namespace) -> float:
     from training.backbones import create_backbone
     from training.data import UnlabeledFolder
     from training.device import pick_precision
-    from training.pretrain import build_optimizer, build_ssl_model, forward_step, local_augment_config
+    from training.pretrain import (
+        build_optimizer,
+        build_ssl_model,
+        default_local_size,
+        forward_step,
+        local_recipe,
+    )
     from training.ssl import SSLLoss, resolve_config
 
     torch.manual_seed(0)
@@ -81,12 +87,10 @@ def bench_nanomorph(data: Path, args: argparse.Namespace) -> float:
     cfg = resolve_config("simclr", projector="512-128")
     model = build_ssl_model(create_backbone(args.backbone), cfg, torch.device("cpu"))
     criterion = SSLLoss(cfg)
-    augment = BatchAugment(AugmentConfig(image_size=args.image_size))
-    run = {"image_size": args.image_size, "scale_min": 0.5, "scale_max": 1.0, "ratio_max": 1.0}
-    local_recipe = local_augment_config(
-        {**run, "local_views": args.local_views, "local_size": args.image_size * 2 // 3}
-    )
-    local = BatchAugment(local_recipe) if local_recipe is not None else None
+    recipe = AugmentConfig(image_size=args.image_size)
+    augment = BatchAugment(recipe)
+    local_size = default_local_size(args.image_size)
+    local = BatchAugment(local_recipe(recipe, local_size)) if args.local_views else None
     opt = build_optimizer(model, "sgd", 0.03, 5e-4, 0.9)
     batches = itertools.cycle(loader)
     bf16 = pick_precision(args.precision, torch.device("cpu")) == "bf16"

@@ -212,7 +212,7 @@ def _local_views(args: argparse.Namespace) -> tuple[int, int]:
         raise ValueError(f"--local-views must be >= 0, got {views}")
     if not views:
         return 0, 0
-    size = int(getattr(args, "local_size", None) or int(args.image_size) * 2 // 3)
+    size = int(getattr(args, "local_size", None) or default_local_size(int(args.image_size)))
     if not 8 <= size <= int(args.image_size):
         raise ValueError(f"--local-size must be in [8, --image-size {args.image_size}], got {size}")
     return views, size
@@ -264,18 +264,23 @@ def augment_config(cfg: dict[str, Any]) -> AugmentConfig:
     return recipe if run["noise"] else replace(recipe, p_gauss_noise=0.0, p_poisson_noise=0.0)
 
 
+def default_local_size(image_size: int) -> int:
+    """The local views' side when ``--local-size`` is not given: two thirds of the input side."""
+    return image_size * 2 // 3
+
+
+def local_recipe(recipe: AugmentConfig, local_size: int) -> AugmentConfig:
+    """The global ``recipe`` at the local side, with the crop area shrunk by (local side / input
+    side)² so that a local view shows its particles at the same magnification as the global views
+    do: size stays information."""
+    shrink = (local_size / recipe.image_size) ** 2
+    return replace(recipe, image_size=local_size, scale=(recipe.scale[0] * shrink, recipe.scale[1] * shrink))
+
+
 def local_augment_config(cfg: dict[str, Any]) -> AugmentConfig | None:
-    """The recipe of a run's local views (None without them): the global recipe at the local side,
-    with the crop area shrunk by (local side / input side)² so that a local view shows its
-    particles at the same magnification as the global views do: size stays information."""
+    """The recipe of a run's local views (None without them): :func:`local_recipe` of its own."""
     run = {**SETTINGS_BEFORE_THEY_EXISTED, **cfg}
-    if not run["local_views"]:
-        return None
-    recipe = augment_config(cfg)
-    shrink = (run["local_size"] / run["image_size"]) ** 2
-    return replace(
-        recipe, image_size=run["local_size"], scale=(recipe.scale[0] * shrink, recipe.scale[1] * shrink)
-    )
+    return local_recipe(augment_config(cfg), run["local_size"]) if run["local_views"] else None
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> Any:
