@@ -14,8 +14,8 @@ synthetic 224x224 8-bit PNGs (smooth blobs plus noise, ~50 KB each), decoded in 
 
 Prints throughput (images/s), p50/p99 latency, rejected requests, the mean images per
 onnxruntime call (from the server's ``nanomorph_batch_images`` metric), the time in onnxruntime
-calls per image in both arms (a slower model in the server means its cores are shared; a model
-busy less than all of the served run means batches start late) and the ratio
+calls per image in both arms (a slower model in the server means its cores are shared), how many
+calls were in progress on average (below the server's call lanes: batches start late) and the ratio
 served/in-process at equal batch size / concurrency. ``--repeats N`` measures both arms N times,
 interleaved, the in-process arm before and after each served run (their mean, so that a change in
 the machine's load hits both), and reports the median ratio with its spread (min-max).
@@ -277,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--concurrent-calls",
-        type=int,
-        default=1,
-        help="the server's NANOMORPH_CONCURRENT_CALLS (onnxruntime calls at once, cores shared out)",
+        default="auto",
+        help="the server's NANOMORPH_CONCURRENT_CALLS: auto (its default) or a count of onnxruntime "
+        "calls at once, cores shared out",
     )
     p.add_argument("--record", action="store_true", help="write the result into docs/benchmarks.md")
     args = p.parse_args(argv)
@@ -329,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"p99 {s['p99_ms']:6.0f} ms  rejected {s['rejected']}/{s['requests']}  "
                         f"mean batch {s['mean_batch']:.1f}  client CPU {s['client_cpu_ms']:.1f} ms/request  "
                         f"model ms/image served {s['model_ms']:.1f} vs in-process {s['local_model_ms']:.1f} "
-                        f"(busy {s['model_ms'] * s['throughput'] / 10 / args.concurrent_calls:.0f}% of the "
-                        "served run per call lane)  "
+                        f"(calls in progress {s['model_ms'] * s['throughput'] / 1000:.2f} on average)  "
                         f"ratio {s['ratio']:.2f}",
                         flush=True,
                     )

@@ -7,6 +7,13 @@ concatenates it, runs it once and hands each request its slice of the result. Wi
 is a batch of 1 and no added wait; under load the batch grows by itself to what the model can
 absorb ("continuous batching").
 
+Adaptive calls (``narrow_fn``): on CPU one onnxruntime call on all the cores is fastest for a lone
+request, but under load two calls on half the cores each are faster (a call's parallel sections
+wait for all of its threads, so decoding or HTTP taking one core stalls the whole call; a call on
+one core is only slowed). With ``narrow_fn`` a request that finds no call running and nothing
+queued runs on ``fn`` (all cores) and no other call starts beside it; otherwise what is queued is
+shared out between the idle lanes, each running ``narrow_fn`` (docs/benchmarks.md).
+
 Why not BentoML's own batchable-API dispatch? Reaching a batchable ``@bentoml.api`` from another
 endpoint of the same service goes through ``self.to_async``, an in-process HTTP client that
 serialises numpy arrays as JSON lists: measured here at ~46 ms per 224x224 float32 image, three
@@ -62,6 +69,8 @@ class Batcher:
             a time). Several pay off on CPU under many clients with onnxruntime sessions of fewer
             threads each: a call is not held up by one of its threads that decoding or HTTP took
             off a core, and the other lane keeps the cores busy (docs/benchmarks.md).
+        narrow_fn: with adaptive calls, ``fn`` on a session of 1 / ``concurrent_calls`` of the cores;
+            ``fn`` then runs alone, only for a lone request (see the module docstring).
     """
 
     def __init__(
@@ -73,6 +82,7 @@ class Batcher:
         name: str = "batcher",
         max_elements: int = 0,
         concurrent_calls: int = 1,
+        narrow_fn: Callable[[np.ndarray], Sequence[Any] | np.ndarray] | None = None,
     ) -> None:
         self.fn = fn
         self.max_batch_size = max(1, int(max_batch_size))
@@ -82,6 +92,11 @@ class Batcher:
         self._queue: deque[_Job] = deque()
         self.concurrent_calls = max(1, int(concurrent_calls))
         self._executor = ThreadPoolExecutor(max_workers=self.concurrent_calls, thread_name_prefix=name)
+        self.narrow_fn = narrow_fn
+        # A call alone always runs on the same thread (the session's own threads stay paired with it).
+        self._alone_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-alone")
+        self._running = 0  # calls in progress
+        self._alone_running = False  # a call on all the cores (adaptive): no other may start
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -110,7 +125,7 @@ class Batcher:
         result: list[Any] = await job.future
         return result
 
-    def _take(self) -> list[_Job]:
+    def _take(self, max_jobs: int = 0) -> list[_Job]:
         now = time.monotonic()
         jobs: list[_Job] = []
         size = elements = 0
@@ -128,6 +143,8 @@ class Batcher:
                 )
                 continue
             if jobs and size + len(job.data) > self.max_batch_size:
+                break
+            if max_jobs and len(jobs) >= max_jobs:
                 break
             if jobs and self.max_elements and elements + job.data.size > self.max_elements:
                 break
@@ -151,10 +168,23 @@ class Batcher:
                 waited = time.monotonic() - self._queue[0].enqueued
                 if waited < self.batch_wait:
                     await asyncio.sleep(self.batch_wait - waited)
-            while jobs := self._take():
+            while not self._alone_running and (jobs := self._take(self._share())):
+                alone = (
+                    self.narrow_fn is not None and not self._running and not self._queue and len(jobs) == 1
+                )
+                fn = self.narrow_fn if self.narrow_fn is not None and not alone else self.fn
+                self._running += 1
+                self._alone_running = alone
                 try:
                     batch = jobs[0].data if len(jobs) == 1 else np.concatenate([j.data for j in jobs])
-                    out = await loop.run_in_executor(self._executor, self.fn, batch)
+                    try:
+                        executor = self._alone_executor if alone else self._executor
+                        out = await loop.run_in_executor(executor, fn, batch)
+                    finally:
+                        self._running -= 1
+                        if alone:  # the lanes that waited for it may start now
+                            self._alone_running = False
+                            self._wake.set()
                     if len(out) != len(batch):
                         raise RuntimeError(
                             f"batch function returned {len(out)} results for {len(batch)} inputs"
@@ -171,7 +201,15 @@ class Batcher:
                         job.future.set_result(list(out[start : start + n]))
                     start += n
 
+    def _share(self) -> int:
+        """Most jobs one lane takes now (0: no limit): with adaptive calls, a share for each idle lane."""
+        if self.narrow_fn is None or len(self._queue) <= 1:
+            return 0
+        idle = self.concurrent_calls - self._running
+        return -(-len(self._queue) // max(idle, 1))
+
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._alone_executor.shutdown(wait=False, cancel_futures=True)

@@ -11,12 +11,13 @@ between tasks comes from the one table, :mod:`nanomorph.tasks`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -37,6 +38,13 @@ log = logging.getLogger("bentoml.nanomorph")
 NO_INDEX = "no index configured: set NANOMORPH_INDEX to a folder made by `nanomorph index build`"
 
 
+class BatchAPI(Protocol):
+    """A service batch API: a batch (axis 0) -> one result per item; ``narrow``: run it on the
+    task's session of half the cores (adaptive calls)."""
+
+    def __call__(self, batch: np.ndarray, narrow: bool = False) -> Any: ...
+
+
 @dataclass
 class ModelSlot:
     """One task's model: loaded (with its task helper and batcher) or the reason it is not."""
@@ -46,6 +54,7 @@ class ModelSlot:
     stored: StoredModel | None = None
     onnx: OnnxModel | None = None
     helper: Any = None
+    narrow_helper: Any = None  # the helper on a session of half the cores (adaptive calls), or None
     batcher: Batcher | None = None
     error: str | None = "not loaded yet"
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -92,7 +101,7 @@ class Models:
         batch_apis: task -> the service's batch API that the task's batcher calls.
     """
 
-    def __init__(self, settings: Settings, batch_apis: Mapping[str, Callable[[np.ndarray], Any]]) -> None:
+    def __init__(self, settings: Settings, batch_apis: Mapping[str, BatchAPI]) -> None:
         self.settings = settings
         self.slots: dict[str, ModelSlot] = {t: ModelSlot(t, settings.models[t]) for t in TASKS}
         self.index: SimilarityIndex | None = None
@@ -129,9 +138,9 @@ class Models:
         """Loads, warms up and puts a batcher in front of ``slot``'s model (raises on failure)."""
         s = self.settings
         stored = resolve(slot.tag, s.store)  # verifies the sha256 of every file
-        onnx = OnnxModel(
-            stored, providers=list(s.providers) or None, threads=s.session_threads(), precision=s.precision
-        )
+        providers = list(s.providers) or None
+        calls = max(1, s.concurrent_calls)  # auto: one call on all the cores until we know the providers
+        onnx = OnnxModel(stored, providers, threads=s.session_threads(calls), precision=s.precision)
         log.info(
             "%s: %s (%s) from %s on providers %s",
             slot.task,
@@ -142,22 +151,28 @@ class Models:
         )
         helper = task_helper(slot.task, onnx, max_tile=s.segment_tile or None)
         slot.stored, slot.onnx, slot.helper = stored, onnx, helper
+        adaptive = s.adaptive_calls(slot.task, onnx.providers)
+        sessions = [onnx] + ([self._narrow_session(slot, providers)] if adaptive else [])
+        slot.narrow_helper = task_helper(slot.task, sessions[1]) if adaptive else None
         if s.warmup:
             t0 = time.perf_counter()
-            onnx.run(_warmup_input(stored, slot.task))
+            for session in sessions:
+                session.run(_warmup_input(stored, slot.task))
             log.info("%s: warm-up %.0f ms", slot.task, 1000 * (time.perf_counter() - t0))
         # Tiled calls hold at most max_batch_size training tiles' worth of pixels, however large
         # the inference tiles and however many frames are in flight.
         tiled = get_task(slot.task).tiled
         elements = s.max_batch_size * stored.contract.tile_size**2 if tiled else 0
+        batch_api = self._batch_apis[slot.task]
         slot.batcher = Batcher(
-            self._batch_apis[slot.task],
+            batch_api,
             s.max_batch_size,
             s.max_latency_ms,
             s.batch_wait_ms,
             name=f"nanomorph-{slot.task}",
             max_elements=elements,
-            concurrent_calls=s.concurrent_calls,
+            concurrent_calls=s.lanes(adaptive),
+            narrow_fn=functools.partial(batch_api, narrow=True) if adaptive else None,
         )
         slot.error = None
         metrics.MODEL_INFO.labels(
@@ -166,6 +181,18 @@ class Models:
             sha256=_served_sha256(stored, onnx),
             providers=",".join(onnx.providers),
         ).set(1)
+
+    def _narrow_session(self, slot: ModelSlot, providers: list[str] | None) -> OnnxModel:
+        """The second session of an adaptive slot: the same model on half the cores."""
+        s = self.settings
+        threads = s.session_threads(2)
+        log.info(
+            "%s: a lone request runs on all cores, two calls on %d thread(s) each under load",
+            slot.task,
+            threads,
+        )
+        assert slot.stored is not None
+        return OnnxModel(slot.stored, providers, threads=threads, precision=s.precision)
 
     def _try_load(self, slot: ModelSlot) -> None:
         """:meth:`load_one`, keeping the reason of a failure; logs a reason once, not every poll."""

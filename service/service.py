@@ -143,24 +143,29 @@ class Nanomorph:
         metrics.INFERENCE_SECONDS.labels(task=task, model=tag).observe(seconds)
         metrics.BATCH_IMAGES.labels(task=task, model=tag).observe(n)
 
-    def classify_batch(self, images: np.ndarray) -> list[dict[str, Any]]:
+    def _helper(self, task: str, narrow: bool) -> Any:
+        """The task's helper; ``narrow``: the one on the session of half the cores (adaptive calls)."""
+        slot = self.slots[task]
+        return slot.narrow_helper if narrow else slot.helper
+
+    def classify_batch(self, images: np.ndarray, narrow: bool = False) -> list[dict[str, Any]]:
         """Preprocessed images (N, 1, S, S) -> N classification dicts (see ``Classifier.predict``)."""
         t0 = time.perf_counter()
-        out: list[dict[str, Any]] = self.slots["classify"].helper.predict_batch(images)
+        out: list[dict[str, Any]] = self._helper("classify", narrow).predict_batch(images)
         self._observe("classify", len(images), time.perf_counter() - t0)
         return out
 
-    def embed_batch(self, images: np.ndarray) -> np.ndarray:
+    def embed_batch(self, images: np.ndarray, narrow: bool = False) -> np.ndarray:
         """Preprocessed images (N, 1, S, S) -> embeddings (N, D)."""
         t0 = time.perf_counter()
-        out: np.ndarray = self.slots["embed"].helper.embed_batch(images)
+        out: np.ndarray = self._helper("embed", narrow).embed_batch(images)
         self._observe("embed", len(images), time.perf_counter() - t0)
         return out
 
-    def segment_batch(self, tiles: np.ndarray) -> np.ndarray:
+    def segment_batch(self, tiles: np.ndarray, narrow: bool = False) -> np.ndarray:
         """Normalised tiles (N, 1, T, T) -> class probabilities (N, C, T, T)."""
         t0 = time.perf_counter()
-        out: np.ndarray = self.slots["segment"].onnx.run(tiles)["probabilities"]  # type: ignore[union-attr]
+        out: np.ndarray = self._helper("segment", narrow).model.run(tiles)["probabilities"]
         self._observe("segment", len(tiles), time.perf_counter() - t0)
         return out
 

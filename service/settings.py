@@ -9,7 +9,7 @@ that table in code, so the docs and the code can be checked against each other.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from nanomorph.tasks import TASKS  # the one task table; re-exported for the service modules
@@ -36,12 +36,13 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "NANOMORPH_MODEL_POLL_S": ("2", "seconds between store polls for required models"),
     "NANOMORPH_PROVIDERS": ("CUDA then CPU if available", "onnxruntime execution providers (comma list)"),
     "NANOMORPH_ORT_THREADS": (
-        "0 (all cores / NANOMORPH_CONCURRENT_CALLS)",
+        "0 (all cores; a call beside others: its share of them)",
         "onnxruntime intra-op threads per session",
     ),
     "NANOMORPH_CONCURRENT_CALLS": (
-        "1",
-        "onnxruntime calls each model runs at once (CPU: more throughput under many clients, slower lone requests)",
+        "auto",
+        "onnxruntime calls each model runs at once; auto: classify/embed on CPU run a lone request on all "
+        "cores and share the cores between two calls under load, segment and CUDA one call",
     ),
     "NANOMORPH_PRECISION": (
         "auto",
@@ -123,6 +124,16 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+def _calls(env: Mapping[str, str]) -> int:
+    """``NANOMORPH_CONCURRENT_CALLS``: ``auto`` (or unset) -> 0, else a count >= 1."""
+    raw = env.get("NANOMORPH_CONCURRENT_CALLS", "").strip()
+    if raw.lower() in ("", "auto"):
+        return 0
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"NANOMORPH_CONCURRENT_CALLS={raw!r} must be 'auto' or a count >= 1")
+    return int(raw)
+
+
 def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
     raw = env.get(name, "").strip()
     if not raw:
@@ -181,7 +192,7 @@ class Settings:
     poll_s: float = 2.0
     providers: tuple[str, ...] = ()
     ort_threads: int = 0
-    concurrent_calls: int = 1
+    concurrent_calls: int = 0  # 0: auto (adaptive_calls)
     precision: str = "auto"
     warmup: bool = True
     max_batch_size: int = 32
@@ -212,13 +223,28 @@ class Settings:
     def auth_enabled(self) -> bool:
         return bool(self.api_tokens)
 
-    def session_threads(self, cores: int | None = None) -> int:
-        """onnxruntime intra-op threads per session: ``NANOMORPH_ORT_THREADS`` if set; else with
-        several concurrent calls the cores shared between them (calls with more threads than
-        their share fight over the cores: measured slower than one call at a time); else 0, all."""
-        if self.ort_threads or self.concurrent_calls == 1:
+    def adaptive_calls(self, task: str, providers: Sequence[str], cores: int | None = None) -> bool:
+        """Whether ``task``'s batcher adapts to load (``NANOMORPH_CONCURRENT_CALLS=auto``): a lone
+        request on a session with all the cores, two calls on half the cores each when more are
+        waiting. On CPU with 2+ cores for classify and embed (measured faster from 4 clients up, as
+        fast for one; docs/benchmarks.md); segment (large frames, an arena per session) and CUDA keep
+        one call."""
+        cores = available_cores() if cores is None else cores
+        on_cpu = all(p == "CPUExecutionProvider" for p in providers)
+        return self.concurrent_calls == 0 and task in ("classify", "embed") and on_cpu and cores >= 2
+
+    def lanes(self, adaptive: bool) -> int:
+        """Calls a model's batcher may run at once."""
+        return 2 if adaptive else max(1, self.concurrent_calls)
+
+    def session_threads(self, calls: int = 1, cores: int | None = None) -> int:
+        """onnxruntime intra-op threads of a session whose calls run beside ``calls - 1`` others:
+        ``NANOMORPH_ORT_THREADS`` if set; else the cores shared between them (calls with more
+        threads than their share fight over the cores: measured slower than one call at a time);
+        else 0, all."""
+        if self.ort_threads or calls == 1:
             return self.ort_threads
-        return max(1, (available_cores() if cores is None else cores) // self.concurrent_calls)
+        return max(1, (available_cores() if cores is None else cores) // calls)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -251,7 +277,7 @@ class Settings:
             poll_s=_float(env, "NANOMORPH_MODEL_POLL_S", 2.0, minimum=0.05),
             providers=_list(env, "NANOMORPH_PROVIDERS"),
             ort_threads=_int(env, "NANOMORPH_ORT_THREADS", 0),
-            concurrent_calls=_int(env, "NANOMORPH_CONCURRENT_CALLS", 1, minimum=1),
+            concurrent_calls=_calls(env),
             precision=_precision(env),
             warmup=_bool(env, "NANOMORPH_WARMUP", True),
             max_batch_size=_int(env, "NANOMORPH_MAX_BATCH_SIZE", 32, minimum=1),

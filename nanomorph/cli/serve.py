@@ -26,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     a("--max-batch-size", type=int, help="images per onnxruntime call")
     a(
         "--concurrent-calls",
-        type=int,
-        help="onnxruntime calls each model runs at once, the cores shared between them (null: "
-        "$NANOMORPH_CONCURRENT_CALLS, else 1; 2 on CPU: more images/s under many clients, a lone request slower)",
+        help="onnxruntime calls each model runs at once, the cores shared between them: auto or a count "
+        "(null: $NANOMORPH_CONCURRENT_CALLS, else auto: on CPU classify/embed run a lone request on all "
+        "cores and two calls on half the cores each under load; segment and CUDA one call)",
     )
     a("--max-latency-ms", type=int, help="queue time before 503")
     a("--max-upload-mb", type=float, help="largest upload (MiB)")

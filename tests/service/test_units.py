@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 from nanomorph import serve as serve_cmd
 from service.batching import Batcher, Overloaded
 from service.guard import GuardError, check_token, decode_upload
-from service.settings import ENV_VARS, MIB, TASKS, Settings
+from service.settings import ENV_VARS, MIB, TASKS, Settings, available_cores
 from tests.fixtures.images import png_bytes, speck_image
 from tests.fixtures.server import REPO_ROOT
 
@@ -51,13 +52,30 @@ def test_settings_defaults_and_overrides() -> None:
 
 
 def test_concurrent_calls_share_the_cores_between_their_sessions() -> None:
-    assert Settings.from_env({}).concurrent_calls == 1
-    assert Settings.from_env({}).session_threads(cores=16) == 0  # one call: onnxruntime's default, all
+    auto = Settings.from_env({})
+    assert (
+        auto.concurrent_calls
+        == 0
+        == Settings.from_env({"NANOMORPH_CONCURRENT_CALLS": "Auto"}).concurrent_calls
+    )
+    assert auto.session_threads(1, cores=16) == 0  # one call: onnxruntime's default, all
+    assert auto.session_threads(2, cores=2) == 1 and auto.session_threads(2, cores=16) == 8
     two = Settings.from_env({"NANOMORPH_CONCURRENT_CALLS": "2"})
-    assert two.session_threads(cores=2) == 1 and two.session_threads(cores=16) == 8
-    assert Settings.from_env({"NANOMORPH_CONCURRENT_CALLS": "4"}).session_threads(cores=2) == 1
+    assert two.concurrent_calls == 2 and two.lanes(adaptive=False) == 2
+    assert Settings.from_env({"NANOMORPH_CONCURRENT_CALLS": "1"}).lanes(adaptive=False) == 1
     pinned = Settings.from_env({"NANOMORPH_CONCURRENT_CALLS": "2", "NANOMORPH_ORT_THREADS": "3"})
-    assert pinned.session_threads(cores=2) == 3  # an explicit thread count is the operator's call
+    assert pinned.session_threads(2, cores=2) == 3  # an explicit thread count is the operator's call
+
+
+def test_auto_calls_adapt_only_classify_and_embed_on_a_multicore_cpu() -> None:
+    auto, cpu = Settings.from_env({}), ["CPUExecutionProvider"]
+    assert auto.adaptive_calls("classify", cpu, cores=2) and auto.adaptive_calls("embed", cpu, cores=16)
+    assert auto.lanes(adaptive=True) == 2
+    assert not auto.adaptive_calls("segment", cpu, cores=2)  # large frames: one call, one arena
+    assert not auto.adaptive_calls("classify", cpu, cores=1)
+    assert not auto.adaptive_calls("classify", ["CUDAExecutionProvider", "CPUExecutionProvider"], cores=16)
+    one = Settings.from_env({"NANOMORPH_CONCURRENT_CALLS": "1"})
+    assert not one.adaptive_calls("classify", cpu, cores=2)  # a count is a fixed number of calls
 
 
 @pytest.mark.parametrize(
@@ -69,6 +87,7 @@ def test_concurrent_calls_share_the_cores_between_their_sessions() -> None:
         ("NANOMORPH_REQUIRE_MODELS", "detect"),
         ("NANOMORPH_PRECISION", "int4"),
         ("NANOMORPH_CONCURRENT_CALLS", "0"),
+        ("NANOMORPH_CONCURRENT_CALLS", "many"),
     ],
 )
 def test_settings_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -177,6 +196,42 @@ def test_batcher_runs_calls_side_by_side_with_concurrent_calls() -> None:
     assert run(1)[1] is False  # one lane: the second call only starts after the first gave up
 
 
+def test_batcher_with_adaptive_calls_runs_a_lone_request_alone_and_shares_out_a_queue() -> None:
+    """Adaptive calls: a lone request runs on ``fn`` (all cores) with no call beside it, even when
+    another arrives meanwhile; requests queued together are shared out between the two lanes,
+    which run ``narrow_fn`` side by side (the barrier is met only if both calls run at once)."""
+    log: list[tuple[str, int, float, float]] = []
+    barrier = threading.Barrier(2, timeout=2)
+
+    def record(kind: str, batch: np.ndarray, work: Callable[[], object]) -> np.ndarray:
+        start = time.monotonic()
+        work()
+        log.append((kind, len(batch), start, time.monotonic()))
+        return batch + 1
+
+    def wide(batch: np.ndarray) -> np.ndarray:
+        return record("wide", batch, lambda: time.sleep(0.2))
+
+    def narrow(batch: np.ndarray) -> np.ndarray:
+        return record("narrow", batch, barrier.wait)
+
+    async def main() -> list[list[np.ndarray]]:
+        b = Batcher(wide, max_batch_size=8, concurrent_calls=2, narrow_fn=narrow)
+        lone = asyncio.ensure_future(b.submit(np.array([[0.0]])))
+        await asyncio.sleep(0.05)  # the lone call is running
+        late = asyncio.ensure_future(b.submit(np.array([[1.0]])))
+        first = await asyncio.gather(lone, late)
+        queued = await asyncio.gather(*(b.submit(np.array([[float(i)]])) for i in range(10, 14)))
+        b.close()
+        return [*first, *queued]
+
+    out = asyncio.run(main())
+    assert [float(r[0][0]) for r in out] == [1.0, 2.0, 11.0, 12.0, 13.0, 14.0]
+    assert [(k, n) for k, n, _, _ in log[:2]] == [("wide", 1), ("wide", 1)]
+    assert log[1][2] >= log[0][3]  # the late request waited for the lone call to end
+    assert sorted((k, n) for k, n, _, _ in log[2:]) == [("narrow", 2), ("narrow", 2)]
+
+
 def test_batcher_errors_and_overload() -> None:
     def boom(batch: np.ndarray) -> np.ndarray:
         raise RuntimeError("model failed")
@@ -249,9 +304,11 @@ def test_service_with_two_concurrent_calls_shares_the_cores(tiny_store: tuple[Pa
     svc = Nanomorph.inner(settings=settings)  # type: ignore[attr-defined]
     assert svc._ready.wait(30)
     slot = svc._slot("classify")
-    assert slot.batcher.concurrent_calls == 2
+    assert (
+        slot.batcher.concurrent_calls == 2 and slot.batcher.narrow_fn is None and slot.narrow_helper is None
+    )
     threads = slot.onnx.session.get_session_options().intra_op_num_threads
-    assert threads == settings.session_threads() >= 1
+    assert threads == settings.session_threads(2) >= 1
 
     async def both() -> list[list[dict[str, object]]]:
         dark, bright = np.zeros((1, 1, 32, 32), np.float32), np.ones((2, 1, 32, 32), np.float32)
@@ -263,6 +320,41 @@ def test_service_with_two_concurrent_calls_shares_the_cores(tiny_store: tuple[Pa
     )
     assert [r["label"] for r in dark + bright] == [r["label"] for r in alone]
     assert len(dark) == 1 and len(bright) == 2
+    svc._shutdown()
+
+
+@pytest.mark.skipif(available_cores() < 2, reason="auto adapts only with two or more cores")
+def test_service_auto_calls_give_classify_a_second_session_of_half_the_cores(
+    tiny_store: tuple[Path, dict[str, str]],
+) -> None:
+    """The default (auto) on CPU: classify gets a session of all the cores for lone requests and one
+    of half of them for calls side by side; a queue shared out between the two lanes answers
+    every request as one call would; segment keeps one call on one session."""
+    from service.service import Nanomorph
+
+    store, _ = tiny_store
+    settings = Settings(store=str(store))
+    svc = Nanomorph.inner(settings=settings)  # type: ignore[attr-defined]
+    assert svc._ready.wait(30)
+    slot = svc._slot("classify")
+    assert slot.batcher.concurrent_calls == 2 and slot.batcher.narrow_fn is not None
+    narrow = slot.narrow_helper.model.session.get_session_options().intra_op_num_threads
+    assert narrow == available_cores() // 2
+    assert slot.onnx.session.get_session_options().intra_op_num_threads == 0  # all cores
+    segment = svc._slot("segment")
+    assert segment.batcher.concurrent_calls == 1 and segment.narrow_helper is None
+
+    images = [np.full((1, 1, 32, 32), v, np.float32) for v in (0.0, 1.0, 0.5, 0.25)]
+
+    async def queued() -> list[list[dict[str, object]]]:
+        return list(await asyncio.gather(*(slot.batcher.submit(x) for x in images)))
+
+    shared = asyncio.run(queued())
+    alone = svc.classify_batch(np.concatenate(images))
+    assert [r[0]["label"] for r in shared] == [r["label"] for r in alone]
+    for got, want in zip(shared, alone, strict=True):
+        for name, value in want["probabilities"].items():  # type: ignore[attr-defined]
+            assert got[0]["probabilities"][name] == pytest.approx(value, abs=1e-5)  # type: ignore[index]
     svc._shutdown()
 
 
@@ -343,4 +435,4 @@ def test_serve_bad_setting_is_a_clear_cli_error_before_any_worker_starts() -> No
         env={**os.environ, "BENTOML_HOME": "/nonexistent-never-created"},
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "NANOMORPH_CONCURRENT_CALLS='0' must be >= 1" in r.stderr
+    assert "NANOMORPH_CONCURRENT_CALLS='0' must be 'auto' or a count >= 1" in r.stderr
