@@ -210,9 +210,12 @@ def _local_views(args: argparse.Namespace) -> tuple[int, int]:
     views = int(getattr(args, "local_views", 0) or 0)
     if views < 0:
         raise ValueError(f"--local-views must be >= 0, got {views}")
+    given = int(getattr(args, "local_size", None) or 0)
     if not views:
+        if given:  # a side with no views would be silently ignored
+            raise ValueError(f"--local-size {given} needs --local-views >= 1 (got 0: no local views)")
         return 0, 0
-    size = int(getattr(args, "local_size", None) or default_local_size(int(args.image_size)))
+    size = given or default_local_size(int(args.image_size))
     if not 8 <= size <= int(args.image_size):
         raise ValueError(f"--local-size must be in [8, --image-size {args.image_size}], got {size}")
     return views, size

@@ -134,7 +134,11 @@ def test_user_errors_are_one_clear_line(tmp_path: Path) -> None:
     assert run.returncode == 2 and "--ratio-max" in run.stderr
     run = nanomorph("pretrain", "--data", str(data), "--out", str(tmp_path / "r"), *TINY, "--lr-floor", "2")
     assert run.returncode == 2 and "--lr-floor" in run.stderr
-    for flags in (["--local-views", "-1"], ["--local-views", "2", "--local-size", "64"]):
+    for flags in (
+        ["--local-views", "-1"],
+        ["--local-views", "2", "--local-size", "64"],
+        ["--local-views", "0", "--local-size", "16"],
+    ):
         run = nanomorph("pretrain", "--data", str(data), "--out", str(tmp_path / "r"), *TINY, *flags)
         assert run.returncode == 2 and flags[-2] in run.stderr, run.stderr
 
