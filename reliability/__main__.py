@@ -524,7 +524,7 @@ def _restart_paragraph(key: str, run: dict[str, Any]) -> str:
     return _RESTART_PARAGRAPHS[key].format(run=run, ld=ld, failures=_table(ld["failures"]))
 
 
-def _restarts(results: dict[str, Any]) -> list[str]:
+def _restarts_section(results: dict[str, Any]) -> list[str]:
     """Worker kill and recycling under load, through the project's client (and plain httpx)."""
     found = [_restart_paragraph(key, results[key]) for key in _RESTART_PARAGRAPHS if key in results]
     if "worker_kill_client" not in results and "recycle" not in results:
@@ -606,7 +606,7 @@ def render(results: dict[str, Any], mode: str, started: str, seconds: float) -> 
     for key, section in sections:
         if key in results:
             L.extend(section(results[key]))
-    L.extend(_restarts(results))
+    L.extend(_restarts_section(results))
     if "corrupt_model" in results:
         L.extend(_corrupt_model(results["corrupt_model"]))
     if "pretrain_resume" in results or "study_resume" in results:

@@ -25,7 +25,7 @@ from reliability.faults import corrupt_model_start, kill_worker_under_load, recy
 from reliability.fuzz import run_hostile
 from reliability.hostile import KINDS, generate, png_bytes, tiff_bytes
 from reliability.load import run_load, tree_rss, worker_pids
-from tests.fixtures.server import Server
+from tests.fixtures.server import REPO_ROOT, Server
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +173,18 @@ def test_recycled_worker_loses_no_request(tmp_path: Path) -> None:
     result = recycle_under_load(tmp_path, every=40, n_requests=160, concurrency=4)
     assert result["recycles_logged"] >= 1 and result["worker_pids_seen"] >= 2, result
     assert result["load"]["failed"] == 0 and result["ok"], result
+
+
+def test_harness_functions_are_defined_once() -> None:
+    """A second ``def`` of a name shadows the first: the report's ``_restarts`` once replaced the
+    runner of the same name, and ``python -m reliability`` crashed at its restarts part."""
+    import ast
+    from collections import Counter
+
+    for path in sorted((REPO_ROOT / "reliability").glob("*.py")):
+        names = Counter(
+            node.name
+            for node in ast.parse(path.read_text()).body
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        )
+        assert [n for n, k in names.items() if k > 1] == [], path.name
