@@ -149,11 +149,12 @@ class Models:
             stored.path,
             onnx.providers,
         )
-        helper = task_helper(slot.task, onnx, max_tile=s.segment_tile or None)
-        slot.stored, slot.onnx, slot.helper = stored, onnx, helper
+        max_tile = s.segment_tile or None
+        slot.stored, slot.onnx = stored, onnx
+        slot.helper = task_helper(slot.task, onnx, max_tile=max_tile)
         adaptive = s.adaptive_calls(slot.task, onnx.providers)
         sessions = [onnx] + ([self._narrow_session(slot, providers)] if adaptive else [])
-        slot.narrow_helper = task_helper(slot.task, sessions[1]) if adaptive else None
+        slot.narrow_helper = task_helper(slot.task, sessions[1], max_tile=max_tile) if adaptive else None
         if s.warmup:
             t0 = time.perf_counter()
             for session in sessions:
