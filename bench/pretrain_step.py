@@ -42,10 +42,9 @@ def _write_images(folder: Path, n: int, size: int) -> None:
 
 def _default_local_views() -> int:
     """``nanomorph pretrain``'s default, so the bench measures what a user runs unless told otherwise."""
-    import yaml
+    from nanomorph.config import yaml_defaults
 
-    config = Path(__file__).resolve().parents[1] / "training" / "configs" / "pretrain.yaml"
-    return int(yaml.safe_load(config.read_text())["local_views"])
+    return int(yaml_defaults("pretrain")["local_views"])
 
 
 def _images_per_s(

@@ -139,7 +139,7 @@ class Models:
         s = self.settings
         stored = resolve(slot.tag, s.store)  # verifies the sha256 of every file
         providers = list(s.providers) or None
-        calls = max(1, s.concurrent_calls)  # auto: one call on all the cores until we know the providers
+        calls = s.lanes(adaptive=False)  # auto: one call on all the cores until we know the providers
         onnx = OnnxModel(stored, providers, threads=s.session_threads(calls), precision=s.precision)
         log.info(
             "%s: %s (%s) from %s on providers %s",
@@ -186,7 +186,7 @@ class Models:
     def _narrow_session(self, slot: ModelSlot, providers: list[str] | None) -> OnnxModel:
         """The second session of an adaptive slot: the same model on half the cores."""
         s = self.settings
-        threads = s.session_threads(2)
+        threads = s.session_threads(s.lanes(adaptive=True))
         log.info(
             "%s: a lone request runs on all cores, two calls on %d thread(s) each under load",
             slot.task,

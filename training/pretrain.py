@@ -362,9 +362,11 @@ def forward_step(
     if local_augment is not None and local_views > 0:
         local = torch.cat([local_augment(x) for _ in range(local_views)])
         views.append(local.contiguous(memory_format=torch.channels_last))
+    else:
+        local_views = 0  # no recipe for them: two global views only
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        h, z = model(views if len(views) > 1 else views[0])
-    z_views = z.chunk(2 + (local_views if len(views) > 1 else 0))
+        h, z = model(views if local_views else views[0])
+    z_views = z.chunk(2 + local_views)
     return h, multi_view_loss(criterion, z_views[0], z_views[1], list(z_views[2:]))
 
 
